@@ -1,0 +1,20 @@
+"""The one exception type users of the runtime catch.
+
+Every error a user can cause (a bad model folder, a malformed data file, bad CLI input)
+is raised as a `DiffcseError` whose message names the file, line or key at fault, so the
+command-line tools can print it as one sentence instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DiffcseError(Exception):
+    """A problem with user input, reported with the file, line or key that caused it."""
+
+
+class ModelDirError(DiffcseError):
+    """A model directory is missing a file, is from a newer format, or fails its hash check."""
+
+
+class DataFormatError(DiffcseError):
+    """A data file does not follow its documented format."""

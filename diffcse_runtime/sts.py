@@ -1,0 +1,310 @@
+"""STS evaluation in the SentEval layout, the protocol of the SimCSE and DiffCSE papers.
+
+This module is the one place where STS data is read and scored: training evaluates its
+PyTorch encoder through `evaluate`, export validates ONNX models through it, and
+`diffcse-eval` prints its table. Any `encode(list[str]) -> array (n, d)` callable works.
+
+Score = Spearman x 100 of the cosine similarity against the gold score. STS12-16 report
+the "all" setting (one correlation over all subsets concatenated) as SimCSE/DiffCSE do,
+and also "wmean" (per-subset correlations averaged, weighted by subset size).
+
+Where the data lives: `data_dir` is SentEval's `data/downstream` folder or any folder that
+holds the task folders directly or under `STS/`:
+    STS12-en-test .. STS16-en-test   STS.input.<subset>.txt + STS.gs.<subset>.txt
+    STSBenchmark                      sts-{train,dev,test}.csv (tab-separated)
+    SICK                              SICK_train.txt, SICK_trial.txt, SICK_test_annotated.txt
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from diffcse_runtime.errors import DataFormatError, DiffcseError
+
+EncodeFn = Callable[[list[str]], np.ndarray]
+
+# The subsets SentEval evaluates for each year (STS13 has no SMT: it is not distributed).
+STS_YEARS: dict[str, tuple[str, list[str]]] = {
+    "STS12": (
+        "STS12-en-test",
+        ["MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"],
+    ),
+    "STS13": ("STS13-en-test", ["FNWN", "headlines", "OnWN"]),
+    "STS14": (
+        "STS14-en-test",
+        ["deft-forum", "deft-news", "headlines", "images", "OnWN", "tweet-news"],
+    ),
+    "STS15": (
+        "STS15-en-test",
+        ["answers-forums", "answers-students", "belief", "headlines", "images"],
+    ),
+    "STS16": (
+        "STS16-en-test",
+        ["answer-answer", "headlines", "plagiarism", "postediting", "question-question"],
+    ),
+}
+TASKS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
+SHORT_NAMES = {"STSBenchmark": "STS-B", "SICKRelatedness": "SICK-R"}
+ALIASES = {
+    "STSB": "STSBenchmark",
+    "STS-B": "STSBenchmark",
+    "SICK-R": "SICKRelatedness",
+    "SICKR": "SICKRelatedness",
+    "SICK": "SICKRelatedness",
+}
+SICK_FILES = {"train": "SICK_train.txt", "dev": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}
+
+
+@dataclass
+class PairSet:
+    """Sentence pairs with gold scores; `subset` names each pair's subset (STS12-16)."""
+
+    sents1: list[str]
+    sents2: list[str]
+    gold: np.ndarray
+    subset: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.gold)
+
+
+@dataclass
+class TaskScore:
+    task: str
+    spearman: float  # x100, "all" setting for STS12-16
+    n_pairs: int
+    wmean: float | None = None  # x100, STS12-16 only
+    subsets: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    scores: dict[str, TaskScore]
+    split: str
+
+    @property
+    def average(self) -> float:
+        """Mean Spearman over the tasks evaluated (the paper's "Avg." when all 7 are present)."""
+        return float(np.mean([s.spearman for s in self.scores.values()]))
+
+    def to_json(self) -> dict:
+        return {
+            "split": self.split,
+            "average": self.average,
+            "complete": set(self.scores) == set(TASKS),
+            "tasks": {name: vars(score) for name, score in self.scores.items()},
+        }
+
+
+# ---------------------------------------------------------------- Spearman
+
+
+def rankdata(values: np.ndarray) -> np.ndarray:
+    """Ranks starting at 1, ties given the average of the ranks they span."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    sorted_vals = values[order]
+    starts_new = np.concatenate([[True], sorted_vals[1:] != sorted_vals[:-1]])
+    group = np.cumsum(starts_new) - 1  # group index of each sorted position
+    bounds = np.concatenate([np.flatnonzero(starts_new), [len(values)]])
+    avg_rank = (bounds[:-1] + bounds[1:] + 1) / 2.0  # mean of 1-based ranks first..last
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = avg_rank[group]
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho with tie-aware ranks; NaN when either side is constant."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"spearman needs two 1-D arrays of equal length, got {x.shape}, {y.shape}")
+    rx, ry = rankdata(x) - (len(x) + 1) / 2.0, rankdata(y) - (len(y) + 1) / 2.0
+    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of row i of `a` with row i of `b`, in float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}:{line}: not valid UTF-8") from None
+
+
+def _score(text: str, path: Path, lineno: int) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise DataFormatError(f"{path}:{lineno}: gold score {text!r} is not a number") from None
+
+
+def _columns(line: str, path: Path, lineno: int, need: int) -> list[str]:
+    cols = line.split("\t")
+    if len(cols) < need:
+        raise DataFormatError(
+            f"{path}:{lineno}: expected at least {need} tab-separated columns, found {len(cols)}"
+        )
+    return cols
+
+
+def find_task_dir(data_dir: str | Path, folder: str) -> Path | None:
+    """Locate a task folder directly under `data_dir` or under `data_dir/STS`."""
+    data_dir = Path(data_dir)
+    for candidate in (data_dir / folder, data_dir / "STS" / folder, data_dir):
+        if candidate.name == folder and candidate.is_dir():
+            return candidate
+    return None
+
+
+def load_sts_year(task_dir: Path, subsets: Sequence[str]) -> PairSet:
+    """STS12-16: tab-separated sentence pairs and a gold file; blank gold lines dropped."""
+    out = PairSet([], [], np.zeros(0), [])
+    gold_all: list[float] = []
+    for subset in subsets:
+        inp, gs = task_dir / f"STS.input.{subset}.txt", task_dir / f"STS.gs.{subset}.txt"
+        pairs, golds = _read_lines(inp), _read_lines(gs)
+        if len(pairs) != len(golds):
+            raise DataFormatError(
+                f"{gs}: {len(golds)} gold lines but {inp.name} has {len(pairs)} pairs"
+            )
+        for lineno, (pair, gold) in enumerate(zip(pairs, golds, strict=True), start=1):
+            if not gold.strip():
+                continue
+            cols = _columns(pair, inp, lineno, 2)
+            out.sents1.append(cols[0])
+            out.sents2.append(cols[1])
+            gold_all.append(_score(gold.strip(), gs, lineno))
+            out.subset.append(subset)
+    out.gold = np.asarray(gold_all, dtype=np.float64)
+    return out
+
+
+def load_stsb(task_dir: Path, split: str) -> PairSet:
+    """STS Benchmark csv: score in column 4, sentences in columns 5 and 6 (0-based)."""
+    path = task_dir / f"sts-{split}.csv"
+    s1, s2, gold = [], [], []
+    for lineno, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        cols = _columns(line, path, lineno, 7)
+        gold.append(_score(cols[4], path, lineno))
+        s1.append(cols[5])
+        s2.append(cols[6])
+    return PairSet(s1, s2, np.asarray(gold, dtype=np.float64))
+
+
+def load_sick(task_dir: Path, split: str) -> PairSet:
+    """SICK: a header line, then pair_ID, sentence_A, sentence_B, relatedness_score, ..."""
+    path = task_dir / SICK_FILES[split]
+    s1, s2, gold = [], [], []
+    lines = _read_lines(path)
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        cols = _columns(line, path, lineno, 4)
+        s1.append(cols[1])
+        s2.append(cols[2])
+        gold.append(_score(cols[3], path, lineno))
+    return PairSet(s1, s2, np.asarray(gold, dtype=np.float64))
+
+
+def canonical_task(name: str) -> str:
+    name = ALIASES.get(name, name)
+    if name not in TASKS:
+        raise DiffcseError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return name
+
+
+def load_task(data_dir: str | Path, task: str, split: str = "test") -> PairSet:
+    """Load one task's pairs. STS12-16 only have a test split."""
+    task = canonical_task(task)
+    if split not in ("train", "dev", "test"):
+        raise DiffcseError(f"unknown split {split!r}; choose train, dev or test")
+    folder = {"STSBenchmark": "STSBenchmark", "SICKRelatedness": "SICK"}.get(task)
+    folder = folder or STS_YEARS[task][0]
+    task_dir = find_task_dir(data_dir, folder)
+    if task_dir is None:
+        raise DataFormatError(f"{data_dir}: no {folder} folder for task {task}")
+    if task == "STSBenchmark":
+        return load_stsb(task_dir, split)
+    if task == "SICKRelatedness":
+        return load_sick(task_dir, split)
+    if split != "test":
+        raise DiffcseError(f"{task} has only a test split")
+    return load_sts_year(task_dir, STS_YEARS[task][1])
+
+
+def available_tasks(data_dir: str | Path, split: str = "test") -> list[str]:
+    """The tasks whose files for `split` exist under `data_dir`."""
+    found = []
+    for task in TASKS:
+        try:
+            load_task(data_dir, task, split)
+        except DiffcseError:
+            continue
+        found.append(task)
+    return found
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score_pairs(encode: EncodeFn, pairs: PairSet, task: str = "") -> TaskScore:
+    """Encode each distinct sentence once, then score cosine against gold."""
+    vocab = list(dict.fromkeys(pairs.sents1 + pairs.sents2))
+    index = {s: i for i, s in enumerate(vocab)}
+    emb = np.asarray(encode(vocab), dtype=np.float32)
+    if emb.shape[0] != len(vocab):
+        raise DiffcseError(f"encode returned {emb.shape[0]} rows for {len(vocab)} sentences")
+    sims = cosine_rows(emb[[index[s] for s in pairs.sents1]], emb[[index[s] for s in pairs.sents2]])
+    result = TaskScore(task, 100 * spearman(sims, pairs.gold), len(pairs))
+    if pairs.subset:
+        names = np.asarray(pairs.subset)
+        for name in dict.fromkeys(pairs.subset):
+            sel = names == name
+            result.subsets[name] = 100 * spearman(sims[sel], pairs.gold[sel])
+        sizes = np.array([np.sum(names == n) for n in result.subsets])
+        result.wmean = float(np.dot(list(result.subsets.values()), sizes) / sizes.sum())
+    return result
+
+
+def evaluate(
+    encode: EncodeFn,
+    data_dir: str | Path,
+    tasks: Sequence[str] | None = None,
+    split: str = "test",
+) -> EvalResult:
+    """Score `encode` on `tasks` (default: every task whose data is present)."""
+    names = [canonical_task(t) for t in tasks] if tasks else available_tasks(data_dir, split)
+    if not names:
+        raise DataFormatError(f"{data_dir}: no STS task data found for split {split!r}")
+    scores = {t: score_pairs(encode, load_task(data_dir, t, split), t) for t in names}
+    return EvalResult(scores, split)
+
+
+def format_table(result: EvalResult) -> str:
+    """Tasks as columns, like Table 1 of the paper."""
+    heads = [SHORT_NAMES.get(t, t) for t in result.scores] + ["Avg."]
+    vals = [f"{s.spearman:.2f}" for s in result.scores.values()] + [f"{result.average:.2f}"]
+    widths = [max(len(h), len(v)) for h, v in zip(heads, vals, strict=True)]
+    line = lambda cells: " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    rows = [line(heads), "-+-".join("-" * w for w in widths), line(vals)]
+    if set(result.scores) != set(TASKS):
+        rows.append(f"(split {result.split}; Avg. over {len(result.scores)} of 7 tasks)")
+    return "\n".join(rows)

@@ -1,0 +1,177 @@
+"""Tiny models and data the tests build themselves: no hub, no network.
+
+`corpus()` is a deterministic set of English-like sentences; `make_tokenizer()` trains a
+WordPiece tokenizer on it; `make_bert()` / `make_roberta()` save a 2-layer encoder with
+that tokenizer as a normal Hugging Face folder, and `make_mlm()` a masked LM sharing the
+vocabulary (a generator for DiffCSE tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+SUBJECTS = [
+    "a man",
+    "a woman",
+    "the child",
+    "two dogs",
+    "a cat",
+    "the team",
+    "my friend",
+    "an old farmer",
+    "the students",
+    "a young girl",
+    "the police",
+    "a chef",
+]
+VERBS = [
+    "is playing",
+    "is eating",
+    "likes",
+    "is watching",
+    "bought",
+    "is cutting",
+    "plays with",
+    "is riding",
+    "cleans",
+    "draws",
+    "is reading",
+    "carries",
+]
+OBJECTS = [
+    "a guitar",
+    "an apple",
+    "the ball",
+    "a horse",
+    "the newspaper",
+    "a red car",
+    "some bread",
+    "the piano",
+    "a bicycle",
+    "the onion",
+    "a small boat",
+    "the book",
+]
+PLACES = ["", " in the park", " at home", " on the street", " near the river", " today"]
+
+
+def corpus(n: int | None = None, seed: int = 0) -> list[str]:
+    """Template sentences (~10k distinct); shuffled deterministically, first `n` kept."""
+    sents = [
+        f"{s} {v} {o}{p} ." for s, v, o, p in itertools.product(SUBJECTS, VERBS, OBJECTS, PLACES)
+    ]
+    random.Random(seed).shuffle(sents)
+    return sents[:n] if n else sents
+
+
+def make_tokenizer(vocab_size: int = 200, style: str = "bert"):
+    """A WordPiece (bert) or byte-level BPE (roberta) tokenizer trained on `corpus()`."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    if style == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+        tok.train_from_iterator(corpus(), trainer)
+        tok.post_processor = processors.BertProcessing(
+            ("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]"))
+        )
+        tok.decoder = decoders.WordPiece()
+        return tok
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + 256,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    tok.post_processor = processors.RobertaProcessing(
+        ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>"))
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _hf_tokenizer(tok, style: str):
+    from transformers import PreTrainedTokenizerFast
+
+    names = (
+        dict(
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            mask_token="[MASK]",
+        )
+        if style == "bert"
+        else dict(
+            bos_token="<s>",
+            eos_token="</s>",
+            cls_token="<s>",
+            sep_token="</s>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+            mask_token="<mask>",
+        )
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **names)
+
+
+def _config(style: str, vocab_size: int, pad_id: int, hidden: int, layers: int):
+    from transformers import BertConfig, RobertaConfig
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        pad_token_id=pad_id,
+    )
+    if style == "bert":
+        return BertConfig(max_position_embeddings=128, **common)
+    return RobertaConfig(max_position_embeddings=130, type_vocab_size=1, **common)
+
+
+def make_encoder(
+    out: Path, style: str = "bert", hidden: int = 32, layers: int = 2, seed: int = 0
+) -> Path:
+    """Save a randomly initialised 2-layer encoder (AutoModel) plus tokenizer to `out`."""
+    import torch
+    from transformers import AutoModel
+
+    tok = _hf_tokenizer(make_tokenizer(style=style), style)
+    torch.manual_seed(seed)
+    config = _config(style, len(tok), tok.pad_token_id, hidden, layers)
+    AutoModel.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return Path(out)
+
+
+def make_mlm(
+    out: Path, style: str = "bert", hidden: int = 32, layers: int = 1, seed: int = 1
+) -> Path:
+    """Save a random masked LM with the same vocabulary as `make_encoder` (a test generator)."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    tok = _hf_tokenizer(make_tokenizer(style=style), style)
+    torch.manual_seed(seed)
+    config = _config(style, len(tok), tok.pad_token_id, hidden, layers)
+    AutoModelForMaskedLM.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return Path(out)
