@@ -1,0 +1,76 @@
+"""Exact top-k, index save/load, and the STS-B Recall@k protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import diffcse_runtime.retrieval as retrieval
+from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.retrieval import Index, exact_topk, recall_at_k, unit_rows
+
+
+def test_exact_topk_matches_full_sort_across_chunks(monkeypatch):
+    rng = np.random.default_rng(0)
+    corpus, queries = unit_rows(rng.normal(size=(2000, 16))), unit_rows(rng.normal(size=(37, 16)))
+    monkeypatch.setattr(retrieval, "SCORE_BLOCK", 37 * 50)  # force many corpus chunks
+    scores, ids = exact_topk(queries, corpus, 7)
+    full = queries @ corpus.T
+    ref = np.argsort(-full, axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(ids, ref)
+    np.testing.assert_allclose(scores, np.take_along_axis(full, ref, 1), rtol=1e-6)
+
+
+def test_topk_larger_than_corpus_and_empty():
+    corpus = unit_rows(np.eye(3))
+    scores, ids = exact_topk(corpus[:1], corpus, 10)
+    assert ids.tolist() == [[0, 1, 2]]
+    assert exact_topk(corpus[:0], corpus, 5)[1].shape == (0, 3)
+
+
+def test_index_save_load_and_search(tiny_model_dir, tmp_path):
+    from diffcse_runtime import Encoder
+
+    enc = Encoder(tiny_model_dir)
+    texts = [
+        "a man is playing a guitar .",
+        "a cat is eating an apple .",
+        "two dogs bought a red car .",
+    ]
+    index = Index.build(enc, texts)
+    hits = index.search(enc, texts, k=2)
+    assert [h[0].text for h in hits] == texts  # each text finds itself first
+    assert hits[0][0].score == pytest.approx(1.0, abs=1e-5)
+    index.save(tmp_path / "idx")
+    with pytest.raises(DiffcseError, match="already exists"):
+        index.save(tmp_path / "idx")
+    loaded = Index.load(tmp_path / "idx")
+    assert loaded.texts == texts and loaded.meta["onnx_sha256"] == enc.meta.onnx_sha256
+    np.testing.assert_allclose(loaded.embeddings, index.embeddings)
+    with pytest.raises(DiffcseError, match="missing"):
+        Index.load(tmp_path)
+
+
+def test_dimension_mismatch_is_clear():
+    index = Index(np.eye(4), ["a", "b", "c", "d"])
+    with pytest.raises(DiffcseError, match="query dimension 3"):
+        index.search_vectors(np.ones(3))
+
+
+def test_recall_at_k_protocol(tmp_path):
+    stsb = tmp_path / "STSBenchmark"
+    stsb.mkdir()
+    rows = [("s0", "s0 twin", 5.0), ("s1", "s1 twin", 5.0), ("s2", "other", 1.0), ("s3", "s3", 5.0)]
+    (stsb / "sts-test.csv").write_text(
+        "".join(f"g\tsrc\t2012\t{i}\t{g}\t{a}\t{b}\n" for i, (a, b, g) in enumerate(rows))
+    )
+
+    def encode(texts):  # twins share a direction; "s1 twin" is made far from "s1"
+        base = {"s0": 0, "s0 twin": 0, "s1": 1, "s1 twin": 4, "s2": 2, "other": 3, "s3": 5}
+        out = np.eye(8)[[base[t] for t in texts]] + 0.01 * np.arange(len(texts))[:, None]
+        return out
+
+    rec = recall_at_k(encode, tmp_path, "test", ks=(1, 5))
+    assert rec["queries"] == 4  # the identical pair s3/s3 is skipped; two directions per pair
+    assert rec["recall@1"] == pytest.approx(50.0)
+    assert rec["recall@5"] == pytest.approx(100.0)
