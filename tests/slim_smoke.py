@@ -1,0 +1,44 @@
+"""Prove the base install is slim: `build DIR` (full env) makes a tiny model directory,
+`check DIR` (base-only env) asserts torch/transformers are absent, then encodes with the
+Python API and with diffcse-embed."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def build(out: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import export_model_dir
+    from tiny import make_encoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model_dir(make_encoder(Path(tmp) / "bert"), out)
+
+
+def check(model_dir: Path) -> None:
+    for name in ("torch", "transformers"):
+        assert importlib.util.find_spec(name) is None, f"{name} is importable in the slim env"
+    import numpy as np
+
+    from diffcse_runtime import Encoder
+
+    emb = Encoder(model_dir).encode(["a man is playing a guitar .", ""])
+    assert emb.shape == (2, Encoder(model_dir).embedding_dim) and np.isfinite(emb).all()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "in.txt", Path(tmp) / "out.npy"
+        src.write_text("hello\nworld\n")
+        embed = Path(sys.executable).parent / "diffcse-embed"
+        subprocess.run(
+            [str(embed), str(src), "--model", str(model_dir), "-o", str(out)], check=True
+        )
+        assert np.load(out).shape == (2, emb.shape[1])
+    print(f"slim runtime OK: no torch, no transformers, embeddings {emb.shape}")
+
+
+if __name__ == "__main__":
+    {"build": build, "check": check}[sys.argv[1]](Path(sys.argv[2]))
