@@ -74,3 +74,20 @@ def test_recall_at_k_protocol(tmp_path):
     assert rec["queries"] == 4  # the identical pair s3/s3 is skipped; two directions per pair
     assert rec["recall@1"] == pytest.approx(50.0)
     assert rec["recall@5"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "usearch"])
+def test_optional_backends_agree_with_exact(backend):
+    pytest.importorskip(backend)
+    rng = np.random.default_rng(1)
+    emb, queries = rng.normal(size=(300, 12)), rng.normal(size=(4, 12))
+    texts = [str(i) for i in range(300)]
+    exact_s, exact_i = Index(emb, texts).search_vectors(queries, 5)
+    scores, ids = Index(emb, texts, backend=backend).search_vectors(queries, 5)
+    np.testing.assert_array_equal(ids, exact_i)
+    np.testing.assert_allclose(scores, exact_s, atol=1e-5)
+
+
+def test_unknown_backend_is_clear():
+    with pytest.raises(DiffcseError, match="unknown search backend"):
+        Index(np.eye(2), ["a", "b"], backend="annoy")
