@@ -91,10 +91,13 @@ class Index:
         texts: Sequence[str],
         meta: dict | None = None,
         backend: str = "numpy",
+        normalized: bool = False,
     ) -> None:
+        """`normalized=True` trusts rows that are already unit length (a saved index), so a
+        memory-mapped embeddings.npy is used in place rather than copied."""
         if len(embeddings) != len(texts):
             raise DiffcseError(f"{len(embeddings)} embeddings for {len(texts)} texts")
-        self.embeddings = unit_rows(embeddings)
+        self.embeddings = embeddings if normalized else unit_rows(embeddings)
         self.texts = list(texts)
         self.meta = dict(meta or {})
         self.backend = _resolve_backend(backend)
@@ -189,7 +192,7 @@ class Index:
             )
         emb = np.load(files[0], mmap_mode="r")
         texts = [json.loads(line) for line in files[1].read_text(encoding="utf-8").splitlines()]
-        return cls(np.asarray(emb), texts, meta, backend)
+        return cls(emb, texts, meta, backend, normalized=True)
 
 
 def recall_at_k(
