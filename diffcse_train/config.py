@@ -1,0 +1,256 @@
+"""TrainConfig: every training hyperparameter, read from YAML plus `--set key=value` overrides.
+
+The defaults below are the one source of truth for what an unset key means; the paper's
+values live in configs/*.yaml. Reading is strict: an unknown key, a value of the wrong type
+or out of range is a `ConfigError` naming the key (and the file), never a silent default.
+
+Paths in the config are used as given, so relative ones are relative to the directory the
+command runs in. `model_name_or_path`, `generator_name_or_path` and
+`discriminator_name_or_path` accept `builtin:all-MiniLM-L6-v2`; `train_file` accepts
+`builtin:wiki_en` (see diffcse_train.builtin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffcse_runtime.errors import DiffcseError
+
+AUGMENTATIONS = ("mlm", "replace", "insert", "delete", "none")
+GENERATOR_AUGMENTATIONS = ("mlm", "insert")
+PROJECTORS = ("batchnorm", "tanh", "none")
+CONDITIONS = ("projector", "encoder")
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+ENCODING_ERRORS = ("strict", "replace")
+# Keys that may change between a killed run and its --resume without changing the math.
+RESUME_FREE_KEYS = ("eval_data_dir", "save_steps", "crash_at_step", "output_dir")
+
+
+class ConfigError(DiffcseError):
+    """A training config names an unknown key or holds a bad value."""
+
+
+@dataclass
+class TrainConfig:
+    """DiffCSE training settings; defaults are the paper's BERT-base STS setting (Table 12)."""
+
+    # --- models
+    model_name_or_path: str = ""  # encoder f (any AutoModel encoder), required
+    generator_name_or_path: str | None = None  # frozen masked LM G (mlm / insert augmentation)
+    discriminator_name_or_path: str | None = None  # D's initial weights; null = same as f
+    # --- data
+    train_file: str = ""  # one sentence per line (UTF-8), or builtin:wiki_en; required
+    encoding_errors: str = "strict"  # "replace" decodes bad UTF-8 bytes as U+FFFD
+    max_seq_length: int = 32
+    # --- objective
+    lambda_weight: float = 0.005  # weight of the replaced-token-detection loss; 0 = SimCSE
+    mask_ratio: float = 0.30  # fraction of non-special tokens edited per sentence
+    temperature: float = 0.05
+    augmentation: str = "mlm"  # mlm | replace | insert | delete | none
+    projector: str = "batchnorm"  # batchnorm | tanh | none
+    condition_on: str = "projector"  # D is conditioned on the projector output or raw [CLS]
+    # --- optimisation
+    batch_size: int = 64
+    learning_rate: float = 7e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    epochs: int = 2
+    max_steps: int | None = None  # stop (and end the linear decay) after this many steps
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 42
+    # --- evaluation and checkpoints
+    eval_data_dir: str | None = None  # SentEval-layout STS data; STS-B dev picks the best step
+    eval_steps: int = 125
+    save_steps: int = 125  # how often the resumable `last` checkpoint is written
+    output_dir: str = ""  # required
+    # --- testing aid
+    crash_at_step: int | None = None  # the process SIGKILLs itself after this step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def needs_generator(self) -> bool:
+        return self.lambda_weight > 0 and self.augmentation in GENERATOR_AUGMENTATIONS
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.lambda_weight > 0
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _allowed_types(name: str) -> tuple[type, ...]:
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(typing.get_args(hint))
+    return (hint,)
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Check `value` against the field's type; numbers written as strings ("7e-6") are read."""
+    allowed = _allowed_types(name)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{where}key {name!r} must be set (got null)")
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value
+    elif int in allowed:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif float in allowed:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif str in allowed and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    want = " or ".join(kind[t] for t in allowed if t in kind)
+    raise ConfigError(f"{where}key {name!r} must be {want}, got {value!r}")
+
+
+def _check_choice(cfg: TrainConfig, name: str, choices: tuple[str, ...], where: str) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(f"{where}key {name!r} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
+    """Range and consistency checks; `where` prefixes messages (e.g. the config file)."""
+    for key in ("model_name_or_path", "train_file", "output_dir"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{where}key {key!r} is required")
+    _check_choice(cfg, "augmentation", AUGMENTATIONS, where)
+    _check_choice(cfg, "projector", PROJECTORS, where)
+    _check_choice(cfg, "condition_on", CONDITIONS, where)
+    _check_choice(cfg, "precision", PRECISIONS, where)
+    _check_choice(cfg, "device", DEVICES, where)
+    _check_choice(cfg, "encoding_errors", ENCODING_ERRORS, where)
+    positive = ("max_seq_length", "epochs", "eval_steps", "save_steps", "learning_rate")
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{where}key {key!r} must be positive, got {getattr(cfg, key)}")
+    if cfg.temperature <= 0:
+        raise ConfigError(f"{where}key 'temperature' must be positive, got {cfg.temperature}")
+    for key in ("lambda_weight", "weight_decay", "warmup_steps", "max_grad_norm"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{where}key {key!r} must not be negative, got {getattr(cfg, key)}")
+    if cfg.batch_size < 2:
+        raise ConfigError(f"{where}key 'batch_size' must be at least 2 (in-batch negatives)")
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        raise ConfigError(f"{where}key 'max_steps' must be positive or null")
+    if cfg.lambda_weight > 0:
+        if cfg.augmentation == "none":
+            raise ConfigError(
+                f"{where}lambda_weight > 0 needs an augmentation for the discriminator "
+                "(mlm, replace, insert or delete); set lambda_weight: 0 for plain SimCSE"
+            )
+        if not 0 < cfg.mask_ratio < 1:
+            raise ConfigError(f"{where}key 'mask_ratio' must be between 0 and 1 (exclusive)")
+    if cfg.needs_generator and not cfg.generator_name_or_path:
+        raise ConfigError(
+            f"{where}augmentation {cfg.augmentation!r} needs generator_name_or_path "
+            "(a masked LM with the encoder's vocabulary); 'replace' and 'delete' need none"
+        )
+    return cfg
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{where}unknown key {key!r}{hint}")
+
+
+def from_dict(data: dict[str, Any], where: str = "") -> TrainConfig:
+    """Build a config from a mapping, rejecting unknown keys and badly typed values."""
+    values = {}
+    for key, value in data.items():
+        if key not in FIELDS:
+            raise _unknown_key(str(key), where)
+        values[key] = _coerce(key, value, where)
+    return TrainConfig(**values)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as YAML (so 1e-5, true, null work)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in FIELDS:
+        raise _unknown_key(key, "--set: ")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, _coerce(key, value, "--set: ")
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
+    """Read a YAML (or JSON) config file, apply `key=value` overrides, validate."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    where = ""
+    if path is not None:
+        path = Path(path)
+        where = f"{path}: "
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not valid UTF-8") from None
+        try:
+            loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid YAML/JSON ({exc})".replace("\n", " ")) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+        data.update(loaded)
+    cfg = from_dict(data, where)
+    for text in overrides:
+        key, value = parse_override(text)
+        setattr(cfg, key, value)
+    return validate(cfg, where)
+
+
+def resume_mismatch(saved: TrainConfig, current: TrainConfig) -> str | None:
+    """The first key (other than RESUME_FREE_KEYS) whose value differs, described; else None."""
+    for key in FIELDS:
+        if key in RESUME_FREE_KEYS:
+            continue
+        old, new = getattr(saved, key), getattr(current, key)
+        if old != new:
+            return f"key {key!r} is {new!r} now but {old!r} in the checkpoint"
+    return None
