@@ -1,0 +1,353 @@
+"""The DiffCSE model in one file: encoder f, projector, frozen generator G, conditional
+discriminator D, and the two losses.
+
+    sentence x --f (dropout view 1)--> [CLS] --projector--> h1 \
+               --f (dropout view 2)--> [CLS] --projector--> h2  }-- contrastive loss (InfoNCE)
+    x --edit (mask + G fills / replace / insert / delete)--> x'' --D, position 0 := h--> RTD loss
+    loss = L_contrast + lambda_weight * L_RTD
+
+At test time only f is kept and the sentence vector is f's [CLS] state before the projector.
+
+D is a second full encoder (not a fork of transformers): a forward hook on D's embeddings
+module overwrites position 0 of its output with h, i.e. after the embedding LayerNorm
+(and dropout), exactly where the official code's `cls_input` goes. D is then called
+normally, so transformers builds its own attention mask for any attention implementation.
+The hook works for BERT, RoBERTa and every model whose encoder has an `embeddings` module.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffcse_runtime.errors import DiffcseError
+from diffcse_train import builtin
+from diffcse_train.config import TrainConfig
+from diffcse_train.data import IGNORE
+
+log = logging.getLogger("diffcse_train")
+
+
+# ---------------------------------------------------------------- projector
+
+
+class BatchNormProjector(nn.Module):
+    """DiffCSE's head: Linear(d,2d) -> BN -> ReLU -> Linear(2d,d) -> BN(affine=False)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, 2 * dim, bias=False)
+        self.bn1 = nn.BatchNorm1d(2 * dim)
+        self.linear2 = nn.Linear(2 * dim, dim, bias=False)
+        self.bn2 = nn.BatchNorm1d(dim, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.linear2(F.relu(self.bn1(self.linear1(x)))))
+
+
+class TanhProjector(nn.Module):
+    """SimCSE's head: Linear(d,d) -> tanh (paper Table 5 ablation)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear1(x))
+
+
+def build_projector(kind: str, dim: int) -> nn.Module:
+    if kind == "batchnorm":
+        return BatchNormProjector(dim)
+    if kind == "tanh":
+        return TanhProjector(dim)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown projector {kind!r}")
+
+
+# ---------------------------------------------------------------- losses
+
+
+def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE over in-batch negatives: row i of z1 must pick row i of z2 by cosine / tau.
+
+    Kept separate from the model so distributed training can all-gather z1 and z2 first.
+    """
+    sim = F.normalize(z1.float(), dim=-1) @ F.normalize(z2.float(), dim=-1).T
+    labels = torch.arange(z1.size(0), device=z1.device)
+    return F.cross_entropy(sim / temperature, labels)
+
+
+def rtd_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Replaced-token detection: 2-way cross-entropy over real tokens, plus accuracies.
+
+    The official code averages over padding too (as label 0); we skip padding, which only
+    changes the normalisation. Accuracies follow the official code: overall, on replaced
+    tokens (recall of "replaced") and on kept tokens.
+    """
+    valid = labels != IGNORE
+    loss = F.cross_entropy(logits[valid].float(), labels[valid])
+    with torch.no_grad():
+        pred = logits.argmax(-1)
+        rep, fix = valid & (labels == 1), valid & (labels == 0)
+        nan = torch.tensor(float("nan"), device=logits.device)
+        stats = {
+            "rtd_acc": (pred == labels)[valid].float().mean(),
+            "rtd_rep_acc": (pred[rep] == 1).float().mean() if rep.any() else nan,
+            "rtd_fix_acc": (pred[fix] == 0).float().mean() if fix.any() else nan,
+            "replaced_frac": rep.sum() / valid.sum(),
+        }
+    return loss, stats
+
+
+# ---------------------------------------------------------------- discriminator
+
+
+class ConditionalDiscriminator(nn.Module):
+    """An encoder whose position-0 input embedding is the sentence vector h, plus a 2-way head."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        embeddings = getattr(encoder, "embeddings", None)
+        if not isinstance(embeddings, nn.Module):
+            raise DiffcseError(
+                f"discriminator {type(encoder).__name__} has no `embeddings` module to condition on"
+            )
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, 2)
+        self._condition: torch.Tensor | None = None
+        embeddings.register_forward_hook(self._replace_position_0)
+
+    def _replace_position_0(self, module, args, output):
+        if self._condition is None:
+            return output
+        h = self._condition.to(output.dtype).unsqueeze(1)
+        return torch.cat([h, output[:, 1:]], dim=1)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, condition: torch.Tensor
+    ) -> torch.Tensor:
+        """Token logits (n, len, 2) for `input_ids` conditioned on `condition` (n, d)."""
+        self._condition = condition
+        try:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            self._condition = None
+        return self.head(hidden.last_hidden_state)
+
+
+# ---------------------------------------------------------------- the model
+
+
+class DiffCSE(nn.Module):
+    """f + projector (+ D and G when lambda_weight > 0). `forward(batch)` returns the losses."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        projector: nn.Module,
+        temperature: float = 0.05,
+        lambda_weight: float = 0.0,
+        discriminator: ConditionalDiscriminator | None = None,
+        generator: nn.Module | None = None,
+        condition_on: str = "projector",
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+        self.discriminator = discriminator
+        self.generator = generator
+        self.temperature = temperature
+        self.lambda_weight = lambda_weight
+        self.condition_on = condition_on
+        if generator is not None:
+            generator.requires_grad_(False)
+            generator.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.generator is not None:
+            self.generator.eval()  # G is frozen: no dropout, ever
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the checkpoint must hold: all but the frozen generator."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("generator.")}
+
+    def sentence_views(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode each sentence twice in one pass (dropout differs); return ([CLS], h), 2B rows."""
+        ids2, mask2 = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
+        cls = self.encoder(input_ids=ids2, attention_mask=mask2).last_hidden_state[:, 0]
+        return cls, self.projector(cls)
+
+    @torch.no_grad()
+    def edited_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """D's input ids, mask and labels; runs G (argmax) where the batch asks for a fill."""
+        ids, mask = batch["aug_input_ids"], batch["aug_attention_mask"]
+        if "aug_fill" in batch:
+            if self.generator is None:
+                raise DiffcseError("this augmentation needs a generator, but none is loaded")
+            pred = self.generator(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+            ids = torch.where(batch["aug_fill"], pred, ids)
+        labels = batch.get("aug_labels")
+        if labels is None:  # mlm: replaced = G's token differs from the original token
+            original = batch["input_ids"].repeat(2, 1)
+            labels = (ids != original).long().masked_fill(~mask.bool(), IGNORE)
+        return ids, mask, labels
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        n = batch["input_ids"].size(0)
+        cls, h = self.sentence_views(batch["input_ids"], batch["attention_mask"])
+        loss_contrast = contrastive_loss(h[:n], h[n:], self.temperature)
+        out = {"loss_contrast": loss_contrast.detach()}
+        loss = loss_contrast
+        if self.discriminator is not None and self.lambda_weight > 0:
+            ids, mask, labels = self.edited_inputs(batch)
+            condition = h if self.condition_on == "projector" else cls
+            logits = self.discriminator(ids, mask, condition)
+            loss_rtd, stats = rtd_loss(logits, labels)
+            loss = loss + self.lambda_weight * loss_rtd
+            out.update(loss_rtd=loss_rtd.detach(), **stats)
+        out["loss"] = loss
+        return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _load(kind: str, spec: str, key: str):
+    """from_pretrained with errors a user can act on; returns (model, loading info)."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    path = builtin.model_path(spec)
+    cls = AutoModelForMaskedLM if kind == "mlm" else AutoModel
+    try:
+        return cls.from_pretrained(str(path), output_loading_info=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffcseError(f"{key} {spec}: cannot load a Hugging Face model ({first})") from None
+
+
+def load_tokenizer(spec: str, key: str = "model_name_or_path"):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(builtin.model_path(spec)))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffcseError(f"{key} {spec}: cannot load its tokenizer ({first})") from None
+
+
+def _freeze_pooler(model: nn.Module) -> None:
+    """The HF pooler is unused ([CLS] before it is the embedding): keep it, but frozen."""
+    pooler = getattr(model, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)
+
+
+def _warn_missing(info: dict, key: str, spec: str) -> None:
+    missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
+    if missing:
+        log.warning(
+            "%s %s: %d weights were not in the checkpoint and are randomly initialised (e.g. %s)",
+            key, spec, len(missing), sorted(missing)[0],
+        )  # fmt: skip
+
+
+def check_same_vocabulary(tok_f, tok_g, model_spec: str, gen_spec: str) -> None:
+    """G must produce f's token ids: refuse a generator with another vocabulary."""
+    vocab_f, vocab_g = tok_f.get_vocab(), tok_g.get_vocab()
+    if vocab_f == vocab_g:
+        return
+    differing = next((t for t, i in vocab_f.items() if vocab_g.get(t) != i), None)
+    detail = f"e.g. token {differing!r} has id {vocab_f.get(differing)} vs {vocab_g.get(differing)}"
+    raise DiffcseError(
+        f"generator {gen_spec} uses another vocabulary than the encoder {model_spec} "
+        f"({len(vocab_g)} vs {len(vocab_f)} tokens; {detail}); "
+        "DiffCSE needs a generator that shares the encoder's tokenizer"
+    )
+
+
+def verify_pretrained_weights(model: nn.Module, info: dict, spec: str) -> int:
+    """Refuse a generator whose weights are not all the checkpoint's (silent re-init trap).
+
+    Checks the loading report and then compares every tensor stored in the folder's
+    safetensors files with the loaded parameter of the same name. Returns the count compared.
+    """
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        raise DiffcseError(
+            f"generator {spec}: the checkpoint has no weights for {len(missing)} parameters "
+            f"(e.g. {missing[0]}); they would be random, so it is not a trained masked LM"
+        )
+    from safetensors import safe_open
+
+    folder = builtin.model_path(spec)
+    state = model.state_dict()
+    compared = 0
+    for file in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        with safe_open(str(file), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open is not a dict
+                if name not in state:
+                    continue
+                stored = fh.get_tensor(name)
+                if not torch.equal(state[name].to(stored.dtype).cpu(), stored):
+                    raise DiffcseError(
+                        f"generator {spec}: loaded weight {name} differs from the checkpoint file; "
+                        "the model was re-initialised after loading"
+                    )
+                compared += 1
+    return compared
+
+
+def build_model(cfg: TrainConfig):
+    """Load f, the projector, and (when lambda_weight > 0) D and G; returns (model, tokenizer)."""
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    encoder, info = _load("encoder", cfg.model_name_or_path, "model_name_or_path")
+    _warn_missing(info, "model_name_or_path", cfg.model_name_or_path)
+    _freeze_pooler(encoder)
+    dim = encoder.config.hidden_size
+    projector = build_projector(cfg.projector, dim)
+
+    discriminator = generator = None
+    if cfg.uses_discriminator:
+        d_spec = cfg.discriminator_name_or_path or cfg.model_name_or_path
+        d_encoder, d_info = _load("encoder", d_spec, "discriminator_name_or_path")
+        _warn_missing(d_info, "discriminator_name_or_path", d_spec)
+        _freeze_pooler(d_encoder)
+        if d_encoder.config.hidden_size != dim:
+            raise DiffcseError(
+                f"discriminator {d_spec} has hidden size {d_encoder.config.hidden_size}, "
+                f"the encoder {dim}: D is conditioned on the encoder's sentence vector"
+            )
+        discriminator = ConditionalDiscriminator(d_encoder)
+    if cfg.needs_generator:
+        g_spec = cfg.generator_name_or_path
+        check_same_vocabulary(
+            tokenizer,
+            load_tokenizer(g_spec, "generator_name_or_path"),
+            cfg.model_name_or_path,
+            g_spec,
+        )
+        generator, g_info = _load("mlm", g_spec, "generator_name_or_path")
+        n = verify_pretrained_weights(generator, g_info, g_spec)
+        log.info("generator %s: %d tensors verified against its checkpoint", g_spec, n)
+    model = DiffCSE(
+        encoder,
+        projector,
+        temperature=cfg.temperature,
+        lambda_weight=cfg.lambda_weight,
+        discriminator=discriminator,
+        generator=generator,
+        condition_on=cfg.condition_on,
+    )
+    return model, tokenizer
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
