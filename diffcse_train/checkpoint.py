@@ -1,0 +1,179 @@
+"""Checkpoints on disk: the `best` model that export reads, and the resumable `last` state.
+
+Layout of a training output directory (every folder is written to a temporary path and
+renamed into place, so a crash never leaves a half-written checkpoint):
+
+    OUTPUT_DIR/
+      train_config.yaml        the full config of the run (all keys, defaults filled in)
+      metrics.jsonl            one JSON object per line: {"kind": "train", "step", ...} per
+                               step, {"kind": "eval", "step", "stsb_dev", ...} per evaluation
+      best/                    the model to export: the best STS-B dev step (or the last
+                               step when no STS data was available)
+        config.json            \
+        model.safetensors       | encoder f as a plain Hugging Face folder (save_pretrained):
+        tokenizer.json          | AutoModel / AutoTokenizer.from_pretrained(best) load it.
+        tokenizer_config.json  /  Sentence vector = last_hidden_state[:, 0] (before projector)
+        projector.safetensors  projector weights (absent when projector is "none"), keys:
+                                 batchnorm: linear1.weight            (2d, d)  no bias
+                                            bn1.weight, bn1.bias      (2d,)
+                                            bn1.running_mean, bn1.running_var (2d,)
+                                            bn1.num_batches_tracked   ()  int64
+                                            linear2.weight            (d, 2d)  no bias
+                                            bn2.running_mean, bn2.running_var (d,)
+                                            bn2.num_batches_tracked   ()  (bn2 is affine=False)
+                                 tanh:      linear1.weight (d, d), linear1.bias (d,)
+        diffcse_head.json      {"format": "diffcse-head", "version": 1,
+                                "projector": "batchnorm" | "tanh" | "none",
+                                "hidden_size": d, "pooling": "cls",
+                                "batchnorm_eps": 1e-05 (batchnorm only)}
+        train_config.yaml      the run's config
+        metrics.json           {"step", "epoch", "stsb_dev", "initial_stsb_dev"}
+      last/                    what --resume needs (not for export)
+        model.safetensors      every trainable tensor: encoder.*, projector.*,
+                               discriminator.encoder.*, discriminator.head.* (G is reloaded)
+        optimizer.pt           optimizer, scheduler, grad scaler, RNG states; read back with
+                               torch.load(weights_only=True): no pickled code
+        trainer_state.json     {"step", "epoch", "batch_in_epoch", "best_score", ...}
+        train_config.yaml
+
+The discriminator and generator are not part of `best`: only f (and the projector, for
+users who want the training-time head) is needed to embed sentences.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffcse_runtime.atomic import atomic_dir
+from diffcse_runtime.errors import DiffcseError
+from diffcse_train.config import TrainConfig
+
+HEAD_FILE = "diffcse_head.json"
+PROJECTOR_FILE = "projector.safetensors"
+CONFIG_FILE = "train_config.yaml"
+
+
+@dataclass
+class TrainState:
+    """Where training stands; with the RNG states this makes a resume exact."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    total_steps: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    initial_score: float | None = None
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_best(folder: Path, model, tokenizer, cfg: TrainConfig, metrics: dict) -> None:
+    """Write f as an HF folder plus projector, head description, config and metrics."""
+    with atomic_dir(folder, overwrite=True) as tmp:
+        model.encoder.save_pretrained(tmp)  # safetensors by default
+        tokenizer.save_pretrained(tmp)
+        head = {
+            "format": "diffcse-head",
+            "version": 1,
+            "projector": cfg.projector,
+            "hidden_size": int(model.encoder.config.hidden_size),
+            "pooling": "cls",
+        }
+        if cfg.projector != "none":
+            save_file(_tensors(model.projector.state_dict()), str(tmp / PROJECTOR_FILE))
+        if cfg.projector == "batchnorm":
+            head["batchnorm_eps"] = float(model.projector.bn1.eps)
+        (tmp / HEAD_FILE).write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
+        (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+
+
+def load_best(folder: str | Path):
+    """Read a `best` folder back: (encoder, tokenizer, projector module, head dict)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from diffcse_train.model import build_projector
+
+    folder = Path(folder)
+    head_path = folder / HEAD_FILE
+    if not head_path.is_file():
+        raise DiffcseError(f"{folder}: no {HEAD_FILE}; not a diffcse-train checkpoint")
+    head = json.loads(head_path.read_text(encoding="utf-8"))
+    encoder = AutoModel.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    projector = build_projector(head["projector"], head["hidden_size"])
+    if head["projector"] != "none":
+        projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+    return encoder, tokenizer, projector, head
+
+
+def save_last(
+    folder: Path,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    data_generator: torch.Generator,
+    state: TrainState,
+    cfg: TrainConfig,
+) -> None:
+    """Write everything --resume needs to continue bit-for-bit."""
+    rng = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    extra = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng,
+    }
+    with atomic_dir(folder, overwrite=True) as tmp:
+        save_file(_tensors(model.trainable_state_dict()), str(tmp / "model.safetensors"))
+        torch.save(extra, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+
+
+def read_last_config(folder: Path) -> TrainConfig:
+    import yaml
+
+    from diffcse_train.config import from_dict
+
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise DiffcseError(f"{folder}: no resumable checkpoint (missing {CONFIG_FILE})")
+    return from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), f"{path}: ")
+
+
+def load_last(
+    folder: Path, model, optimizer, scheduler, scaler, data_generator: torch.Generator
+) -> TrainState:
+    """Restore model, optimizer, scheduler, scaler and RNG states; return the TrainState."""
+    try:
+        weights = load_file(str(folder / "model.safetensors"))
+        extra = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        state = TrainState(**json.loads((folder / "trainer_state.json").read_text()))
+    except (FileNotFoundError, OSError, ValueError, TypeError) as exc:
+        raise DiffcseError(f"{folder}: cannot read the resumable checkpoint ({exc})") from None
+    result = model.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("generator.")]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise DiffcseError(f"{folder}: checkpoint does not match the configured model (key {bad})")
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    if scaler is not None and extra.get("scaler"):
+        scaler.load_state_dict(extra["scaler"])
+    torch.set_rng_state(extra["rng"]["torch"])
+    data_generator.set_state(extra["rng"]["data"])
+    if "cuda" in extra["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+    return state

@@ -1,0 +1,459 @@
+"""The training loop: AdamW + linear decay, AMP, STS-B dev every `eval_steps`, best/last
+checkpoints, exact resume, a metrics JSONL log, a progress bar, and a stop on NaN.
+
+Reproducibility: with the same config and seed, a CPU run gives the same loss curve every
+time. Three things carry all randomness: the batch order (a function of seed and epoch,
+see data.epoch_order), the collator's torch.Generator (the edits), and torch's global RNG
+(dropout). `last/` stores the latter two and the position in the data, so a run killed at
+any point and resumed with `--resume` ends in the same state as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffcse_runtime import sts
+from diffcse_runtime.atomic import atomic_file
+from diffcse_runtime.errors import DiffcseError
+from diffcse_train import checkpoint
+from diffcse_train.checkpoint import TrainState
+from diffcse_train.config import TrainConfig, resume_mismatch
+from diffcse_train.data import Collator, epoch_order, load_corpus
+from diffcse_train.model import DiffCSE, build_model, count_parameters
+
+log = logging.getLogger("diffcse_train")
+EVAL_TASK = "STSBenchmark"
+
+
+class TrainingDiverged(DiffcseError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    seconds: float  # wall time of this session, evaluations and checkpoints included
+    steps_per_second: float  # training steps only (batching, forward, backward, update)
+    initial_score: float | None  # STS-B dev Spearman x100 before training
+    best_score: float | None
+    best_step: int | None
+    final_loss: float | None
+    output_dir: str
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DiffcseError("device cuda was requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. fp16 autocast is only offered on CUDA."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        log.warning("precision fp16 needs a CUDA GPU; training in fp32 on %s", device.type)
+        return None
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the peak rate, then linear decay to 0 at `total_steps` (HF's default)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; like HF Trainer, no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name
+        (no_decay if skip or param.ndim < 2 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def make_encode_fn(
+    model: DiffCSE,
+    tokenizer,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    batch_size: int = 128,
+) -> Callable[[list[str]], np.ndarray]:
+    """encode(sentences) -> f's [CLS] vectors before the projector, eval mode, no grad."""
+    positions = getattr(model.encoder.config, "max_position_embeddings", 512)
+    max_length = min(512, tokenizer.model_max_length, positions - 2)
+
+    def encode(sentences: list[str]) -> np.ndarray:
+        was_training = model.training
+        model.eval()
+        out = np.zeros((len(sentences), model.encoder.config.hidden_size), dtype=np.float32)
+        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+        try:
+            with torch.no_grad(), _autocast(device, dtype):
+                for start in range(0, len(order), batch_size):
+                    chunk = order[start : start + batch_size]
+                    enc = tokenizer(
+                        [sentences[i] for i in chunk],
+                        padding=True,
+                        truncation=True,
+                        max_length=max_length,
+                        return_tensors="pt",
+                    )
+                    hidden = model.encoder(
+                        input_ids=enc["input_ids"].to(device),
+                        attention_mask=enc["attention_mask"].to(device),
+                    ).last_hidden_state
+                    out[chunk] = hidden[:, 0].float().cpu().numpy()
+        finally:
+            model.train(was_training)
+        return out
+
+    return encode
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _size(module: torch.nn.Module) -> str:
+    n = count_parameters(module)
+    return f"{n / 1e6:.1f}M trainable" if n >= 1e6 else f"{n:,} trainable"
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Trainer:
+    """One training run of `cfg`; `run()` trains, evaluates, checkpoints, returns a summary."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
+        self.cfg = cfg
+        self.resume = resume
+        self.out = Path(cfg.output_dir)
+        self.best_dir, self.last_dir = self.out / "best", self.out / "last"
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._prepare_output_dir(overwrite)
+        self.device = pick_device(cfg.device)
+        self.dtype = autocast_dtype(cfg.precision, self.device)
+
+        corpus = load_corpus(cfg.train_file, cfg.encoding_errors)
+        self.sentences = corpus.sentences
+        if corpus.empty_lines:
+            log.warning("train_file %s: skipped %d empty lines", cfg.train_file, corpus.empty_lines)
+        self.steps_per_epoch = len(self.sentences) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise DiffcseError(
+                f"train_file {cfg.train_file}: {len(self.sentences)} sentences, fewer than "
+                f"batch_size {cfg.batch_size}"
+            )
+        total = self.steps_per_epoch * cfg.epochs
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = build_model(cfg)
+        self.model.to(self.device)
+        self.collator = Collator(
+            self.tokenizer, cfg.max_seq_length, self._augmentation(), cfg.mask_ratio, cfg.seed + 1
+        )
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = linear_schedule(self.optimizer, cfg.warmup_steps, self.total_steps)
+        use_scaler = self.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.state = TrainState(total_steps=self.total_steps)
+        self.encode = make_encode_fn(self.model, self.tokenizer, self.device, self.dtype)
+        self.eval_dir = self._find_eval_data()
+
+    # ------------------------------------------------------------ setup
+
+    def _augmentation(self) -> str:
+        return self.cfg.augmentation if self.cfg.uses_discriminator else "none"
+
+    def _prepare_output_dir(self, overwrite: bool) -> None:
+        if self.resume:
+            if not (self.last_dir / "trainer_state.json").is_file():
+                raise DiffcseError(f"--resume: {self.out} has no last/ checkpoint to resume from")
+            saved = checkpoint.read_last_config(self.last_dir)
+            mismatch = resume_mismatch(saved, self.cfg)
+            if mismatch:
+                raise DiffcseError(f"--resume: the config changed since the checkpoint: {mismatch}")
+            return
+        ours = (self.best_dir, self.last_dir, self.metrics_path, self.out / "summary.json")
+        existing = [p for p in ours if p.exists()]
+        if existing and not overwrite:
+            raise DiffcseError(
+                f"output_dir {self.out} already holds a training run ({existing[0].name}); "
+                "pass --resume to continue it or --overwrite to start over"
+            )
+        for path in existing:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.out / checkpoint.CONFIG_FILE, "w") as fh:
+            fh.write(self.cfg.to_yaml())
+
+    def _find_eval_data(self) -> Path | None:
+        data_dir = self.cfg.eval_data_dir
+        task_dir = sts.find_task_dir(data_dir, "STSBenchmark") if data_dir else None
+        if task_dir is None or not (task_dir / "sts-dev.csv").is_file():
+            where = f"under {data_dir}" if data_dir else "(eval_data_dir is not set)"
+            log.warning(
+                "no STS-B dev data %s: training without evaluation; best/ will hold the last step",
+                where,
+            )
+            return None
+        return Path(data_dir)
+
+    # ------------------------------------------------------------ logging
+
+    def _write_metrics(self, record: dict) -> None:
+        record = {k: _jsonable(v) for k, v in record.items()}
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+        if not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        with atomic_file(self.metrics_path, "w") as fh:
+            fh.write("".join(ln + "\n" for ln in kept))
+
+    # ------------------------------------------------------------ evaluation and saving
+
+    def evaluate(self) -> float | None:
+        """STS-B dev Spearman x100 through the runtime's evaluator; None without data."""
+        if self.eval_dir is None:
+            return None
+        result = sts.evaluate(self.encode, self.eval_dir, tasks=[EVAL_TASK], split="dev")
+        return result.scores[EVAL_TASK].spearman
+
+    def _best_metrics(self, score: float | None) -> dict:
+        s = self.state
+        epoch = s.epoch + s.batch_in_epoch / self.steps_per_epoch
+        return {
+            "step": s.step,
+            "epoch": epoch,
+            "stsb_dev": score,
+            "initial_stsb_dev": s.initial_score,
+        }
+
+    def _evaluate_and_keep_best(self) -> float | None:
+        score = self.evaluate()
+        if score is None:
+            return None
+        s = self.state
+        improved = s.best_score is None or score > s.best_score
+        if improved:
+            s.best_score, s.best_step = score, s.step
+            checkpoint.save_best(
+                self.best_dir, self.model, self.tokenizer, self.cfg, self._best_metrics(score)
+            )
+        self._write_metrics({"kind": "eval", "step": s.step, "stsb_dev": score, "best": improved})
+        log.info("step %d: STS-B dev %.2f%s", s.step, score, " (best so far)" if improved else "")
+        return score
+
+    def _save_last(self) -> None:
+        checkpoint.save_last(
+            self.last_dir,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.collator.generator,
+            self.state,
+            self.cfg,
+        )
+        if self.eval_dir is None:  # without a dev set the latest step is the one we keep
+            checkpoint.save_best(
+                self.best_dir, self.model, self.tokenizer, self.cfg, self._best_metrics(None)
+            )
+
+    # ------------------------------------------------------------ training
+
+    def _batch(self, order: torch.Tensor) -> dict[str, torch.Tensor]:
+        bs, b = self.cfg.batch_size, self.state.batch_in_epoch
+        sentences = [self.sentences[i] for i in order[b * bs : (b + 1) * bs].tolist()]
+        return {k: v.to(self.device) for k, v in self.collator(sentences).items()}
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.model.train()
+        with _autocast(self.device, self.dtype):
+            out = self.model(batch)
+        loss = out["loss"]
+        value = loss.item()
+        if not math.isfinite(value):
+            kept = (
+                f"the last good checkpoint is {self.last_dir} (step {self._last_step()})"
+                if (self.last_dir / "trainer_state.json").is_file()
+                else "no checkpoint had been written yet"
+            )
+            raise TrainingDiverged(
+                f"step {self.state.step + 1}: the training loss is {value}; training stopped and "
+                f"{kept}; try a lower learning_rate or precision fp32/bf16"
+            )
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.cfg.max_grad_norm > 0:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: _jsonable(v) for k, v in out.items()}
+
+    def _last_step(self) -> int:
+        data = json.loads((self.last_dir / "trainer_state.json").read_text())
+        return int(data["step"])
+
+    def _describe(self) -> None:
+        cfg, m = self.cfg, self.model
+        parts = [f"encoder {cfg.model_name_or_path} ({_size(m.encoder)})"]
+        if m.discriminator is not None:
+            parts.append(f"discriminator ({_size(m.discriminator)})")
+        if m.generator is not None:
+            parts.append(f"frozen generator {cfg.generator_name_or_path}")
+        log.info("model: %s", ", ".join(parts))
+        mode = (
+            f"{self._augmentation()} x lambda {cfg.lambda_weight}"
+            if cfg.uses_discriminator
+            else "SimCSE (lambda 0)"
+        )
+        log.info(
+            "data: %d sentences from %s; %d steps/epoch, %d steps; objective %s; %s %s",
+            len(self.sentences), cfg.train_file, self.steps_per_epoch, self.total_steps, mode,
+            self.device.type, cfg.precision,
+        )  # fmt: skip
+
+    def run(self) -> TrainSummary:
+        from tqdm.auto import tqdm
+
+        cfg, s = self.cfg, self.state
+        if self.resume:
+            self.state = s = checkpoint.load_last(
+                self.last_dir, self.model, self.optimizer, self.scheduler, self.scaler,
+                self.collator.generator,
+            )  # fmt: skip
+            self._truncate_metrics(s.step)
+            log.info("resuming from %s at step %d of %d", self.last_dir, s.step, s.total_steps)
+        self._describe()
+        if not self.resume and self.eval_dir is not None:
+            s.initial_score = self.evaluate()
+            log.info("STS-B dev before training: %.2f", s.initial_score)
+            self._write_metrics(
+                {"kind": "eval", "step": 0, "stsb_dev": s.initial_score, "best": False}
+            )
+
+        start, start_step, last, train_seconds = time.perf_counter(), s.step, {}, 0.0
+        order, order_epoch = None, None
+        bar = tqdm(total=self.total_steps, initial=s.step, desc="diffcse-train", disable=None)
+        try:
+            while s.step < self.total_steps:
+                if order_epoch != s.epoch:
+                    order, order_epoch = (
+                        epoch_order(len(self.sentences), cfg.seed, s.epoch),
+                        s.epoch,
+                    )
+                tick = time.perf_counter()
+                last = self.train_step(self._batch(order))
+                train_seconds += time.perf_counter() - tick
+                s.step += 1
+                s.batch_in_epoch += 1
+                if s.batch_in_epoch == self.steps_per_epoch:
+                    s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+                lr = self.scheduler.get_last_lr()[0]
+                epoch = s.epoch + s.batch_in_epoch / self.steps_per_epoch
+                self._write_metrics(
+                    {"kind": "train", "step": s.step, "epoch": epoch, "lr": lr, **last}
+                )
+                if s.step % cfg.eval_steps == 0 or s.step == self.total_steps:
+                    self._evaluate_and_keep_best()
+                if s.step % cfg.save_steps == 0 or s.step == self.total_steps:
+                    self._save_last()
+                bar.update(1)
+                bar.set_postfix(self._postfix(last), refresh=False)
+                if cfg.crash_at_step is not None and s.step == cfg.crash_at_step:
+                    bar.close()
+                    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        steps = s.step - start_step
+        summary = TrainSummary(
+            steps=s.step,
+            seconds=seconds,
+            steps_per_second=steps / train_seconds if train_seconds > 0 else 0.0,
+            initial_score=s.initial_score,
+            best_score=s.best_score,
+            best_step=s.best_step,
+            final_loss=last.get("loss"),
+            output_dir=str(self.out),
+        )
+        self._report(summary)
+        return summary
+
+    def _postfix(self, last: dict) -> dict:
+        post = {"loss": f"{last['loss']:.4f}"}
+        if last.get("rtd_acc") is not None:
+            post["rtd_acc"] = f"{last['rtd_acc']:.3f}"
+        if self.state.best_score is not None:
+            post["dev"] = f"{self.state.best_score:.2f}"
+        return post
+
+    def _report(self, summary: TrainSummary) -> None:
+        log.info(
+            "reached step %d; this session %.1f s, training at %.2f steps/s; model: %s",
+            summary.steps, summary.seconds, summary.steps_per_second, self.best_dir,
+        )  # fmt: skip
+        if summary.best_score is not None:
+            before = "n/a" if summary.initial_score is None else f"{summary.initial_score:.2f}"
+            log.info(
+                "STS-B dev Spearman x100: before training %s, best %.2f at step %d",
+                before, summary.best_score, summary.best_step,
+            )  # fmt: skip
+        with atomic_file(self.out / "summary.json", "w") as fh:
+            fh.write(json.dumps(asdict(summary), indent=2) + "\n")
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainSummary:
+    """Train `cfg` end to end (the library entry point behind `diffcse-train`)."""
+    return Trainer(cfg, resume=resume, overwrite=overwrite).run()

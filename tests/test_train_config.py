@@ -1,0 +1,185 @@
+"""TrainConfig: strict YAML + --set parsing, the shipped configs, and CLI error handling."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("yaml")
+
+from click.testing import CliRunner  # noqa: E402
+
+from diffcse_train.cli import main, train_cmd  # noqa: E402
+from diffcse_train.config import (  # noqa: E402
+    ConfigError,
+    TrainConfig,
+    load_config,
+    resume_mismatch,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+BASE = "model_name_or_path: m\ntrain_file: t.txt\noutput_dir: out\ngenerator_name_or_path: g\n"
+
+
+# ---------------------------------------------------------------- paper and demo configs
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "generator", "lr", "mask", "lam"),
+    [
+        # Table 12 (STS), with the official run script's settings
+        ("sts_bert.yaml", "bert-base-uncased", "distilbert-base-uncased", 7e-6, 0.30, 0.005),
+        ("sts_roberta.yaml", "roberta-base", "distilroberta-base", 1e-5, 0.20, 0.005),
+        # Table 13 (transfer)
+        ("transfer_bert.yaml", "bert-base-uncased", "distilbert-base-uncased", 2e-6, 0.15, 0.05),
+    ],
+)
+def test_paper_configs_hold_the_paper_values(name, model, generator, lr, mask, lam):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.model_name_or_path == model
+    assert cfg.generator_name_or_path == generator
+    assert cfg.learning_rate == pytest.approx(lr, rel=0, abs=1e-12)
+    assert cfg.mask_ratio == pytest.approx(mask)
+    assert cfg.lambda_weight == pytest.approx(lam)
+    assert (cfg.batch_size, cfg.epochs, cfg.max_seq_length) == (64, 2, 32)
+    assert (cfg.temperature, cfg.eval_steps) == (0.05, 125)
+    assert (cfg.augmentation, cfg.projector, cfg.condition_on) == ("mlm", "batchnorm", "projector")
+    assert cfg.precision == "fp16"
+    assert cfg.max_steps is None
+
+
+def test_demo_config_needs_no_download():
+    cfg = load_config(CONFIGS / "demo_cpu.yaml")
+    assert cfg.model_name_or_path == "builtin:all-MiniLM-L6-v2"
+    assert cfg.train_file == "builtin:wiki_en"
+    assert not cfg.needs_generator and cfg.augmentation in ("replace", "delete")
+    assert cfg.max_seq_length == 32 and cfg.device == "cpu"
+
+
+# ---------------------------------------------------------------- strict parsing
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    path = write(tmp_path / "c.yaml", BASE + "learning_rat: 1e-5\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'learning_rat'.*'learning_rate'"):
+        load_config(path)
+
+
+def test_bad_type_names_the_key(tmp_path):
+    path = write(tmp_path / "c.yaml", BASE + "batch_size: lots\n")
+    with pytest.raises(ConfigError, match=r"key 'batch_size' must be an integer, got 'lots'"):
+        load_config(path)
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads `7e-6` as a string; the config must still take it as the number.
+    cfg = load_config(write(tmp_path / "c.yaml", BASE + "learning_rate: 7e-6\n"))
+    assert cfg.learning_rate == 7e-6 and isinstance(cfg.learning_rate, float)
+
+
+def test_set_overrides_are_typed_and_checked(tmp_path):
+    path = write(tmp_path / "c.yaml", BASE + "augmentation: delete\n")
+    cfg = load_config(path, ["learning_rate=1e-5", "max_steps=3", "eval_data_dir=null"])
+    assert (cfg.learning_rate, cfg.max_steps, cfg.eval_data_dir) == (1e-5, 3, None)
+    with pytest.raises(ConfigError, match="unknown key 'lamda'"):
+        load_config(path, ["lamda=0.1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(path, ["lambda_weight"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("augmentation: shuffle\n", "'augmentation' must be one of"),
+        ("mask_ratio: 1.5\n", "'mask_ratio' must be between 0 and 1"),
+        ("batch_size: 1\n", "at least 2"),
+        ("generator_name_or_path: null\n", "augmentation 'mlm' needs generator_name_or_path"),
+        ("augmentation: none\n", "lambda_weight > 0 needs an augmentation"),
+    ],
+)
+def test_inconsistent_values_are_refused(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path / "c.yaml", BASE + extra))
+
+
+def test_simcse_needs_no_generator(tmp_path):
+    cfg = load_config(write(tmp_path / "c.yaml", BASE + "lambda_weight: 0\n"))
+    assert not cfg.needs_generator and not cfg.uses_discriminator
+
+
+def test_required_keys_and_top_level_shape(tmp_path):
+    with pytest.raises(ConfigError, match="'model_name_or_path' is required"):
+        load_config(write(tmp_path / "a.yaml", "train_file: t\noutput_dir: o\n"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path / "b.yaml", "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resume_mismatch_ignores_only_free_keys():
+    a = TrainConfig(model_name_or_path="m", train_file="t", output_dir="o")
+    b = TrainConfig(model_name_or_path="m", train_file="t", output_dir="o", crash_at_step=3)
+    assert resume_mismatch(a, b) is None
+    b.learning_rate = 1e-3
+    assert "learning_rate" in resume_mismatch(a, b)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_prints_one_line_errors(tmp_path):
+    runner = CliRunner()
+    typo = write(tmp_path / "c.yaml", BASE + "temprature: 0.05\n")
+    result = runner.invoke(train_cmd, ["--config", str(typo)])
+    assert result.exit_code == 1
+    assert "unknown key 'temprature'" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+    missing = write(
+        tmp_path / "m.yaml",
+        f"model_name_or_path: m\ntrain_file: {tmp_path / 'nope.txt'}\n"
+        f"output_dir: {tmp_path / 'out'}\nlambda_weight: 0\n",
+    )
+    result = runner.invoke(train_cmd, ["--config", str(missing)])
+    assert result.exit_code == 1 and "nope.txt: file not found" in result.output
+
+
+def test_cli_refuses_to_overwrite_a_run_without_flag(tmp_path):
+    out = tmp_path / "out"
+    (out / "last").mkdir(parents=True)
+    cfg = write(
+        tmp_path / "c.yaml",
+        f"model_name_or_path: m\ntrain_file: t\noutput_dir: {out}\nlambda_weight: 0\n",
+    )
+    result = CliRunner().invoke(train_cmd, ["--config", str(cfg)])
+    assert result.exit_code == 1 and "--resume" in result.output and "--overwrite" in result.output
+    result = CliRunner().invoke(train_cmd, ["--config", str(cfg), "--resume"])
+    assert result.exit_code == 1 and "no last/ checkpoint" in result.output
+
+
+def test_fit_generator_subcommand_dispatches(monkeypatch):
+    import click
+
+    seen = {}
+
+    @click.command()
+    @click.argument("args", nargs=-1)
+    def fake(args):
+        seen["args"] = args
+
+    module = types.ModuleType("diffcse_train.generator_fit")
+    module.fit_generator_cmd = fake
+    monkeypatch.setitem(sys.modules, "diffcse_train.generator_fit", module)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit-generator", "a", "b"])
+    assert exc.value.code == 0 and seen["args"] == ("a", "b")
