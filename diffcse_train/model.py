@@ -220,11 +220,20 @@ class DiffCSE(nn.Module):
 # ---------------------------------------------------------------- loading
 
 
+def _local_or_hub(spec: str, key: str) -> Path:
+    """Resolve builtin: names; a path-like value that does not exist fails here, not on the Hub."""
+    path = builtin.model_path(spec)
+    looks_local = str(spec).startswith(("/", ".", "~")) or Path(spec).suffix in (".yaml", ".txt")
+    if looks_local and not path.exists():
+        raise DiffcseError(f"{key} {spec}: no such folder")
+    return path
+
+
 def _load(kind: str, spec: str, key: str):
     """from_pretrained with errors a user can act on; returns (model, loading info)."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
-    path = builtin.model_path(spec)
+    path = _local_or_hub(spec, key)
     cls = AutoModelForMaskedLM if kind == "mlm" else AutoModel
     try:
         return cls.from_pretrained(str(path), output_loading_info=True)
@@ -237,7 +246,7 @@ def load_tokenizer(spec: str, key: str = "model_name_or_path"):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(builtin.model_path(spec)))
+        return AutoTokenizer.from_pretrained(str(_local_or_hub(spec, key)))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DiffcseError(f"{key} {spec}: cannot load its tokenizer ({first})") from None

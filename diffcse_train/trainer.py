@@ -165,7 +165,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.best_dir, self.last_dir = self.out / "best", self.out / "last"
         self.metrics_path = self.out / "metrics.jsonl"
-        self._prepare_output_dir(overwrite)
+        replaced = self._check_output_dir(overwrite)
         self.device = pick_device(cfg.device)
         self.dtype = autocast_dtype(cfg.precision, self.device)
 
@@ -195,13 +195,17 @@ class Trainer:
         self.state = TrainState(total_steps=self.total_steps)
         self.encode = make_encode_fn(self.model, self.tokenizer, self.device, self.dtype)
         self.eval_dir = self._find_eval_data()
+        self._last_dev: float | None = None  # shown in the progress bar
+        if not resume:  # only now that the new run could be set up, replace the old one
+            self._start_output_dir(replaced)
 
     # ------------------------------------------------------------ setup
 
     def _augmentation(self) -> str:
         return self.cfg.augmentation if self.cfg.uses_discriminator else "none"
 
-    def _prepare_output_dir(self, overwrite: bool) -> None:
+    def _check_output_dir(self, overwrite: bool) -> list[Path]:
+        """Refuse to clobber an earlier run; return the paths --overwrite will replace."""
         if self.resume:
             if not (self.last_dir / "trainer_state.json").is_file():
                 raise DiffcseError(f"--resume: {self.out} has no last/ checkpoint to resume from")
@@ -209,7 +213,7 @@ class Trainer:
             mismatch = resume_mismatch(saved, self.cfg)
             if mismatch:
                 raise DiffcseError(f"--resume: the config changed since the checkpoint: {mismatch}")
-            return
+            return []
         ours = (self.best_dir, self.last_dir, self.metrics_path, self.out / "summary.json")
         existing = [p for p in ours if p.exists()]
         if existing and not overwrite:
@@ -217,7 +221,10 @@ class Trainer:
                 f"output_dir {self.out} already holds a training run ({existing[0].name}); "
                 "pass --resume to continue it or --overwrite to start over"
             )
-        for path in existing:
+        return existing
+
+    def _start_output_dir(self, replaced: list[Path]) -> None:
+        for path in replaced:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
         with atomic_file(self.out / checkpoint.CONFIG_FILE, "w") as fh:
@@ -271,7 +278,7 @@ class Trainer:
         }
 
     def _evaluate_and_keep_best(self) -> float | None:
-        score = self.evaluate()
+        score = self._last_dev = self.evaluate()
         if score is None:
             return None
         s = self.state
@@ -358,10 +365,11 @@ class Trainer:
             if cfg.uses_discriminator
             else "SimCSE (lambda 0)"
         )
+        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
         log.info(
             "data: %d sentences from %s; %d steps/epoch, %d steps; objective %s; %s %s",
             len(self.sentences), cfg.train_file, self.steps_per_epoch, self.total_steps, mode,
-            self.device.type, cfg.precision,
+            self.device.type, precision,
         )  # fmt: skip
 
     def run(self) -> TrainSummary:
@@ -435,8 +443,8 @@ class Trainer:
         post = {"loss": f"{last['loss']:.4f}"}
         if last.get("rtd_acc") is not None:
             post["rtd_acc"] = f"{last['rtd_acc']:.3f}"
-        if self.state.best_score is not None:
-            post["dev"] = f"{self.state.best_score:.2f}"
+        if self._last_dev is not None:
+            post["dev"] = f"{self._last_dev:.2f}"
         return post
 
     def _report(self, summary: TrainSummary) -> None:

@@ -211,3 +211,10 @@ def test_generator_weights_are_verified(generator_dir, tmp_path):
     model, info = AutoModelForMaskedLM.from_pretrained(partial, output_loading_info=True)
     with pytest.raises(DiffcseError, match="has no weights for 1 parameters"):
         verify_pretrained_weights(model, info, str(partial))
+
+
+def test_missing_local_model_folder_is_named(tiny_bert, tmp_path):
+    with pytest.raises(DiffcseError, match=r"model_name_or_path .*nowhere: no such folder"):
+        build_model(config(tmp_path / "nowhere"))
+    with pytest.raises(DiffcseError, match=r"generator_name_or_path .*gone: no such folder"):
+        build_model(config(tiny_bert, tmp_path / "gone"))
