@@ -16,7 +16,8 @@ from pathlib import Path
 from benchlib import CACHE_DIR, ROOT, BenchSkip, minilm_dir
 
 VARIANTS = ("fp32", "optimized", "int8")
-# How each variant is asked of diffcse-export (issue 4: --optimize, --quantize int8).
+# diffcse-export CHECKPOINT OUT [--optimize] [--quantize int8] writes the fp32 model
+# directory OUT/ and the variants beside it as OUT-optimized/ and OUT-int8/ (issue 4).
 VARIANT_FLAGS = {"fp32": [], "optimized": ["--optimize"], "int8": ["--quantize", "int8"]}
 
 
@@ -35,23 +36,31 @@ def export_cli() -> list[str]:
     return [str(exe)]
 
 
-def export(source: str | Path, out: Path, variant: str = "fp32", extra: list[str] = ()) -> Path:
-    """Run `diffcse-export SOURCE --output OUT [variant flags]`; raise BenchSkip on failure."""
-    cmd = export_cli() + [str(source), "--output", str(out), *VARIANT_FLAGS[variant], *extra]
-    if out.exists():
-        shutil.rmtree(out)
+def variant_dirs(out: Path, variants: tuple[str, ...] | list[str] = VARIANTS) -> dict[str, Path]:
+    """Where diffcse-export puts each variant of the model directory `out`."""
+    return {v: out if v == "fp32" else out.with_name(f"{out.name}-{v}") for v in variants}
+
+
+def export(
+    source: str | Path, out: Path, variants=VARIANTS, extra: tuple[str, ...] = ()
+) -> dict[str, Path]:
+    """Run `diffcse-export SOURCE OUT [variant flags]`; raise BenchSkip when it fails."""
+    cmd = export_cli() + [str(source), str(out), "--overwrite", *extra]
+    for v in variants:
+        cmd += VARIANT_FLAGS[v]
     out.parent.mkdir(parents=True, exist_ok=True)
-    print("$", " ".join(cmd), file=sys.stderr)
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0 or not (out / "diffcse.json").is_file():
+    dirs = variant_dirs(out, variants)
+    if proc.returncode != 0 or not all((d / "diffcse.json").is_file() for d in dirs.values()):
         msg = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise BenchSkip(f"diffcse-export {variant} failed (exit {proc.returncode}): {msg}")
-    return out
+        raise BenchSkip(f"diffcse-export failed (exit {proc.returncode}): {' / '.join(msg)}")
+    return dirs
 
 
 def minilm_variant(variant: str, cache: Path = CACHE_DIR) -> Path:
-    """The cached export of all-MiniLM-L6-v2 in `variant`, exporting it on first use."""
-    out = cache / f"minilm-{variant}"
-    if (out / "diffcse.json").is_file():
-        return out
-    return export(minilm_dir(), out, variant)
+    """The cached export of all-MiniLM-L6-v2 in `variant`; all variants exported on first use."""
+    dirs = variant_dirs(cache / "minilm")
+    if not all((d / "diffcse.json").is_file() for d in dirs.values()):
+        dirs = export(minilm_dir(), cache / "minilm")
+    return dirs[variant]

@@ -1,0 +1,183 @@
+"""The method's effect: SimCSE vs DiffCSE from the same start, scored through exported ONNX.
+
+Three runs share the initial encoder (all-MiniLM-L6-v2), data (builtin:wiki_en), seed,
+learning rate, batch size and step budget, and differ only in the objective:
+
+  (a) simcse           lambda_weight 0 (no discriminator)
+  (b) diffcse-mlm      DiffCSE, masked tokens filled by a fitted masked-LM generator
+                       (--generator DIR from `diffcse-train fit-generator`; skipped without)
+  (c) diffcse-replace  DiffCSE with the generator-free edit (random-token replacement)
+
+Each run is `diffcse-train --config configs/demo_cpu.yaml --set ...` (STS-B dev every
+eval_steps, best step kept, as the paper does); its best/ folder is exported with
+`diffcse-export` and scored by diffcse_runtime on STS-B dev (used for model selection, so
+optimistic) and SICK-R trial (not used for selection). The initial model is exported and
+scored the same way. The RTD head's accuracy at the first and last logged steps is read
+from metrics.jsonl: a discriminator that learns nothing means a broken RTD path.
+
+CPU uses the small config (batch 32, --steps 60 by default, about 15 min on 2 cores);
+with CUDA it uses a larger one (batch 64, 500 steps). Everything lands in
+benchmarks/.cache/quality/ (git-ignored).
+
+Run: .venv/bin/python benchmarks/quality.py [--generator runs/generator-minilm] [--steps N]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import benchlib
+from benchlib import CACHE_DIR, ROOT, BenchSkip
+from models import export, minilm_variant
+
+RUNS = ("simcse", "diffcse-mlm", "diffcse-replace")
+SETTINGS = {  # device -> (batch size, steps, learning rate)
+    "cpu": (32, 60, 3e-5),
+    "cuda": (64, 500, 3e-5),
+}
+
+
+def run_overrides(name: str, generator: Path | None) -> list[str]:
+    if name == "simcse":
+        return ["lambda_weight=0", "augmentation=none"]
+    if name == "diffcse-mlm":
+        return ["augmentation=mlm", f"generator_name_or_path={generator}", "lambda_weight=0.005"]
+    return ["augmentation=replace", "lambda_weight=0.005"]
+
+
+def train(name: str, overrides: list[str], out: Path) -> float:
+    exe = Path(sys.executable).parent / "diffcse-train"
+    if not exe.is_file():
+        raise BenchSkip("diffcse-train is not installed (pip install -e '.[train]')")
+    cmd = [str(exe), "--config", str(ROOT / "configs" / "demo_cpu.yaml"), "--overwrite", "--quiet"]
+    for item in [*overrides, f"output_dir={out}"]:
+        cmd += ["--set", item]
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: diffcse-train failed: {proc.stderr.strip()[-400:]}")
+    if not (out / "best").is_dir():
+        raise RuntimeError(f"{name}: diffcse-train wrote no {out / 'best'}")
+    return time.perf_counter() - t0
+
+
+def rtd_trace(metrics: Path) -> dict:
+    """RTD loss/accuracy at the first and last train records (None for SimCSE)."""
+    if not metrics.is_file():
+        return {}
+    train = [json.loads(x) for x in metrics.read_text().splitlines() if '"train"' in x]
+    train = [r for r in train if r.get("kind") == "train" and r.get("rtd_acc") is not None]
+    if not train:
+        return {}
+    first, last = train[0], train[-1]
+    keys = ("loss_rtd", "rtd_acc", "rtd_rep_acc", "rtd_fix_acc", "replaced_frac")
+    return {f"{k}_first": first.get(k) for k in keys} | {f"{k}_last": last.get(k) for k in keys}
+
+
+def score(model_dir: Path, data: Path) -> dict:
+    from diffcse_runtime import Encoder
+    from diffcse_runtime.sts import evaluate
+
+    encoder = Encoder(model_dir)
+    out = {}
+    for task, key in (("STSBenchmark", "stsb_dev"), ("SICKRelatedness", "sick_trial")):
+        try:
+            out[key] = evaluate(encoder, data, [task], split="dev").scores[task].spearman
+        except Exception as exc:  # e.g. SICK absent: say so in the row
+            out[key] = None
+            out[f"{key}_error"] = str(exc)
+    return out
+
+
+def best_step(run_dir: Path) -> int | None:
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()).get("best_step") if path.is_file() else None
+
+
+def main() -> None:
+    p = benchlib.parser("quality", __doc__)
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--runs", default=",".join(RUNS))
+    p.add_argument("--generator", type=Path, default=None, help="fitted generator (for (b))")
+    p.add_argument("--steps", type=int, default=None, help="step budget of every run")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--work", type=Path, default=CACHE_DIR / "quality")
+    args = p.parse_args()
+    data = benchlib.sts_data_dir(args.data)
+    device = benchlib.devices(args.device)[-1]  # the larger config where CUDA exists
+    bs, steps, lr = SETTINGS[device]
+    bs, steps = args.batch_size or bs, args.steps or steps
+    lr = args.learning_rate or lr
+    generator = args.generator
+    if generator is None and (ROOT / "runs" / "generator-minilm").is_dir():
+        generator = ROOT / "runs" / "generator-minilm"
+    info = benchlib.machine(threads=len(os.sched_getaffinity(0)), device=device)
+    print(benchlib.describe(info))
+    common = [
+        f"max_steps={steps}",
+        f"batch_size={bs}",
+        f"learning_rate={lr}",
+        f"seed={args.seed}",
+        f"eval_steps={max(steps // 3, 1)}",
+        f"save_steps={steps}",
+        f"eval_data_dir={data}",
+        f"device={device}",
+        "precision=" + ("bf16" if device == "cuda" else "fp32"),
+    ]
+    rows = [{"run": "initial", "steps": 0, **score(minilm_variant("fp32"), data)}]
+    print(f"  initial: {rows[0]}", file=sys.stderr, flush=True)
+    for name in args.runs.split(","):
+        if name not in RUNS:
+            raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS)}")
+        row = {"run": name, "steps": steps}
+        if name == "diffcse-mlm" and (generator is None or not Path(generator).is_dir()):
+            rows.append(
+                row | {"error": "not run: no fitted generator (diffcse-train fit-generator, "
+                "then --generator DIR)"}
+            )  # fmt: skip
+            continue
+        out = args.work / name
+        try:
+            row["train_s"] = train(name, common + run_overrides(name, generator), out)
+            row["best_step"] = best_step(out)
+            export(out / "best", args.work / f"{name}-onnx", variants=("fp32",))
+            row |= score(args.work / f"{name}-onnx", data)
+            row |= rtd_trace(out / "metrics.jsonl")
+        except (RuntimeError, BenchSkip) as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+        print(f"  {name}: {row}", file=sys.stderr, flush=True)
+    init = rows[0]
+    for r in rows[1:]:
+        for key in ("stsb_dev", "sick_trial"):
+            if r.get(key) is not None and init.get(key) is not None:
+                r[f"{key} delta"] = r[key] - init[key]
+    result = {
+        "benchmark": "quality",
+        "config": {
+            "base": "configs/demo_cpu.yaml",
+            "overrides": common,
+            "generator": str(generator),
+        },
+        "rows": rows,
+        "machine": benchlib.finish_machine(info),
+    }
+    cols = ["run", "steps", "best_step", "stsb_dev", "stsb_dev delta", "sick_trial"]
+    cols += ["sick_trial delta", "rtd_acc_first", "rtd_acc_last", "train_s"]
+    print(benchlib.table(rows, cols))
+    for r in rows:
+        if r.get("error"):
+            print(f"  {r['run']}: {r['error']}")
+    print(f"wrote {benchlib.write_json(args.out, result)}")
+
+
+if __name__ == "__main__":
+    benchlib.run_main(main)
