@@ -5,8 +5,11 @@ renamed into place, so a crash never leaves a half-written checkpoint):
 
     OUTPUT_DIR/
       train_config.yaml        the full config of the run (all keys, defaults filled in)
-      metrics.jsonl            one JSON object per line: {"kind": "train", "step", ...} per
-                               step, {"kind": "eval", "step", "stsb_dev", ...} per evaluation
+      metrics.jsonl            one JSON object per line: {"kind": "train", "step", "epoch",
+                               "lr", "loss", "loss_contrast", "loss_rtd", "rtd_acc",
+                               "rtd_rep_acc", "rtd_fix_acc", "replaced_frac"} per step and
+                               {"kind": "eval", "step", "stsb_dev", "best"} per evaluation
+      summary.json             written at the end: steps, time, steps/s, dev before/best
       best/                    the model to export: the best STS-B dev step (or the last
                                step when no STS data was available)
         config.json            \
