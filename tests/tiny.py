@@ -8,6 +8,7 @@ vocabulary (a generator for DiffCSE tests).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from pathlib import Path
@@ -66,8 +67,13 @@ def corpus(n: int | None = None, seed: int = 0) -> list[str]:
     return sents[:n] if n else sents
 
 
+@functools.lru_cache(maxsize=None)
 def make_tokenizer(vocab_size: int = 200, style: str = "bert"):
-    """A WordPiece (bert) or byte-level BPE (roberta) tokenizer trained on `corpus()`."""
+    """A WordPiece (bert) or byte-level BPE (roberta) tokenizer trained on `corpus()`.
+
+    Cached: WordPiece training is not deterministic across calls, and an encoder and its
+    generator built in one session must share one vocabulary.
+    """
     from tokenizers import (
         Tokenizer,
         decoders,
