@@ -1,0 +1,28 @@
+"""The exceptions export raises: one sentence each, naming the folder, file or option."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffcse_runtime.errors import DiffcseError
+
+
+class ExportError(DiffcseError):
+    """The checkpoint, the output path or an option is unusable; nothing was written."""
+
+
+class ValidationError(ExportError):
+    """An exported graph failed the numeric or STS parity gate; nothing was written.
+
+    `reports` holds every variant's measurements, so the caller can still print the table.
+    """
+
+    def __init__(self, message: str, reports: list[Any]) -> None:
+        super().__init__(message)
+        self.reports = reports
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception message, for a one-sentence error."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
