@@ -1,0 +1,294 @@
+"""Load a checkpoint and export its sentence embedding as an ONNX graph, and nothing else.
+
+The exported module is encoder -> last_hidden_state[:, 0] -> head, where the head is
+the identity (the [CLS] state before the projector, what the paper evaluates) or, with
+`--with-projector`, the training-time projector with its BatchNorms folded away. Pooling
+lives inside the graph, so no caller can pool differently from PyTorch.
+
+Export goes through torch.export (`dynamo=True`) with symbolic batch and sequence axes.
+The legacy TorchScript exporter (`dynamo=False`) is not used: with SDPA attention it
+produced graphs that ran but returned wrong numbers. Opset 18 is the exporter's native
+opset (its ONNX functions are written for it, other opsets go through the version
+converter) and is supported by onnxruntime >= 1.14, its graph optimizer and quantizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffcse_export.errors import ExportError, first_line
+from diffcse_export.fold import PROJECTORS, build_projector, fold_projector
+from torch import nn
+
+from diffcse_runtime.model_dir import OUTPUT_NAME
+
+OPSET = 18
+INPUT_NAMES = ["input_ids", "attention_mask"]
+# Written by diffcse-train next to the encoder (see diffcse_train/checkpoint.py).
+HEAD_FILE = "diffcse_head.json"
+PROJECTOR_FILE = "projector.safetensors"
+BEST_SUBDIR = "best"
+# Any one of these lets AutoTokenizer build the tokenizer the encoder was trained with.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+_EXAMPLE = ["A man is playing a guitar.", "Two dogs are running through a field of grass."]
+
+
+@dataclass
+class Checkpoint:
+    """An encoder folder loaded for export: f, its tokenizer and its (unfolded) projector."""
+
+    path: Path
+    encoder: nn.Module
+    tokenizer: Any  # a transformers fast tokenizer (it has a `backend_tokenizer`)
+    projector: str  # one of PROJECTORS
+    head: nn.Sequential | None  # eval-mode projector with BatchNorms, None for "none"
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.encoder.config.hidden_size)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.encoder.config.num_attention_heads)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.encoder.config.pad_token_id
+        if pad is None:
+            raise ExportError(f"{self.path}: the tokenizer defines no padding token")
+        return int(pad)
+
+    def max_positions(self) -> int | None:
+        """Positions the encoder can embed; RoBERTa-style tables lose padding_idx + 1 rows."""
+        table = getattr(getattr(self.encoder, "embeddings", None), "position_embeddings", None)
+        if not isinstance(table, nn.Embedding):
+            return None
+        offset = table.padding_idx + 1 if table.padding_idx is not None else 0
+        return table.num_embeddings - offset
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The encoder folder: `path` itself, or `path/best` for a diffcse-train output folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportError(f"{path}: no such folder (expected a checkpoint or encoder folder)")
+    if not (path / "config.json").is_file() and (path / BEST_SUBDIR / "config.json").is_file():
+        return path / BEST_SUBDIR
+    if not (path / "config.json").is_file():
+        raise ExportError(
+            f"{path}: not a checkpoint (no config.json); give the folder diffcse-train wrote "
+            "or a Hugging Face encoder folder"
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load encoder, tokenizer and projector, each failure as one ExportError sentence."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = resolve_checkpoint(path)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ExportError(
+            f"{folder}: the tokenizer is missing (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer the encoder was trained with into this folder"
+        )
+    try:
+        encoder = AutoModel.from_pretrained(str(folder)).eval()
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
+        raise ExportError(
+            f"{folder}: transformers cannot load the encoder ({first_line(exc)})"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        raise ExportError(
+            f"{folder}: transformers cannot load the tokenizer ({first_line(exc)})"
+        ) from None
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ExportError(f"{folder}: the tokenizer has no `tokenizers` backend to save")
+    vocab = int(getattr(encoder.config, "vocab_size", 0) or 0)
+    if vocab and len(tokenizer) > vocab:
+        raise ExportError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens but the encoder embeds only "
+            f"{vocab}; they do not belong together"
+        )
+    dim = int(encoder.config.hidden_size)
+    kind, head = _load_head(folder, dim)
+    return Checkpoint(folder, encoder, tokenizer, kind, head)
+
+
+def _read_head_json(folder: Path) -> dict[str, Any] | None:
+    path = folder / HEAD_FILE
+    if not path.is_file():
+        return None
+    try:
+        head = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(head, dict):
+        raise ExportError(f"{path}: expected a JSON object")
+    return head
+
+
+def _load_head(folder: Path, dim: int) -> tuple[str, nn.Sequential | None]:
+    """Read diffcse_head.json + projector.safetensors; infer the kind from keys if no JSON."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    head = _read_head_json(folder)
+    weights = folder / PROJECTOR_FILE
+    state = None
+    if weights.is_file():
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError) as exc:
+            raise ExportError(f"{weights}: cannot be read ({first_line(exc)})") from None
+    if head is not None:
+        kind = head.get("projector")
+        if kind not in PROJECTORS:
+            raise ExportError(
+                f"{folder / HEAD_FILE}: key 'projector' is {kind!r}, expected one of "
+                f"{', '.join(PROJECTORS)}"
+            )
+        if head.get("pooling", "cls") != "cls":
+            raise ExportError(
+                f"{folder / HEAD_FILE}: pooling {head['pooling']!r} is not supported; the "
+                "model directory format holds [CLS] pooling only"
+            )
+        if head.get("hidden_size", dim) != dim:
+            raise ExportError(
+                f"{folder / HEAD_FILE}: hidden_size {head['hidden_size']} does not match the "
+                f"encoder's {dim}"
+            )
+    elif state is None:
+        kind = "none"
+    else:
+        kind = "batchnorm" if "bn1.running_mean" in state else "tanh"
+    if kind == "none":
+        return kind, None
+    if state is None:
+        raise ExportError(
+            f"{folder}: {HEAD_FILE} names a {kind} projector but {weights.name} is missing"
+        )
+    eps = float((head or {}).get("batchnorm_eps", 1e-5))
+    module = build_projector(kind, dim, eps)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(
+            f"{weights}: does not hold a {kind} projector for hidden size {dim} ({first_line(exc)})"
+        ) from None
+    return kind, module.eval()
+
+
+class SentenceEmbedding(nn.Module):
+    """encoder -> [CLS] hidden state -> head: the whole graph export writes."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return self.head(hidden[:, 0])
+
+
+def embedding_modules(ckpt: Checkpoint, with_projector: bool) -> tuple[nn.Module, nn.Module]:
+    """(reference, to_export): the same function, the second with its BatchNorms folded."""
+    if not with_projector:
+        module = SentenceEmbedding(ckpt.encoder).eval()
+        return module, module
+    if ckpt.head is None:
+        raise ExportError(
+            f"{ckpt.path}: --with-projector needs {PROJECTOR_FILE}, but this checkpoint has no "
+            "projector; export without --with-projector"
+        )
+    reference = SentenceEmbedding(ckpt.encoder, ckpt.head).eval()
+    return reference, SentenceEmbedding(ckpt.encoder, fold_projector(ckpt.head)).eval()
+
+
+def resolve_max_seq_length(ckpt: Checkpoint, requested: int | None) -> int:
+    """`requested`, or the tokenizer's limit capped by the position table; never beyond it."""
+    positions = ckpt.max_positions()
+    if requested is not None:
+        if requested < 2:
+            raise ExportError(f"--max-seq-length must be at least 2, got {requested}")
+        if positions is not None and requested > positions:
+            raise ExportError(
+                f"--max-seq-length {requested} exceeds the {positions} positions the encoder "
+                f"in {ckpt.path} can embed"
+            )
+        return requested
+    limits = [int(ckpt.tokenizer.model_max_length)] if ckpt.tokenizer.model_max_length < 1e6 else []
+    limits += [positions] if positions is not None else []
+    return min(limits) if limits else 512
+
+
+def example_inputs(ckpt: Checkpoint, max_seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sentences of different length, so the traced batch has padding."""
+    enc = ckpt.tokenizer(
+        _EXAMPLE, padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt"
+    )
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's warnings and info logs; errors still surface as exceptions."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def export_onnx(
+    module: nn.Module,
+    path: Path,
+    example: tuple[torch.Tensor, torch.Tensor],
+    max_seq_length: int,
+    opset: int = OPSET,
+) -> None:
+    """Write `module` as one self-contained ONNX file with dynamic batch and sequence axes."""
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("seq", max=max_seq_length)
+    axes = {0: batch, 1: seq}
+    try:
+        with _quiet(), torch.inference_mode(False):
+            torch.onnx.export(
+                module.eval(),
+                example,
+                str(path),
+                input_names=INPUT_NAMES,
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+                verbose=False,
+            )
+    except Exception as exc:  # torch.export raises many types; all mean "cannot export"
+        raise ExportError(f"torch.onnx cannot export this encoder ({first_line(exc)})") from None
