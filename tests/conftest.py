@@ -52,49 +52,9 @@ def tiny_model_dir(tiny_bert, tmp_path_factory) -> Path:
 
 
 def export_model_dir(hf_dir: Path, out: Path, max_seq_length: int = 128) -> Path:
-    """Export an HF encoder folder's [CLS] state with torch.onnx and write a model directory."""
-    import shutil
+    """Export an HF encoder folder's [CLS] state with diffcse_export (fp32, numeric parity
+    gated, STS parity skipped for speed) and return the model directory."""
+    from diffcse_export import ExportOptions, export_model
 
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    from diffcse_runtime.model_dir import ModelMeta, write_metadata
-
-    model = AutoModel.from_pretrained(hf_dir).eval()
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-
-    class ClsOnly(torch.nn.Module):
-        def __init__(self, encoder):
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids, attention_mask):
-            return self.encoder(
-                input_ids=input_ids, attention_mask=attention_mask
-            ).last_hidden_state[:, 0]
-
-    ids = torch.tensor([[2, 7, 8, 9, 3], [2, 7, 3, 0, 0]])
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    out.mkdir(parents=True)
-    torch.onnx.export(
-        ClsOnly(model).eval(),
-        (ids, (ids != 0).long()),
-        str(out / "model.onnx"),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["sentence_embedding"],
-        dynamo=True,
-        opset_version=18,
-        verbose=False,
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-    )
-    shutil.copy(Path(hf_dir) / "tokenizer.json", out / "tokenizer.json")
-    meta = ModelMeta(
-        embedding_dim=model.config.hidden_size,
-        max_seq_length=max_seq_length,
-        pad_token_id=tok.pad_token_id,
-        input_names=["input_ids", "attention_mask"],
-        opset=18,
-        source=str(hf_dir),
-    )
-    write_metadata(out, meta)
+    export_model(hf_dir, out, ExportOptions(max_seq_length=max_seq_length, sts_data=None))
     return out
