@@ -197,6 +197,9 @@ def _load_head(folder: Path, dim: int) -> tuple[str, nn.Sequential | None]:
     return kind, module.eval()
 
 
+HEAD_SCOPE = "head"  # SentenceEmbedding's attribute holding the projector
+
+
 class SentenceEmbedding(nn.Module):
     """encoder -> [CLS] hidden state -> head: the whole graph export writes."""
 
@@ -292,3 +295,22 @@ def export_onnx(
             )
     except Exception as exc:  # torch.export raises many types; all mean "cannot export"
         raise ExportError(f"torch.onnx cannot export this encoder ({first_line(exc)})") from None
+
+
+def head_nodes(onnx_path: Path) -> list[str]:
+    """Names of the nodes torch.export traced inside SentenceEmbedding.head (the projector).
+
+    The exporter records each node's module path in its `pkg.torch.onnx.name_scopes`
+    metadata, e.g. ['', 'head', 'head.linear1', 'matmul'].
+    """
+    import ast
+
+    import onnx
+
+    names = []
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        scopes = props.get("pkg.torch.onnx.name_scopes")
+        if scopes and ast.literal_eval(scopes)[1:2] == [HEAD_SCOPE]:
+            names.append(node.name)
+    return names

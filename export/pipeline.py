@@ -190,7 +190,7 @@ def _build(name: str, fp32: Path, staged: dict[str, Path], ckpt: graph.Checkpoin
     if name == "fp32":
         return {}
     if name == "int8":
-        variants.quantize_int8(fp32, dst)
+        variants.quantize_int8(fp32, dst, exclude=graph.head_nodes(fp32))
         return {}
     if name == "optimized":
         return variants.optimize(fp32, dst, ckpt.num_heads, ckpt.hidden_size)

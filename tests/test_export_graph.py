@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from diffcse_export import ExportOptions, export_model  # noqa: E402
-from diffcse_export.graph import SentenceEmbedding, load_checkpoint  # noqa: E402
+from diffcse_export.graph import SentenceEmbedding, head_nodes, load_checkpoint  # noqa: E402
 from diffcse_export.validate import compare, gate, onnx_outputs, parity_inputs  # noqa: E402
 from diffcse_export.variants import op_counts  # noqa: E402
 from export_helpers import make_checkpoint, make_sts_dir  # noqa: E402
@@ -189,9 +189,14 @@ def test_optimized_graph_has_fused_attention_layernorm_gelu(projector_export):
 
 def test_int8_variant_quantizes_matmuls_and_reports_its_sts_delta(projector_export):
     out, reports = projector_export
-    counts = op_counts(out.with_name(f"{out.name}-int8") / "model.onnx")
-    assert counts.get("MatMulInteger", 0) >= 12  # 6 weight MatMuls per layer x 2 layers
+    int8 = out.with_name(f"{out.name}-int8") / "model.onnx"
+    counts = op_counts(int8)
+    assert counts.get("MatMulInteger") == 12  # 6 weight MatMuls per layer x 2 layers
     assert counts.get("DynamicQuantizeLinear", 0) > 0
+    # the folded projector stays float32 (see diffcse_export.variants)
+    assert len(head_nodes(out / "model.onnx")) == 5
+    nodes = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert nodes[-5:] == ["MatMul", "Add", "Relu", "MatMul", "Add"]
     report = reports["int8"]
     assert report.numeric["min_cosine"] >= 0.98
     assert report.sts["delta"] == pytest.approx(report.sts["onnx"] - report.sts["pytorch"])
