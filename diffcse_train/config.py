@@ -34,6 +34,15 @@ ENCODING_ERRORS = ("strict", "replace")
 RESUME_FREE_KEYS = ("eval_data_dir", "save_steps", "crash_at_step", "output_dir")
 
 
+# Gradient accumulation is refused with a reason instead of an unknown-key error.
+ACCUMULATION_KEYS = ("gradient_accumulation_steps", "accumulation_steps", "grad_accum_steps")
+NO_ACCUMULATION = (
+    "gradient accumulation is not supported: the contrastive loss uses in-batch negatives, "
+    "so k accumulated batches of B sentences are not one batch of k*B (each sentence would "
+    "see B-1 negatives, not k*B-1); raise batch_size or train on more GPUs with torchrun"
+)
+
+
 class ConfigError(DiffcseError):
     """A training config names an unknown key or holds a bad value."""
 
@@ -57,8 +66,9 @@ class TrainConfig:
     augmentation: str = "mlm"  # mlm | replace | insert | delete | none
     projector: str = "batchnorm"  # batchnorm | tanh | none
     condition_on: str = "projector"  # D is conditioned on the projector output or raw [CLS]
+    gather_negatives: bool = True  # under torchrun: every rank's sentences are negatives
     # --- optimisation
-    batch_size: int = 64
+    batch_size: int = 64  # per process: under torchrun the global batch is batch_size x WORLD_SIZE
     learning_rate: float = 7e-6
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -180,6 +190,8 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
+    if key in ACCUMULATION_KEYS:
+        return ConfigError(f"{where}key {key!r}: {NO_ACCUMULATION}")
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"{where}unknown key {key!r}{hint}")
