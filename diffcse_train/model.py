@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffcse_runtime.errors import DiffcseError
-from diffcse_train import builtin
+from diffcse_train import builtin, distributed
 from diffcse_train.config import TrainConfig
 from diffcse_train.data import IGNORE
 
@@ -73,13 +73,21 @@ def build_projector(kind: str, dim: int) -> nn.Module:
 # ---------------------------------------------------------------- losses
 
 
-def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE over in-batch negatives: row i of z1 must pick row i of z2 by cosine / tau.
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for the losses; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
-    Kept separate from the model so distributed training can all-gather z1 and z2 first.
+
+def contrastive_loss(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float, first_label: int = 0
+) -> torch.Tensor:
+    """InfoNCE over in-batch negatives: row i of z1 must pick row first_label + i of z2.
+
+    z2 may hold more rows than z1: under DDP the second views of every rank, gathered
+    (distributed.gather_rows), with this rank's rows starting at `first_label`.
     """
-    sim = F.normalize(z1.float(), dim=-1) @ F.normalize(z2.float(), dim=-1).T
-    labels = torch.arange(z1.size(0), device=z1.device)
+    sim = F.normalize(_upcast(z1), dim=-1) @ F.normalize(_upcast(z2), dim=-1).T
+    labels = torch.arange(z1.size(0), device=z1.device) + first_label
     return F.cross_entropy(sim / temperature, labels)
 
 
@@ -91,7 +99,7 @@ def rtd_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     tokens (recall of "replaced") and on kept tokens.
     """
     valid = labels != IGNORE
-    loss = F.cross_entropy(logits[valid].float(), labels[valid])
+    loss = F.cross_entropy(_upcast(logits[valid]), labels[valid])
     with torch.no_grad():
         pred = logits.argmax(-1)
         rep, fix = valid & (labels == 1), valid & (labels == 0)
@@ -165,6 +173,7 @@ class DiffCSE(nn.Module):
         self.temperature = temperature
         self.lambda_weight = lambda_weight
         self.condition_on = condition_on
+        self.gather_negatives = False  # set by the trainer under DDP (config gather_negatives)
         if generator is not None:
             generator.requires_grad_(False)
             generator.eval()
@@ -203,7 +212,11 @@ class DiffCSE(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         n = batch["input_ids"].size(0)
         cls, h = self.sentence_views(batch["input_ids"], batch["attention_mask"])
-        loss_contrast = contrastive_loss(h[:n], h[n:], self.temperature)
+        if self.gather_negatives:  # negatives from every rank's batch (distributed.py)
+            z2, first = distributed.gather_rows(h[n:])
+            loss_contrast = contrastive_loss(h[:n], z2, self.temperature, first_label=first)
+        else:
+            loss_contrast = contrastive_loss(h[:n], h[n:], self.temperature)
         out = {"loss_contrast": loss_contrast.detach()}
         loss = loss_contrast
         if self.discriminator is not None and self.lambda_weight > 0:
@@ -211,7 +224,9 @@ class DiffCSE(nn.Module):
             condition = h if self.condition_on == "projector" else cls
             logits = self.discriminator(ids, mask, condition)
             loss_rtd, stats = rtd_loss(logits, labels)
-            loss = loss + self.lambda_weight * loss_rtd
+            # under DDP: this rank's share of the mean over the global batch's tokens
+            share = distributed.token_share(labels != IGNORE)
+            loss = loss + self.lambda_weight * loss_rtd * share
             out.update(loss_rtd=loss_rtd.detach(), **stats)
         out["loss"] = loss
         return out
