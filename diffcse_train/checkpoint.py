@@ -34,9 +34,10 @@ renamed into place, so a crash never leaves a half-written checkpoint):
       last/                    what --resume needs (not for export)
         model.safetensors      every trainable tensor: encoder.*, projector.*,
                                discriminator.encoder.*, discriminator.head.* (G is reloaded)
-        optimizer.pt           optimizer, scheduler, grad scaler, RNG states; read back with
-                               torch.load(weights_only=True): no pickled code
-        trainer_state.json     {"step", "epoch", "batch_in_epoch", "best_score", ...}
+        optimizer.pt           optimizer, scheduler, grad scaler, RNG states (each rank's
+                               under DDP); read back with torch.load(weights_only=True)
+        trainer_state.json     {"step", "epoch", "batch_in_epoch", "best_score", ...,
+                                "world_size"}
         train_config.yaml
 
 The discriminator and generator are not part of `best`: only f (and the projector, for
@@ -72,6 +73,7 @@ class TrainState:
     best_score: float | None = None
     best_step: int | None = None
     initial_score: float | None = None
+    world_size: int = 1  # processes that wrote it; the global batch is batch_size x this
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,22 +129,33 @@ def save_last(
     data_generator: torch.Generator,
     state: TrainState,
     cfg: TrainConfig,
+    rank_rngs: list[dict] | None = None,
 ) -> None:
-    """Write everything --resume needs to continue bit-for-bit."""
-    rng = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    """Write everything --resume needs to continue bit-for-bit.
+
+    Under DDP (rank 0 writes) `rank_rngs` holds every rank's `rng_state`, in rank order.
+    """
     extra = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng,
+        "rng": rank_rngs[0] if rank_rngs else rng_state(data_generator),
     }
+    if rank_rngs and len(rank_rngs) > 1:
+        extra["rng_ranks"] = rank_rngs
     with atomic_dir(folder, overwrite=True) as tmp:
         save_file(_tensors(model.trainable_state_dict()), str(tmp / "model.safetensors"))
         torch.save(extra, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+
+
+def rng_state(data_generator: torch.Generator) -> dict:
+    """This process's random state: dropout (torch, CUDA) and the data edits' generator."""
+    rng = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
 
 
 def read_last_config(folder: Path) -> TrainConfig:
@@ -157,9 +170,18 @@ def read_last_config(folder: Path) -> TrainConfig:
 
 
 def load_last(
-    folder: Path, model, optimizer, scheduler, scaler, data_generator: torch.Generator
+    folder: Path,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    data_generator: torch.Generator,
+    rank: int = 0,
 ) -> TrainState:
-    """Restore model, optimizer, scheduler, scaler and RNG states; return the TrainState."""
+    """Restore model, optimizer, scheduler, scaler and RNG states; return the TrainState.
+
+    Every rank of a DDP run loads the same folder and takes its own RNG state (`rank`).
+    """
     try:
         weights = load_file(str(folder / "model.safetensors"))
         extra = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -175,8 +197,9 @@ def load_last(
     scheduler.load_state_dict(extra["scheduler"])
     if scaler is not None and extra.get("scaler"):
         scaler.load_state_dict(extra["scaler"])
-    torch.set_rng_state(extra["rng"]["torch"])
-    data_generator.set_state(extra["rng"]["data"])
-    if "cuda" in extra["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+    rng = extra["rng_ranks"][rank] if rank and "rng_ranks" in extra else extra["rng"]
+    torch.set_rng_state(rng["torch"])
+    data_generator.set_state(rng["data"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
