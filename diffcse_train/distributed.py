@@ -22,6 +22,8 @@ one process with batch W*B (tests/test_train_ddp.py checks this to 1e-6):
   is the gradient of the mean over ranks of the per-rank losses.
 
 Checkpoints and evaluation happen on rank 0 (`main_only`); the other ranks wait for it.
+Each rank draws its own dropout masks and data edits; `last/` keeps every rank's RNG state,
+so a resumed torchrun job continues exactly (with the same number of processes).
 """
 
 from __future__ import annotations
@@ -188,7 +190,8 @@ def main_only(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 def mean_over_ranks(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Average scalar metrics over ranks (one all_reduce); NaN stays NaN."""
     keys = list(values)
-    flat = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    numbers = [v.detach() if isinstance(v, torch.Tensor) else v for v in values.values()]
+    flat = torch.tensor([float(v) for v in numbers], dtype=torch.float64)
     if world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device()) if _nccl() else "cpu"
         flat = flat.to(device)
@@ -201,17 +204,24 @@ def _nccl() -> bool:
     return dist.get_backend() == "nccl"
 
 
+def seed_per_rank(seed: int) -> None:
+    """Own dropout masks per rank: the model was built from one seed on every rank, but
+    identical masks on all ranks would correlate their views. A no-op in one process."""
+    if world_size() > 1:
+        torch.manual_seed(seed + 1_000_003 * rank())
+
+
 # ---------------------------------------------------------------- data
 
 
-def rank_batch(order: torch.Tensor, batch: int, batch_size: int) -> torch.Tensor:
-    """This rank's indices of global batch `batch` of an epoch order.
+def rank_batch(order: torch.Tensor, batch: int, batch_size: int, rank: int, world: int):
+    """Rank `rank`'s indices of global batch `batch` of an epoch order.
 
-    The global batch is `world_size * batch_size` consecutive entries of `order` (the same
+    The global batch is `world * batch_size` consecutive entries of `order` (the same
     permutation on every rank, see data.epoch_order) and rank r takes the r-th block, so the
     ranks' batches, concatenated in rank order, are the single-process batch of that size.
     """
-    start = (batch * world_size() + rank()) * batch_size
+    start = (batch * world + rank) * batch_size
     return order[start : start + batch_size]
 
 
@@ -353,23 +363,3 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-# ---------------------------------------------------------------- RNG state per rank
-
-
-def rng_state(data_generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    """This rank's random state: dropout (torch, and CUDA on its GPU) and the data edits."""
-    state = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(
-    state: dict[str, torch.Tensor], data_generator: torch.Generator, device: torch.device
-) -> None:
-    torch.set_rng_state(state["torch"])
-    data_generator.set_state(state["data"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
