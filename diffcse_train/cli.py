@@ -1,6 +1,7 @@
 """`diffcse-train`: train DiffCSE from a YAML config, or fit a generator.
 
     diffcse-train --config configs/sts_bert.yaml [--set key=value ...] [--resume] [--overwrite]
+    torchrun --nproc_per_node 8 -m diffcse_train --config ...   (DDP, see distributed.py)
     diffcse-train fit-generator ...      (see diffcse-train fit-generator --help)
 
 Every error a user can cause is printed as one line and exits with status 1.
@@ -63,6 +64,10 @@ def train_cmd(config_path, overrides, resume, overwrite, quiet):
     """Train a DiffCSE sentence encoder; the best model lands in OUTPUT_DIR/best."""
     setup_logging(quiet)
     try:
+        from diffcse_train import distributed
+
+        if distributed.launch_env().rank > 0:  # under torchrun, rank 0 reports for all
+            logging.getLogger("diffcse_train").setLevel(logging.ERROR)
         from diffcse_train.config import load_config
 
         cfg = load_config(config_path, list(overrides))

@@ -1,6 +1,10 @@
 """The training loop: AdamW + linear decay, AMP, STS-B dev every `eval_steps`, best/last
 checkpoints, exact resume, a metrics JSONL log, a progress bar, and a stop on NaN.
 
+Under torchrun the same loop runs on every process (see distributed.py): the model is
+wrapped in DDP, each rank trains on its block of the global batch, and rank 0 alone
+evaluates, writes checkpoints and logs while the others wait.
+
 Reproducibility: with the same config and seed, a CPU run gives the same loss curve every
 time. Three things carry all randomness: the batch order (a function of seed and epoch,
 see data.epoch_order), the collator's torch.Generator (the edits), and torch's global RNG
@@ -28,7 +32,7 @@ import torch
 from diffcse_runtime import sts
 from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.errors import DiffcseError
-from diffcse_train import checkpoint
+from diffcse_train import checkpoint, distributed
 from diffcse_train.checkpoint import TrainState
 from diffcse_train.config import TrainConfig, resume_mismatch
 from diffcse_train.data import Collator, epoch_order, load_corpus
@@ -165,19 +169,21 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.best_dir, self.last_dir = self.out / "best", self.out / "last"
         self.metrics_path = self.out / "metrics.jsonl"
-        replaced = self._check_output_dir(overwrite)
-        self.device = pick_device(cfg.device)
+        self.device = distributed.setup(pick_device(cfg.device))
+        world = distributed.world_size()
+        replaced = distributed.main_only(self._check_output_dir, overwrite)
         self.dtype = autocast_dtype(cfg.precision, self.device)
 
         corpus = load_corpus(cfg.train_file, cfg.encoding_errors)
         self.sentences = corpus.sentences
         if corpus.empty_lines:
             log.warning("train_file %s: skipped %d empty lines", cfg.train_file, corpus.empty_lines)
-        self.steps_per_epoch = len(self.sentences) // cfg.batch_size
+        self.steps_per_epoch = len(self.sentences) // (cfg.batch_size * world)
         if self.steps_per_epoch == 0:
+            on = f" x {world} processes" if world > 1 else ""
             raise DiffcseError(
                 f"train_file {cfg.train_file}: {len(self.sentences)} sentences, fewer than "
-                f"batch_size {cfg.batch_size}"
+                f"batch_size {cfg.batch_size}{on}"
             )
         total = self.steps_per_epoch * cfg.epochs
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -185,19 +191,23 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = build_model(cfg)
         self.model.to(self.device)
+        self.model.gather_negatives = cfg.gather_negatives and world > 1
+        self.train_model = distributed.wrap_model(self.model, self.device)  # DDP under torchrun
+        distributed.seed_per_rank(cfg.seed)
+        seed = cfg.seed + 1 + distributed.rank()
         self.collator = Collator(
-            self.tokenizer, cfg.max_seq_length, self._augmentation(), cfg.mask_ratio, cfg.seed + 1
+            self.tokenizer, cfg.max_seq_length, self._augmentation(), cfg.mask_ratio, seed
         )
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = linear_schedule(self.optimizer, cfg.warmup_steps, self.total_steps)
         use_scaler = self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.state = TrainState(total_steps=self.total_steps)
+        self.state = TrainState(total_steps=self.total_steps, world_size=world)
         self.encode = make_encode_fn(self.model, self.tokenizer, self.device, self.dtype)
         self.eval_dir = self._find_eval_data()
         self._last_dev: float | None = None  # shown in the progress bar
         if not resume:  # only now that the new run could be set up, replace the old one
-            self._start_output_dir(replaced)
+            distributed.main_only(self._start_output_dir, replaced)
 
     # ------------------------------------------------------------ setup
 
@@ -245,13 +255,15 @@ class Trainer:
     # ------------------------------------------------------------ logging
 
     def _write_metrics(self, record: dict) -> None:
+        if not distributed.is_main():
+            return
         record = {k: _jsonable(v) for k, v in record.items()}
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def _truncate_metrics(self, step: int) -> None:
         """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
-        if not self.metrics_path.is_file():
+        if not distributed.is_main() or not self.metrics_path.is_file():
             return
         lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
         kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
@@ -292,7 +304,26 @@ class Trainer:
         log.info("step %d: STS-B dev %.2f%s", s.step, score, " (best so far)" if improved else "")
         return score
 
+    def _main_only(self, fn: Callable[[], object]) -> None:
+        """Run `fn` (evaluation, saving) on rank 0 while the others wait; then every rank
+        holds rank 0's scores."""
+
+        def run_and_share() -> tuple:
+            fn()
+            s = self.state
+            return s.best_score, s.best_step, s.initial_score, self._last_dev
+
+        s = self.state
+        s.best_score, s.best_step, s.initial_score, self._last_dev = distributed.main_only(
+            run_and_share
+        )
+
     def _save_last(self) -> None:
+        # every rank's RNG state (a collective, so on all ranks), then rank 0 writes
+        rngs = distributed.gather_objects(checkpoint.rng_state(self.collator.generator))
+        self._main_only(lambda: self._write_last(rngs))
+
+    def _write_last(self, rngs: list[dict]) -> None:
         checkpoint.save_last(
             self.last_dir,
             self.model,
@@ -302,6 +333,7 @@ class Trainer:
             self.collator.generator,
             self.state,
             self.cfg,
+            rank_rngs=rngs,
         )
         if self.eval_dir is None:  # without a dev set the latest step is the one we keep
             checkpoint.save_best(
@@ -311,16 +343,20 @@ class Trainer:
     # ------------------------------------------------------------ training
 
     def _batch(self, order: torch.Tensor) -> dict[str, torch.Tensor]:
-        bs, b = self.cfg.batch_size, self.state.batch_in_epoch
-        sentences = [self.sentences[i] for i in order[b * bs : (b + 1) * bs].tolist()]
+        rows = distributed.rank_batch(
+            order, self.state.batch_in_epoch, self.cfg.batch_size,
+            distributed.rank(), distributed.world_size(),
+        )  # fmt: skip
+        sentences = [self.sentences[i] for i in rows.tolist()]
         return {k: v.to(self.device) for k, v in self.collator(sentences).items()}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
         with _autocast(self.device, self.dtype):
-            out = self.model(batch)
+            out = self.train_model(batch)
         loss = out["loss"]
-        value = loss.item()
+        logged = distributed.mean_over_ranks(out)  # the global batch's numbers, on every rank
+        value = logged["loss"]
         if not math.isfinite(value):
             kept = (
                 f"the last good checkpoint is {self.last_dir} (step {self._last_step()})"
@@ -346,7 +382,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {k: _jsonable(v) for k, v in out.items()}
+        return {k: _jsonable(v) for k, v in logged.items()}
 
     def _last_step(self) -> int:
         data = json.loads((self.last_dir / "trainer_state.json").read_text())
@@ -371,6 +407,14 @@ class Trainer:
             len(self.sentences), cfg.train_file, self.steps_per_epoch, self.total_steps, mode,
             self.device.type, precision,
         )  # fmt: skip
+        world = distributed.world_size()
+        if world > 1:
+            log.info(
+                "distributed: %d processes (%s), batch_size %d each, global batch %d; "
+                "negatives %s",
+                world, torch.distributed.get_backend(), cfg.batch_size, cfg.batch_size * world,
+                "from every rank" if self.model.gather_negatives else "per rank (not gathered)",
+            )  # fmt: skip
 
     def run(self) -> TrainSummary:
         from tqdm.auto import tqdm
@@ -379,21 +423,24 @@ class Trainer:
         if self.resume:
             self.state = s = checkpoint.load_last(
                 self.last_dir, self.model, self.optimizer, self.scheduler, self.scaler,
-                self.collator.generator,
+                self.collator.generator, rank=distributed.rank(),
             )  # fmt: skip
+            if s.world_size != distributed.world_size():
+                raise DiffcseError(
+                    f"--resume: {self.last_dir} was written by {s.world_size} process(es), "
+                    f"this run has {distributed.world_size()}; the global batch depends on it, "
+                    "so resume with the same torchrun --nnodes x --nproc_per_node"
+                )
             self._truncate_metrics(s.step)
             log.info("resuming from %s at step %d of %d", self.last_dir, s.step, s.total_steps)
         self._describe()
         if not self.resume and self.eval_dir is not None:
-            s.initial_score = self.evaluate()
-            log.info("STS-B dev before training: %.2f", s.initial_score)
-            self._write_metrics(
-                {"kind": "eval", "step": 0, "stsb_dev": s.initial_score, "best": False}
-            )
+            self._main_only(self._initial_evaluation)
 
         start, start_step, last, train_seconds = time.perf_counter(), s.step, {}, 0.0
         order, order_epoch = None, None
-        bar = tqdm(total=self.total_steps, initial=s.step, desc="diffcse-train", disable=None)
+        quiet = None if distributed.is_main() else True  # one progress bar
+        bar = tqdm(total=self.total_steps, initial=s.step, desc="diffcse-train", disable=quiet)
         try:
             while s.step < self.total_steps:
                 if order_epoch != s.epoch:
@@ -414,7 +461,7 @@ class Trainer:
                     {"kind": "train", "step": s.step, "epoch": epoch, "lr": lr, **last}
                 )
                 if s.step % cfg.eval_steps == 0 or s.step == self.total_steps:
-                    self._evaluate_and_keep_best()
+                    self._main_only(self._evaluate_and_keep_best)
                 if s.step % cfg.save_steps == 0 or s.step == self.total_steps:
                     self._save_last()
                 bar.update(1)
@@ -439,6 +486,12 @@ class Trainer:
         self._report(summary)
         return summary
 
+    def _initial_evaluation(self) -> None:
+        s = self.state
+        s.initial_score = self.evaluate()
+        log.info("STS-B dev before training: %.2f", s.initial_score)
+        self._write_metrics({"kind": "eval", "step": 0, "stsb_dev": s.initial_score, "best": False})
+
     def _postfix(self, last: dict) -> dict:
         post = {"loss": f"{last['loss']:.4f}"}
         if last.get("rtd_acc") is not None:
@@ -448,6 +501,8 @@ class Trainer:
         return post
 
     def _report(self, summary: TrainSummary) -> None:
+        if not distributed.is_main():
+            return
         log.info(
             "reached step %d; this session %.1f s, training at %.2f steps/s; model: %s",
             summary.steps, summary.seconds, summary.steps_per_second, self.best_dir,
@@ -463,5 +518,11 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainSummary:
-    """Train `cfg` end to end (the library entry point behind `diffcse-train`)."""
-    return Trainer(cfg, resume=resume, overwrite=overwrite).run()
+    """Train `cfg` end to end (the library entry point behind `diffcse-train`).
+
+    Under torchrun every process calls this; it joins and finally leaves the process group.
+    """
+    try:
+        return Trainer(cfg, resume=resume, overwrite=overwrite).run()
+    finally:
+        distributed.teardown()
