@@ -214,7 +214,9 @@ def seed_per_rank(seed: int) -> None:
 # ---------------------------------------------------------------- data
 
 
-def rank_batch(order: torch.Tensor, batch: int, batch_size: int, rank: int, world: int):
+def rank_batch(
+    order: torch.Tensor, batch: int, batch_size: int, rank: int, world: int
+) -> torch.Tensor:
     """Rank `rank`'s indices of global batch `batch` of an epoch order.
 
     The global batch is `world * batch_size` consecutive entries of `order` (the same
