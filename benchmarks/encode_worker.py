@@ -101,14 +101,14 @@ class SentenceTransformersModel:
         if not onnx_file.is_file():  # first use: let sentence-transformers export and save it
             exporter = SentenceTransformer(str(model), backend="onnx", device=device)
             exporter.save_pretrained(str(model))
-        if int8:
-            qfile = Path(model) / "onnx" / "model_qint8_avx2.onnx"
-            if not qfile.is_file():
+        if int8:  # sentence-transformers names the file model_q(u)int8_avx2.onnx
+            if not list((Path(model) / "onnx").glob("model_*int8_avx2.onnx")):
                 from sentence_transformers import export_dynamic_quantized_onnx_model
 
                 base = SentenceTransformer(str(model), backend="onnx", device=device)
                 export_dynamic_quantized_onnx_model(base, "avx2", str(model))
-            kwargs["file_name"] = "onnx/model_qint8_avx2.onnx"
+            qfile = sorted((Path(model) / "onnx").glob("model_*int8_avx2.onnx"))[0]
+            kwargs["file_name"] = f"onnx/{qfile.name}"
         self.info["file"] = kwargs.get("file_name", "onnx/model.onnx")
         self.model = SentenceTransformer(
             str(model), backend="onnx", device=device, model_kwargs=kwargs
