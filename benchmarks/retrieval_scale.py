@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -149,7 +150,7 @@ def main() -> None:
 
     missing = [b for b in backends if b != "numpy" and importlib.util.find_spec(b) is None]
     backends = [b for b in backends if b not in missing]
-    info = benchlib.machine(threads=len(__import__("os").sched_getaffinity(0)))
+    info = benchlib.machine(threads=len(os.sched_getaffinity(0)))
     print(benchlib.describe(info))
     if "cuda" in benchlib.devices(args.device):
         print("# CUDA: the runtime's search is CPU numpy; faiss-gpu is not measured")
@@ -157,14 +158,9 @@ def main() -> None:
     rows = []
     for n in map(int, args.sizes.split(",")):
         for dim in map(int, args.dims.split(",")):
-            cmd = [sys.executable, __file__, "--child", f"{n}x{dim}", "--backends"]
-            cmd += [
-                ",".join(backends),
-                "--repeats",
-                str(args.repeats),
-                "--max-gb",
-                str(args.max_gb),
-            ]
+            here = [b for b in backends if b != "usearch" or n <= args.usearch_max_n]
+            cmd = [sys.executable, __file__, "--child", f"{n}x{dim}", "--backends", ",".join(here)]
+            cmd += ["--repeats", str(args.repeats), "--max-gb", str(args.max_gb)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = proc.stderr.strip().splitlines()[-1:] or ["killed"]
