@@ -18,7 +18,7 @@ Contenders:
   ours-int8       ... on `diffcse-export --quantize int8`
 
 Run: .venv/bin/python benchmarks/encode.py            (full: threads 1 and all cores)
-     .venv/bin/python benchmarks/encode.py --limit 64 --repeats 2 --threads 2   (smoke)
+     .venv/bin/python benchmarks/encode.py --repeats 1 --threads 2 --sets short   (smoke)
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from benchlib import BENCH_DIR, CACHE_DIR, BenchSkip
 from models import minilm_variant
 
 ALL = ("pytorch", "st-torch", "st-onnx", "st-onnx-int8", "ours-fp32", "ours-optimized", "ours-int8")
+DEFAULT = ("pytorch", "st-onnx", "st-onnx-int8", "ours-fp32", "ours-optimized", "ours-int8")
 BASELINE = "pytorch"
 ST_VENV = BENCH_DIR / ".venv-st-onnx"
 TARGETS = {"ours-optimized": 1.5, "ours-int8": 3.5}  # issue 5 goals, ratio to pytorch
@@ -164,7 +165,7 @@ def quality(live: list[Contender], data: Path, tmp: Path) -> dict[str, dict]:
 def measure(live, sets, batch_sizes, repeats, n_texts) -> dict:
     """Round-robin timing; returns {(set, bs): {contender: [seconds, ...]}}."""
     times = {(s, b): {c.name: [] for c in live} for s in sets for b in batch_sizes}
-    for s in sets:  # warm-up: two batches of every shape, untimed
+    for s in sets:  # warm-up: one batch of every size, untimed
         for b in batch_sizes:
             for c in live:
                 c.ask(op="time", set=f"{s}-warm{b}", batch_size=b)
@@ -173,7 +174,8 @@ def measure(live, sets, batch_sizes, repeats, n_texts) -> dict:
             for b in batch_sizes:
                 order = live[rep % len(live) :] + live[: rep % len(live)]
                 for c in order:
-                    times[(s, b)][c.name].append(c.ask(op="time", set=s, batch_size=b)["seconds"])
+                    reply = c.ask(op="time", set=f"{s}@{b}", batch_size=b)
+                    times[(s, b)][c.name].append(reply["seconds"])
         print(f"  round {rep + 1}/{repeats} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
     return times
 
@@ -192,8 +194,8 @@ def summarize(times, n_texts, n_tokens, device, threads) -> list[dict]:
                     "texts": s,
                     "batch": b,
                     "contender": name,
-                    "sent/s": n_texts[s] / med,
-                    "tok/s": n_tokens[s] / med,
+                    "sent/s": n_texts[f"{s}@{b}"] / med,
+                    "tok/s": n_tokens[f"{s}@{b}"] / med,
                     "x pytorch": benchlib.median(paired),
                     "median_s": med,
                     "times_s": [round(t, 5) for t in ts],
@@ -205,12 +207,21 @@ def summarize(times, n_texts, n_tokens, device, threads) -> list[dict]:
 def main() -> None:
     p = benchlib.parser("encode", __doc__)
     p.add_argument("--data", type=Path, default=None, help="STS data dir (../shared/data/sts)")
-    p.add_argument("--contenders", default=",".join(ALL), help="comma-separated subset of ALL")
+    p.add_argument(
+        "--contenders",
+        default=",".join(DEFAULT),
+        help=f"comma-separated, from {', '.join(ALL)} (default: all but st-torch)",
+    )
     p.add_argument("--threads", default=None, help="comma-separated, default '1,<all cores>'")
     p.add_argument("--batch-sizes", default="1,32,128")
     p.add_argument("--sets", default="short,long")
-    p.add_argument("--limit", type=int, default=384, help="texts per set")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--limit", type=int, default=384, help="texts per set (pool)")
+    p.add_argument(
+        "--texts-per-batch-size",
+        default="1:16,32:96,128:128",
+        help="BS:N pairs: each timed pass encodes the first N texts of the set at batch size BS",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     p.add_argument("--st-venv", default=str(ST_VENV))
     for v in ("fp32", "optimized", "int8"):
         p.add_argument(f"--{v}-dir", default=None, help=f"model dir for ours-{v} (else exported)")
@@ -238,17 +249,20 @@ def main() -> None:
 
     tok_json = benchlib.minilm_dir() / "tokenizer.json"
     texts = build_texts(data, args.limit, tok_json)
+    per_bs = dict(tuple(map(int, item.split(":"))) for item in args.texts_per_batch_size.split(","))
     for s in sets:
         for b in batch_sizes:
-            texts[f"{s}-warm{b}"] = texts[s][: 2 * b]
+            texts[f"{s}@{b}"] = texts[s][: per_bs.get(b, args.limit)]
+            texts[f"{s}-warm{b}"] = texts[s][-b:]
     n_texts = {k: len(v) for k, v in texts.items()}
     n_tokens = token_counts(texts, tok_json)
     result = {
         "benchmark": "encode",
         "model": "all-MiniLM-L6-v2",
         "texts": {
-            s: {"count": n_texts[s], "mean_tokens": round(n_tokens[s] / n_texts[s], 1)}
-            for s in sets
+            k: {"count": n_texts[k], "mean_tokens": round(n_tokens[k] / n_texts[k], 1)}
+            for k in texts
+            if "@" in k
         },
         "repeats": args.repeats,
         "unavailable": {c.name: c.reason for c in contenders if c.reason},
