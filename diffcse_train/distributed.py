@@ -117,10 +117,17 @@ def _rank_device(device: torch.device, local: int) -> torch.device:
     return torch.device("cuda", local)
 
 
-def teardown() -> None:
-    """Leave the process group if `setup()` created it."""
+def teardown(clean: bool = True) -> None:
+    """Leave the process group if `setup()` created it.
+
+    After a clean run a barrier lets every rank leave together: a gloo rank that tears
+    down while a peer still has traffic in flight can abort ("terminate called without an
+    active exception"). After an error there is no barrier, which could wait forever.
+    """
     global _owned_group
     if _owned_group and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
     _owned_group = False
 

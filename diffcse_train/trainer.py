@@ -523,6 +523,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Tr
     Under torchrun every process calls this; it joins and finally leaves the process group.
     """
     try:
-        return Trainer(cfg, resume=resume, overwrite=overwrite).run()
-    finally:
-        distributed.teardown()
+        summary = Trainer(cfg, resume=resume, overwrite=overwrite).run()
+    except BaseException:
+        distributed.teardown(clean=False)
+        raise
+    distributed.teardown(clean=True)
+    return summary
