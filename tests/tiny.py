@@ -67,7 +67,7 @@ def corpus(n: int | None = None, seed: int = 0) -> list[str]:
     return sents[:n] if n else sents
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_tokenizer(vocab_size: int = 200, style: str = "bert"):
     """A WordPiece (bert) or byte-level BPE (roberta) tokenizer trained on `corpus()`.
 
