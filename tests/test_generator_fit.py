@@ -1,0 +1,258 @@
+"""fit-generator: an MLM head trained on a frozen tiny encoder, saved as a normal masked LM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import tiny  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from diffcse_runtime.errors import DataFormatError, DiffcseError  # noqa: E402
+from diffcse_train.generator_fit import (  # noqa: E402
+    FitSettings,
+    GeneratorRefused,
+    Masking,
+    collect,
+    find_head,
+    fit_generator,
+    fit_generator_cmd,
+    load_encoder_as_mlm,
+    score,
+    train_head,
+)
+
+FAST = dict(epochs=2, batch_size=32, max_steps=40, lr=1e-2, min_eval_sentences=100)
+CLI_FAST = ["--epochs", "2", "--batch-size", "32", "--max-steps", "40", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "sentences.txt"
+    lines = tiny.corpus(1200)
+    lines.insert(5, "")  # empty lines are skipped
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_bert, corpus_file, tmp_path_factory) -> Path:
+    """One CLI run on the tiny BERT; the saved folder is what the tests below inspect."""
+    out = tmp_path_factory.mktemp("fitted") / "generator"
+    args = ["--encoder", str(tiny_bert), "--corpus", str(corpus_file), "--out", str(out)]
+    result = CliRunner().invoke(fit_generator_cmd, [*args, *CLI_FAST, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "after" in result.output and "unigram baseline" in result.output
+    return out
+
+
+def _state(folder: Path, cls) -> dict:
+    with _quiet():
+        return {k: v.clone() for k, v in cls.from_pretrained(folder).state_dict().items()}
+
+
+def _quiet():
+    from diffcse_train.generator_fit import _quiet_transformers
+
+    return _quiet_transformers()
+
+
+def test_saved_folder_is_a_complete_masked_lm(fitted, tiny_bert):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    with _quiet():
+        model, info = AutoModelForMaskedLM.from_pretrained(fitted, output_loading_info=True)
+    assert type(model).__name__ == "BertForMaskedLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    # the decoder is the (frozen) word embedding matrix: tied, and equal to the encoder's
+    decoder = model.cls.predictions.decoder
+    assert decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert decoder.bias is model.cls.predictions.bias
+    encoder = _state(tiny_bert, transformers.AutoModel)
+    assert torch.equal(decoder.weight, encoder["embeddings.word_embeddings.weight"])
+    assert AutoTokenizer.from_pretrained(fitted).get_vocab() == (
+        AutoTokenizer.from_pretrained(tiny_bert).get_vocab()
+    )
+    report = json.loads((fitted / "fit_report.json").read_text())
+    assert report["architecture"] == "BertForMaskedLM" and report["steps"] == 40
+    assert report["after"]["accuracy"] > report["unigram"]["accuracy"]
+    assert report["warm_start"]["perplexity"] < report["before"]["perplexity"]
+
+
+def test_frozen_encoder_weights_are_saved_unchanged(fitted, tiny_bert):
+    encoder = _state(tiny_bert, transformers.AutoModel)
+    saved = _state(fitted, transformers.AutoModelForMaskedLM)
+    compared = 0
+    for name, tensor in encoder.items():
+        if name.startswith("pooler."):
+            continue  # the MLM has no pooler
+        assert torch.equal(saved[f"bert.{name}"], tensor), name
+        compared += 1
+    assert compared > 30
+
+
+def test_the_trainer_accepts_it_as_a_generator(fitted):
+    """The trainer's own check: every weight comes from the checkpoint (no silent re-init)."""
+    from transformers import AutoModelForMaskedLM
+
+    from diffcse_train.model import verify_pretrained_weights
+
+    with _quiet():
+        model, info = AutoModelForMaskedLM.from_pretrained(fitted, output_loading_info=True)
+    assert verify_pretrained_weights(model, info, str(fitted)) > 30
+
+
+def test_saved_generator_fills_a_mask(fitted):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fitted)
+    with _quiet():
+        model = AutoModelForMaskedLM.from_pretrained(fitted).eval()
+    batch = tok([f"a man is playing a {tok.mask_token} in the park ."], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    where = batch["input_ids"][0] == tok.mask_token_id
+    predicted = int(logits[0, where].argmax(-1))
+    assert predicted not in tok.all_special_ids
+    assert tok.decode([predicted]).strip()
+
+
+def test_training_lowers_the_mlm_loss_and_keeps_the_encoder_frozen(tiny_bert, corpus_file):
+    """In memory, AdamW alone (no warm start): only the head moves, never the tied decoder
+    weight, and the held-out loss goes down."""
+    with _quiet():
+        mlm, fresh = load_encoder_as_mlm(str(tiny_bert))
+    assert fresh
+    _, head = find_head(mlm)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_bert)
+    rows = tok(tiny.corpus(1200)[200:], truncation=True, max_length=32)["input_ids"]
+    masking = Masking.of(tok)
+    gen = torch.Generator().manual_seed(5)
+    held_out = masking.mask(
+        tok(tiny.corpus(1200)[:200], max_length=32)["input_ids"], 0.15, gen, all_to_mask=True
+    )
+    settings = FitSettings(**FAST)
+    cache = collect(mlm, rows, masking, settings, gen, progress=False)
+    before_state = {k: v.clone() for k, v in mlm.state_dict().items()}
+    before = score(mlm, head, [held_out])
+    steps = train_head(mlm, head, cache, rows, masking, settings, gen, progress=False)
+    after = score(mlm, head, [held_out])
+    assert steps == 40
+    assert after.perplexity < 0.9 * before.perplexity  # perplexity = exp(mean MLM loss)
+    changed = {k for k, v in mlm.state_dict().items() if not torch.equal(v, before_state[k])}
+    assert changed and all(k.startswith("cls.predictions.") for k in changed)
+    assert "cls.predictions.decoder.weight" not in changed
+    assert mlm.cls.predictions.decoder.weight is mlm.bert.embeddings.word_embeddings.weight
+    assert not mlm.bert.embeddings.word_embeddings.weight.requires_grad
+
+
+def test_unfreeze_top_k_trains_only_the_top_layers(tiny_bert, corpus_file, tmp_path):
+    out = tmp_path / "gen"
+    s = FitSettings(**{**FAST, "max_steps": 15}, unfreeze_top_k=1, min_accuracy_gain=0.0)
+    fit_generator(str(tiny_bert), str(corpus_file), out, s, progress=False)
+    encoder = _state(tiny_bert, transformers.AutoModel)
+    saved = _state(out, transformers.AutoModelForMaskedLM)
+    changed = {
+        k
+        for k, v in encoder.items()
+        if "pooler" not in k and not torch.equal(saved[f"bert.{k}"], v)
+    }
+    assert changed and all(k.startswith("encoder.layer.1.") for k in changed)  # the top of 2
+
+
+def test_roberta_encoder(tiny_roberta, corpus_file, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    out = tmp_path / "gen"
+    s = FitSettings(**FAST, min_accuracy_gain=0.0)
+    report = fit_generator(str(tiny_roberta), str(corpus_file), out, s, progress=False)
+    assert report.architecture == "RobertaForMaskedLM"
+    assert report.after.perplexity < report.before.perplexity
+    with _quiet():
+        model, info = AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert model.lm_head.decoder.weight is model.roberta.embeddings.word_embeddings.weight
+
+
+@pytest.fixture(scope="module")
+def unpredictable_corpus(tmp_path_factory) -> Path:
+    """Words drawn independently at random: no context predicts a masked one."""
+    import random
+
+    words = sorted(
+        {w for phrase in tiny.SUBJECTS + tiny.VERBS + tiny.OBJECTS for w in phrase.split()}
+    )
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("unpredictable") / "random_words.txt"
+    path.write_text("\n".join(" ".join(rng.choices(words, k=8)) for _ in range(1000)) + "\n")
+    return path
+
+
+def test_no_better_than_unigram_is_refused_and_nothing_written(
+    tiny_bert, unpredictable_corpus, tmp_path
+):
+    out = tmp_path / "gen"
+    settings = FitSettings(**{**FAST, "min_eval_sentences": 400, "max_steps": 20})
+    with pytest.raises(GeneratorRefused, match="no better than the unigram baseline") as caught:
+        fit_generator(str(tiny_bert), str(unpredictable_corpus), out, settings, progress=False)
+    report = caught.value.report
+    assert report.steps == 20 and not report.improved
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no temporary leftovers either
+
+
+def test_cli_refusal_exits_non_zero_and_writes_nothing(tiny_bert, corpus_file, tmp_path):
+    """Zero training (no warm start, no steps) leaves the head at its initialisation."""
+    out = tmp_path / "gen"
+    args = ["--encoder", str(tiny_bert), "--corpus", str(corpus_file), "--out", str(out)]
+    no_training = ["--no-warm-start", "--epochs", "0", "--quiet"]
+    result = CliRunner().invoke(fit_generator_cmd, [*args, *no_training])
+    assert result.exit_code == 1
+    assert "no better than the unigram baseline" in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_fail_clearly_before_training(tiny_bert, tmp_path):
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes(b"a fine line\nthis \xff is not utf-8\n")
+    with pytest.raises(DataFormatError, match=r"bad.txt:2: not valid UTF-8"):
+        fit_generator(str(tiny_bert), str(corpus), tmp_path / "g1")
+
+    small = tmp_path / "small.txt"
+    small.write_text("one sentence .\ntwo sentences .\n")
+    with pytest.raises(DataFormatError, match="needs at least"):
+        fit_generator(str(tiny_bert), str(small), tmp_path / "g2")
+
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(DiffcseError, match="already exists; pass --overwrite"):
+        fit_generator(str(tiny_bert), str(small), tmp_path / "exists")
+
+    with pytest.raises(DiffcseError, match=r"--encoder \S*nowhere"):
+        fit_generator(str(tmp_path / "nowhere"), str(small), tmp_path / "g3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "exists", "small.txt"]
+
+
+def test_untied_decoder_is_refused(tiny_bert, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(tiny_bert)
+    config.tie_word_embeddings = False
+    untied = tmp_path / "untied"
+    AutoModel.from_pretrained(tiny_bert, config=config).save_pretrained(untied)
+    transformers.AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(untied)
+    with pytest.raises(DiffcseError, match="not tied to the word embeddings"), _quiet():
+        load_encoder_as_mlm(str(untied))
+
+
+def test_architecture_without_a_masked_lm_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(folder)
+    with pytest.raises(DiffcseError, match="no masked-LM class for model type 'gpt2'"):
+        load_encoder_as_mlm(str(folder))
