@@ -133,6 +133,7 @@ def token_counts(texts: dict[str, list[str]], tokenizer_json: Path) -> dict[str,
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     tok.no_truncation()
+    tok.no_padding()  # the packaged tokenizer.json pads to 128: count real tokens only
     return {k: sum(len(e.ids) for e in tok.encode_batch(v)) for k, v in texts.items()}
 
 
