@@ -630,7 +630,13 @@ _D = FitSettings()
     help="Training sentences to encode (the time budget: the encoder pass is the cost).",
 )
 @click.option("--all-sentences", is_flag=True, help="Encode every training sentence.")
-@click.option("--epochs", type=click.IntRange(min=0), default=_D.epochs, show_default=True)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=0),
+    default=_D.epochs,
+    show_default=True,
+    help="AdamW passes over the encoded sentences after the warm start (0: warm start only).",
+)
 @click.option("--max-steps", type=click.IntRange(min=0), help="Stop AdamW after this many steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=4), default=_D.max_length, show_default=True)
@@ -649,7 +655,13 @@ _D = FitSettings()
     help="Also train the encoder's top k layers (in the generator only; the encoder folder is "
     "not touched). Each epoch then re-encodes the sentences.",
 )
-@click.option("--encoder-lr", type=float, default=_D.encoder_lr, show_default=True)
+@click.option(
+    "--encoder-lr",
+    type=float,
+    default=_D.encoder_lr,
+    show_default=True,
+    help="Learning rate of the unfrozen layers.",
+)
 @click.option(
     "--min-accuracy-gain",
     type=click.FloatRange(min=0),
@@ -658,7 +670,13 @@ _D = FitSettings()
     help="Refuse to save unless held-out accuracy beats the unigram baseline by this much.",
 )
 @click.option("--seed", type=int, default=_D.seed, show_default=True)
-@click.option("--errors", type=click.Choice(ERROR_MODES), default=_D.errors, show_default=True)
+@click.option(
+    "--errors",
+    type=click.Choice(ERROR_MODES),
+    default=_D.errors,
+    show_default=True,
+    help="Bad UTF-8 in --corpus: stop with FILE:LINE, or replace it.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars; only the result.")
 def fit_generator_cmd(encoder, corpus, out, all_sentences, overwrite, quiet, **options):
