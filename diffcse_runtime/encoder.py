@@ -23,6 +23,10 @@ from diffcse_runtime.model_dir import MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, l
 log = logging.getLogger("diffcse_runtime")
 PROGRESS_THRESHOLD = 5000  # show_progress_bar=None shows a bar from this many texts up
 _announced: set[str] = set()
+# onnxruntime's CPU SkipLayerNormalization kernel measured ~1.2x slower end to end than the
+# Add + LayerNormalization it replaces in the dynamically quantized graph (both math-equal;
+# benchmarks/README.md, "Where encoding time goes"), and no faster in fp32: int8 keeps both.
+CPU_DISABLED_FUSIONS = {"int8": ["SkipLayerNormFusion"]}
 
 
 def pick_providers(requested: Sequence[str] | None = None) -> list[str]:
@@ -65,9 +69,15 @@ class Encoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        disabled = []
+        if providers[0] == "CPUExecutionProvider":
+            disabled = CPU_DISABLED_FUSIONS.get(self.meta.variant, [])
         try:
             session = ort.InferenceSession(
-                str(self.path / MODEL_FILE), sess_options=options, providers=providers
+                str(self.path / MODEL_FILE),
+                sess_options=options,
+                providers=providers,
+                disabled_optimizers=disabled,
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelDirError(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffcse_export.cls_layer import ClsStates, prunable
 from diffcse_export.errors import ExportError, first_line
 from diffcse_export.fold import PROJECTORS, build_projector, fold_projector
 from torch import nn
@@ -201,30 +202,41 @@ HEAD_SCOPE = "head"  # SentenceEmbedding's attribute holding the projector
 
 
 class SentenceEmbedding(nn.Module):
-    """encoder -> [CLS] hidden state -> head: the whole graph export writes."""
+    """encoder -> [CLS] hidden state -> head: the whole graph export writes.
 
-    def __init__(self, encoder: nn.Module, head: nn.Module | None = None) -> None:
+    With `prune_last`, the last layer runs for the [CLS] row only (see cls_layer.py).
+    """
+
+    def __init__(
+        self, encoder: nn.Module, head: nn.Module | None = None, prune_last: bool = False
+    ) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder = ClsStates(encoder) if prune_last else encoder
+        self.prune_last = prune_last
         self.head = head if head is not None else nn.Identity()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.prune_last:
+            return self.head(self.encoder(input_ids, attention_mask))
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
         return self.head(hidden[:, 0])
 
 
 def embedding_modules(ckpt: Checkpoint, with_projector: bool) -> tuple[nn.Module, nn.Module]:
-    """(reference, to_export): the same function, the second with its BatchNorms folded."""
+    """(reference, to_export): the same function; the second with the last layer pruned to
+    [CLS] where the encoder allows it, and its BatchNorms folded."""
+    prune = prunable(ckpt.encoder)
     if not with_projector:
-        module = SentenceEmbedding(ckpt.encoder).eval()
-        return module, module
+        reference = SentenceEmbedding(ckpt.encoder).eval()
+        return reference, SentenceEmbedding(ckpt.encoder, prune_last=prune).eval()
     if ckpt.head is None:
         raise ExportError(
             f"{ckpt.path}: --with-projector needs {PROJECTOR_FILE}, but this checkpoint has no "
             "projector; export without --with-projector"
         )
     reference = SentenceEmbedding(ckpt.encoder, ckpt.head).eval()
-    return reference, SentenceEmbedding(ckpt.encoder, fold_projector(ckpt.head)).eval()
+    folded = fold_projector(ckpt.head)
+    return reference, SentenceEmbedding(ckpt.encoder, folded, prune_last=prune).eval()
 
 
 def resolve_max_seq_length(ckpt: Checkpoint, requested: int | None) -> int:

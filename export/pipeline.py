@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffcse_export import graph, validate, variants
+from diffcse_export.cls_layer import CLS_PRUNED, prunable
 from diffcse_export.errors import ExportError, ValidationError, first_line
 from diffcse_export.validate import Thresholds, VariantReport
 
@@ -178,6 +179,8 @@ def _variant(
         report.sts = validate.semantic_parity(folder, ref.sts, opts.sts_data)
     if name == "fp16" and provider == "CPUExecutionProvider":
         report.notes.append(validate.FP16_ON_CPU)
+    if prunable(ckpt.encoder):
+        report.notes.append(CLS_PRUNED)
     report.failures = validate.gate(report)
     meta.validation = {**report.to_json(), **_provenance(ref.export_seconds)}
     write_metadata(folder, meta)

@@ -271,5 +271,7 @@ def format_table(reports: list[VariantReport]) -> str:
     lines = [" | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     notes = sorted({r.sts["skipped"] for r in reports if "skipped" in r.sts})
-    notes += [f"{r.variant}: {note}" for r in reports for note in r.notes]
+    shared = [n for n in reports[0].notes if all(n in r.notes for r in reports)] if reports else []
+    notes += shared
+    notes += [f"{r.variant}: {note}" for r in reports for note in r.notes if note not in shared]
     return "\n".join(lines + [f"({n})" for n in notes])

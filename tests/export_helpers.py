@@ -68,3 +68,21 @@ def make_sts_dir(out: Path, n_pairs: int = 150, seed: int = 0) -> Path:
     folder.mkdir(parents=True)
     (folder / "sts-dev.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+def scale_last_weight(model, factor: float) -> str:
+    """Multiply the weight of the graph's last MatMul/Gemm that has one by `factor` (in place);
+    return its name. Used to prove the parity gate catches a wrong graph."""
+    import numpy as np
+    import onnx
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    weighted = [
+        n
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in initializers
+    ]
+    weights = initializers[weighted[-1].input[1]]
+    array = onnx.numpy_helper.to_array(weights) * np.float32(factor)
+    weights.CopyFrom(onnx.numpy_helper.from_array(array, weights.name))
+    return weights.name

@@ -12,7 +12,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -21,7 +20,7 @@ onnx = pytest.importorskip("onnx")
 from click.testing import CliRunner  # noqa: E402
 from diffcse_export import graph  # noqa: E402
 from diffcse_export.cli import main  # noqa: E402
-from export_helpers import make_checkpoint, make_sts_dir  # noqa: E402
+from export_helpers import make_checkpoint, make_sts_dir, scale_last_weight  # noqa: E402
 
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
 
@@ -50,11 +49,7 @@ def fake_export(tiny_model_dir, monkeypatch):
     def export_onnx(module, path, example, max_seq_length, opset=graph.OPSET):
         model = onnx.load(str(tiny_model_dir / "model.onnx"))
         if state["scale"] != 1.0:
-            init = {t.name: t for t in model.graph.initializer}
-            last = [n for n in model.graph.node if n.op_type == "MatMul"][-1]
-            weights = init[last.input[1]]
-            array = onnx.numpy_helper.to_array(weights) * np.float32(state["scale"])
-            weights.CopyFrom(onnx.numpy_helper.from_array(array, weights.name))
+            scale_last_weight(model, state["scale"])
         onnx.save(model, str(path))
 
     monkeypatch.setattr(graph, "export_onnx", export_onnx)

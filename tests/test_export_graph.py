@@ -17,10 +17,11 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from diffcse_export import ExportOptions, export_model  # noqa: E402
+from diffcse_export.cls_layer import CLS_PRUNED, prunable  # noqa: E402
 from diffcse_export.graph import SentenceEmbedding, head_nodes, load_checkpoint  # noqa: E402
 from diffcse_export.validate import compare, gate, onnx_outputs, parity_inputs  # noqa: E402
-from diffcse_export.variants import op_counts  # noqa: E402
-from export_helpers import make_checkpoint, make_sts_dir  # noqa: E402
+from diffcse_export.variants import FUSED_OPS, op_counts  # noqa: E402
+from export_helpers import make_checkpoint, make_sts_dir, scale_last_weight  # noqa: E402
 
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
 
@@ -109,6 +110,46 @@ def test_roberta_cls_graph_equals_pytorch_on_dynamic_shapes(roberta_export, tiny
     assert meta.pad_token_id == 1 and meta.max_seq_length == 128  # 130 positions - (pad + 1)
 
 
+@pytest.mark.parametrize("style", ["tiny_bert", "tiny_roberta"])
+def test_last_layer_pruned_to_cls_equals_the_full_layer(style, request):
+    """The pruned last layer is the same function on padded batches, BERT and RoBERTa."""
+    ckpt = load_checkpoint(request.getfixturevalue(style))
+    assert prunable(ckpt.encoder)
+    full = SentenceEmbedding(ckpt.encoder).eval()
+    pruned = SentenceEmbedding(ckpt.encoder, prune_last=True).eval()
+    tok = ckpt.tokenizer
+    for rows, width in SHAPES:
+        feed = random_batch(
+            rows,
+            width,
+            len(tok),
+            tok.cls_token_id,
+            tok.sep_token_id,
+            tok.pad_token_id,
+            seed=rows + width,
+        )
+        want, got = torch_reference(full, feed), torch_reference(pruned, feed)
+        assert np.abs(got - want).max() < 1e-5
+
+
+def test_exported_graph_drops_the_dead_full_last_layer(tiny_model_dir, tiny_bert):
+    """8 matrix products per layer (Q, K, V, scores, context, out, 2 FFN) and no dead copy
+    of the full last layer; the pruned layer's out/FFN products act on [batch, dim] rows
+    (Gemm). The metadata says the graph was pruned."""
+    layers = load_checkpoint(tiny_bert).encoder.config.num_hidden_layers
+    ops = op_counts(tiny_model_dir / "model.onnx")
+    assert ops["MatMul"] + ops["Gemm"] == 8 * layers
+    assert ops["Gemm"] == 3
+    assert CLS_PRUNED in load_metadata(tiny_model_dir).validation["notes"]
+
+
+def test_encoders_of_another_layout_are_not_pruned():
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    assert not prunable(DistilBertModel(config))
+
+
 def test_graph_has_only_ids_and_mask_in_and_one_embedding_out(tiny_model_dir):
     graph = onnx.load(str(tiny_model_dir / "model.onnx")).graph
     inputs = {i.name: i.type.tensor_type for i in graph.input}
@@ -175,15 +216,11 @@ def test_every_variant_is_a_validated_loadable_model_dir(projector_export):
 def test_optimized_graph_has_fused_attention_layernorm_gelu(projector_export):
     out, reports = projector_export
     counts = op_counts(out.with_name(f"{out.name}-optimized") / "model.onnx")
-    layers = 2
-    assert counts.get("Attention") == layers
-    assert counts.get("SkipLayerNormalization") == 2 * layers
-    assert counts.get("BiasGelu") == layers
-    assert reports["optimized"].fused_ops == {
-        "Attention": layers,
-        "SkipLayerNormalization": 2 * layers,
-        "BiasGelu": layers,
-    }
+    full = 1  # layers fused whole: the last one runs for [CLS] only and is left unfused
+    assert counts.get("Attention") == full
+    assert counts.get("SkipLayerNormalization") == 2 * full
+    assert counts.get("BiasGelu") == full
+    assert reports["optimized"].fused_ops == {op: counts[op] for op in FUSED_OPS if op in counts}
     assert reports["optimized"].numeric["max_abs_diff"] < 1e-4
 
 
@@ -217,11 +254,7 @@ def test_fp16_variant_stores_half_weights_and_keeps_float32_io(projector_export)
 def test_gate_fails_on_a_perturbed_weight(tiny_model_dir, tiny_bert, tmp_path):
     """Scale one weight matrix of a correct graph by 1.01: numeric parity must catch it."""
     model = onnx.load(str(tiny_model_dir / "model.onnx"))
-    initializers = {t.name: t for t in model.graph.initializer}
-    last_matmul = [n for n in model.graph.node if n.op_type == "MatMul"][-1]
-    weights = initializers[last_matmul.input[1]]
-    array = onnx.numpy_helper.to_array(weights) * np.float32(1.01)
-    weights.CopyFrom(onnx.numpy_helper.from_array(array, weights.name))
+    scale_last_weight(model, 1.01)
     bad = tmp_path / "bad.onnx"
     onnx.save(model, str(bad))
 
