@@ -54,6 +54,9 @@ class TrainConfig:
     # --- models
     model_name_or_path: str = ""  # encoder f (any AutoModel encoder), required
     generator_name_or_path: str | None = None  # frozen masked LM G (mlm / insert augmentation)
+    # true: when generator_name_or_path is not a folder yet, first fit an MLM head on the
+    # frozen f over train_file and save it there (diffcse-train fit-generator's defaults)
+    fit_generator: bool = False
     discriminator_name_or_path: str | None = None  # D's initial weights; null = same as f
     # --- data
     train_file: str = ""  # one sentence per line (UTF-8), or builtin:wiki_en; required
@@ -185,6 +188,12 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
         raise ConfigError(
             f"{where}augmentation {cfg.augmentation!r} needs generator_name_or_path "
             "(a masked LM with the encoder's vocabulary); 'replace' and 'delete' need none"
+        )
+    builtin_generator = (cfg.generator_name_or_path or "").startswith("builtin:")
+    if cfg.fit_generator and cfg.needs_generator and builtin_generator:
+        raise ConfigError(
+            f"{where}fit_generator: true needs generator_name_or_path to be a folder to "
+            f"write, not {cfg.generator_name_or_path!r}"
         )
     return cfg
 

@@ -257,3 +257,53 @@ def test_architecture_without_a_masked_lm_is_refused(tmp_path):
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(folder)
     with pytest.raises(DiffcseError, match="no masked-LM class for model type 'gpt2'"):
         load_encoder_as_mlm(str(folder))
+
+
+# ---------------------------------------------------------------- fit_generator: true
+
+
+def _train_config(tiny_bert: Path, corpus_file: Path, generator: str, **extra):
+    from diffcse_train.config import from_dict, validate
+
+    keys = {"model_name_or_path": str(tiny_bert), "train_file": str(corpus_file)}
+    keys |= {"output_dir": "unused", "generator_name_or_path": generator, "fit_generator": True}
+    return validate(from_dict(keys | extra))
+
+
+def test_training_config_fits_a_missing_generator_once(tiny_bert, corpus_file, tmp_path):
+    """The demo's one-command path: the first run fits and saves G, later runs reuse it."""
+    from diffcse_train.trainer import ensure_generator
+
+    out = tmp_path / "generator"
+    cfg = _train_config(tiny_bert, corpus_file, str(out))
+    ensure_generator(cfg)
+    report_file = out / "fit_report.json"
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    assert report["after"]["accuracy"] > report["unigram"]["accuracy"]
+    assert report["settings"]["max_length"] == cfg.max_seq_length
+    stamp = report_file.stat().st_mtime_ns
+    ensure_generator(cfg)
+    assert report_file.stat().st_mtime_ns == stamp  # reused, not fitted again
+
+
+def test_fit_generator_key_is_inert_without_a_generator_augmentation(tiny_bert, corpus_file):
+    from diffcse_train.trainer import ensure_generator
+
+    cfg = _train_config(tiny_bert, corpus_file, "never/written", augmentation="replace")
+    ensure_generator(cfg)
+    assert not Path("never/written").exists()
+
+
+def test_fit_generator_key_refuses_what_it_cannot_do(tiny_bert, corpus_file, tmp_path, monkeypatch):
+    from diffcse_train.config import ConfigError
+    from diffcse_train.trainer import ensure_generator
+
+    with pytest.raises(ConfigError, match="needs generator_name_or_path to be a folder"):
+        _train_config(tiny_bert, corpus_file, "builtin:all-MiniLM-L6-v2")
+    cfg = _train_config(tiny_bert, corpus_file, str(tmp_path / "g"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(DiffcseError, match="fit it once before starting torchrun"):
+        ensure_generator(cfg)
+    assert not (tmp_path / "g").exists()
