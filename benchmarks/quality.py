@@ -4,8 +4,9 @@ Three runs share the initial encoder (all-MiniLM-L6-v2), data (builtin:wiki_en),
 learning rate, batch size and step budget, and differ only in the objective:
 
   (a) simcse           lambda_weight 0 (no discriminator)
-  (b) diffcse-mlm      DiffCSE, masked tokens filled by a fitted masked-LM generator
-                       (--generator DIR from `diffcse-train fit-generator`; skipped without)
+  (b) diffcse-mlm      DiffCSE, masked tokens filled by a fitted masked-LM generator: the
+                       demo config's runs/generator-minilm (or --generator DIR), which the
+                       trainer fits first if it does not exist (fit_generator: true)
   (c) diffcse-replace  DiffCSE with the generator-free edit (random-token replacement)
 
 Each run is `diffcse-train --config configs/demo_cpu.yaml --set ...` with evaluation only
@@ -19,8 +20,7 @@ CPU uses the small config (batch 32, 40 steps by default: about 20 min on 2 idle
 with CUDA it uses a larger one (batch 64, 500 steps). Everything lands in
 benchmarks/.cache/quality/ (git-ignored).
 
-Run: .venv/bin/python benchmarks/quality.py [--generator runs/generator-minilm] [--steps N]
-     .venv/bin/python benchmarks/quality.py --fit-generator-steps 150   (fits G first)
+Run: .venv/bin/python benchmarks/quality.py [--generator DIR] [--steps N] [--seeds 42,43]
 """
 
 from __future__ import annotations
@@ -43,26 +43,12 @@ SETTINGS = {  # device -> (batch size, steps, learning rate)
 }
 
 
-def run_overrides(name: str, generator: Path | None) -> list[str]:
+def run_overrides(name: str, generator: Path) -> list[str]:
     if name == "simcse":
         return ["lambda_weight=0", "augmentation=none"]
     if name == "diffcse-mlm":
         return ["augmentation=mlm", f"generator_name_or_path={generator}", "lambda_weight=0.005"]
     return ["augmentation=replace", "lambda_weight=0.005"]
-
-
-def fit_generator(out: Path, steps: int) -> Path:
-    """`diffcse-train fit-generator` on the same encoder and corpus (MLM head, frozen body)."""
-    exe = Path(sys.executable).parent / "diffcse-train"
-    cmd = [str(exe), "fit-generator", "--encoder", "builtin:all-MiniLM-L6-v2"]
-    cmd += ["--corpus", "builtin:wiki_en", "--out", str(out), "--max-steps", str(steps)]
-    cmd += ["--overwrite", "--quiet"]
-    print("$", " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BenchSkip(f"fit-generator failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
-    print(proc.stdout.strip(), file=sys.stderr)
-    return out
 
 
 def train(name: str, overrides: list[str], out: Path) -> float:
@@ -110,9 +96,9 @@ def score(model_dir: Path, data: Path) -> dict:
     return out
 
 
-def fit_report(generator: Path | None) -> dict | None:
-    path = Path(generator) / "fit_report.json" if generator else None
-    return json.loads(path.read_text()) if path and path.is_file() else None
+def fit_report(generator: Path) -> dict | None:
+    path = generator / "fit_report.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def best_step(run_dir: Path) -> int | None:
@@ -120,95 +106,113 @@ def best_step(run_dir: Path) -> int | None:
     return json.loads(path.read_text()).get("best_step") if path.is_file() else None
 
 
+def one_run(name: str, seed: int, common: list[str], generator: Path, args, data: Path) -> dict:
+    """Train, export and score run `name` with `seed`; errors land in the row."""
+    row = {"run": name, "seed": seed, "steps": args.steps}
+    out = args.work / f"{name}-s{seed}"
+    try:
+        overrides = common + [f"seed={seed}"] + run_overrides(name, generator)
+        row["train_s"] = train(name, overrides, out)
+        row["best_step"] = best_step(out)
+        no_sts = args.work / "no-sts"  # export's STS parity is redundant: scored below
+        no_sts.mkdir(parents=True, exist_ok=True)
+        extra = ("--sts-data", str(no_sts))
+        export(out / "best", args.work / f"{name}-s{seed}-onnx", variants=("fp32",), extra=extra)
+        row |= score(args.work / f"{name}-s{seed}-onnx", data)
+        row |= rtd_trace(out / "metrics.jsonl")
+    except (RuntimeError, BenchSkip) as exc:
+        row["error"] = str(exc)
+    print(f"  {name} seed {seed}: {row}", file=sys.stderr, flush=True)
+    return row
+
+
+def mean_rows(rows: list[dict], names: list[str]) -> list[dict]:
+    """Per run: the mean (and spread) over seeds of each score's delta to the initial model."""
+    out = []
+    for name in names:
+        done = [r for r in rows if r["run"] == name and r.get("stsb_dev") is not None]
+        if not done:
+            continue
+        row = {"run": f"{name} (mean of {len(done)})"}
+        for key in ("stsb_dev", "sick_trial", "stsb_dev delta", "sick_trial delta"):
+            values = [r[key] for r in done if r.get(key) is not None]
+            if values:
+                row[key] = sum(values) / len(values)
+                row[f"{key} range"] = max(values) - min(values)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     p = benchlib.parser("quality", __doc__)
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--runs", default=",".join(RUNS))
-    p.add_argument("--generator", type=Path, default=None, help="fitted generator (for (b))")
     p.add_argument(
-        "--fit-generator-steps",
-        type=int,
-        default=0,
-        help="without a generator, fit one first with this many steps (0: skip run (b))",
+        "--generator",
+        type=Path,
+        default=ROOT / "runs" / "generator-minilm",
+        help="masked-LM generator for (b); fitted there first if it does not exist",
     )
     p.add_argument("--steps", type=int, default=None, help="step budget of every run")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default="42", help="comma-separated: every run once per seed")
     p.add_argument("--work", type=Path, default=CACHE_DIR / "quality")
     args = p.parse_args()
     data = benchlib.sts_data_dir(args.data)
     device = benchlib.devices(args.device)[-1]  # the larger config where CUDA exists
     bs, steps, lr = SETTINGS[device]
-    bs, steps = args.batch_size or bs, args.steps or steps
+    bs, args.steps = args.batch_size or bs, args.steps or steps
     lr = args.learning_rate or lr
-    generator = args.generator
-    for candidate in (ROOT / "runs" / "generator-minilm", args.work / "generator-minilm"):
-        if generator is None and (candidate / "config.json").is_file():
-            generator = candidate
-    fit_s = None
-    if generator is None and args.fit_generator_steps and "diffcse-mlm" in args.runs:
-        t0 = time.perf_counter()
-        generator = fit_generator(args.work / "generator-minilm", args.fit_generator_steps)
-        fit_s = time.perf_counter() - t0
+    names = args.runs.split(",")
+    bad = sorted(set(names) - set(RUNS))
+    if bad:
+        raise SystemExit(f"unknown run(s) {bad}; choose from {', '.join(RUNS)}")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    generator = args.generator.resolve()
+    fitted_here = not generator.exists() and "diffcse-mlm" in names
     info = benchlib.machine(threads=len(os.sched_getaffinity(0)), device=device)
     print(benchlib.describe(info))
     common = [
-        f"max_steps={steps}",
+        f"max_steps={args.steps}",
         f"batch_size={bs}",
         f"learning_rate={lr}",
-        f"seed={args.seed}",
-        f"eval_steps={steps}",  # scored once, at the end: no selection on STS-B dev
-        f"save_steps={steps}",
+        f"eval_steps={args.steps}",  # scored once, at the end: no selection on STS-B dev
+        f"save_steps={args.steps}",
         f"eval_data_dir={data}",
         f"device={device}",
         "precision=" + ("bf16" if device == "cuda" else "fp32"),
     ]
     rows = [{"run": "initial", "steps": 0, **score(minilm_variant("fp32"), data)}]
     print(f"  initial: {rows[0]}", file=sys.stderr, flush=True)
-    for name in args.runs.split(","):
-        if name not in RUNS:
-            raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS)}")
-        row = {"run": name, "steps": steps}
-        if name == "diffcse-mlm" and (generator is None or not Path(generator).is_dir()):
-            rows.append(
-                row | {"error": "not run: no fitted generator (diffcse-train fit-generator, "
-                "then --generator DIR)"}
-            )  # fmt: skip
-            continue
-        out = args.work / name
-        try:
-            row["train_s"] = train(name, common + run_overrides(name, generator), out)
-            row["best_step"] = best_step(out)
-            no_sts = args.work / "no-sts"  # export's STS parity is redundant: scored below
-            no_sts.mkdir(parents=True, exist_ok=True)
-            extra = ("--sts-data", str(no_sts))
-            export(out / "best", args.work / f"{name}-onnx", variants=("fp32",), extra=extra)
-            row |= score(args.work / f"{name}-onnx", data)
-            row |= rtd_trace(out / "metrics.jsonl")
-        except (RuntimeError, BenchSkip) as exc:
-            row["error"] = str(exc)
-        rows.append(row)
-        print(f"  {name}: {row}", file=sys.stderr, flush=True)
+    for seed in seeds:
+        rows += [one_run(name, seed, common, generator, args, data) for name in names]
     init = rows[0]
     for r in rows[1:]:
         for key in ("stsb_dev", "sick_trial"):
             if r.get(key) is not None and init.get(key) is not None:
                 r[f"{key} delta"] = r[key] - init[key]
+    means = mean_rows(rows[1:], names) if len(seeds) > 1 else []
     result = {
         "benchmark": "quality",
-        "config": {"base": "configs/demo_cpu.yaml", "overrides": common},
+        "config": {"base": "configs/demo_cpu.yaml", "overrides": common, "seeds": seeds},
         "generator": {
             "path": str(generator),
-            "fit_seconds": fit_s,
+            "fitted_during_this_run": fitted_here,
             "report": fit_report(generator),
         },
         "rows": rows,
+        "means": means,
         "machine": benchlib.finish_machine(info),
     }
-    cols = ["run", "steps", "best_step", "stsb_dev", "stsb_dev delta", "sick_trial"]
-    cols += ["sick_trial delta", "rtd_acc_first", "rtd_acc_last", "train_s"]
+    cols = ["run", "seed", "steps", "stsb_dev", "stsb_dev delta", "sick_trial"]
+    cols += ["sick_trial delta", "rtd_acc_first", "rtd_acc_last", "rtd_rep_acc_last"]
+    cols += ["replaced_frac_last", "train_s"]
     print(benchlib.table(rows, cols))
+    if means:
+        print()
+        keys = ["stsb_dev delta", "stsb_dev delta range", "sick_trial delta"]
+        print(benchlib.table(means, ["run", *keys, "sick_trial delta range"]))
     for r in rows:
         if r.get("error"):
             print(f"  {r['run']}: {r['error']}")
