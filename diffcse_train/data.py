@@ -34,8 +34,15 @@ class Corpus:
     source: str
 
 
-def load_corpus(spec: str, errors: str = "strict") -> Corpus:
-    """Read the train file (or `builtin:wiki_en`); empty and blank lines are skipped and counted."""
+def load_corpus(
+    spec: str,
+    errors: str = "strict",
+    label: str = "train_file",
+    replace_hint: str = "set encoding_errors=replace",
+) -> Corpus:
+    """Read a one-sentence-per-line file (or `builtin:wiki_en`); blank lines are skipped and
+    counted. `label` and `replace_hint` name the setting in the caller's terms (config key or
+    command-line option), so an error points at what the user typed."""
     if builtin.is_builtin(spec):
         return Corpus(builtin.corpus_sentences(spec), 0, spec)
     sentences, empty = [], 0
@@ -46,10 +53,10 @@ def load_corpus(spec: str, errors: str = "strict") -> Corpus:
             else:
                 empty += 1
     except DataFormatError as exc:
-        msg = str(exc).replace("use --errors replace", "set encoding_errors=replace")
-        raise DataFormatError(f"train_file {msg}") from None
+        msg = str(exc).replace("use --errors replace", replace_hint)
+        raise DataFormatError(f"{label} {msg}") from None
     if not sentences:
-        raise DataFormatError(f"train_file {spec}: no sentences (the file is empty)")
+        raise DataFormatError(f"{label} {spec}: no sentences (the file is empty)")
     return Corpus(sentences, empty, str(spec))
 
 
@@ -96,7 +103,8 @@ def replace_tokens(ids, attention_mask, special, ratio, candidates, gen):
     return out, labels
 
 
-def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+def pad_rows(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    """Right-pad 1-D rows of different lengths into one [rows, longest] tensor."""
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -112,9 +120,9 @@ def delete_tokens(ids, attention_mask, special, ratio, pad_id, gen):
     kept = attention_mask.bool() & ~selected
     rows = [ids[i][kept[i]] for i in range(len(ids))]
     labels = [prev_deleted[i][kept[i]].long() for i in range(len(ids))]
-    new_ids = _pad(rows, pad_id)
-    new_mask = _pad([torch.ones(len(r), dtype=torch.long) for r in rows], 0)
-    return new_ids, new_mask, _pad(labels, IGNORE)
+    new_ids = pad_rows(rows, pad_id)
+    new_mask = pad_rows([torch.ones(len(r), dtype=torch.long) for r in rows], 0)
+    return new_ids, new_mask, pad_rows(labels, IGNORE)
 
 
 def insert_masks(ids, attention_mask, ratio, mask_id, pad_id, gen, limit: int):
@@ -139,9 +147,9 @@ def insert_masks(ids, attention_mask, ratio, mask_id, pad_id, gen, limit: int):
             row, flag = row[: limit - 1] + row[-1:], flag[: limit - 1] + flag[-1:]
         rows.append(torch.tensor(row))
         flags.append(torch.tensor(flag))
-    new_ids = _pad(rows, pad_id)
-    new_mask = _pad([torch.ones(len(r), dtype=torch.long) for r in rows], 0)
-    inserted = _pad([f.long() for f in flags], 0).bool()
+    new_ids = pad_rows(rows, pad_id)
+    new_mask = pad_rows([torch.ones(len(r), dtype=torch.long) for r in rows], 0)
+    inserted = pad_rows([f.long() for f in flags], 0).bool()
     return new_ids, new_mask, inserted
 
 

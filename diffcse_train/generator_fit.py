@@ -5,7 +5,10 @@ sentence encoders (every sentence-transformers model) ship without one, so this 
 one: it loads the encoder as `AutoModelForMaskedLM` (its own architecture's MLM class), keeps
 every encoder weight frozen, and trains only the MLM head (dense + activation + LayerNorm +
 bias; the decoder stays tied to the frozen word embeddings) with standard 15% masking.
-Optionally the top k layers train too.
+Optionally the top k layers train too. DiffCSE takes G's argmax at every position, not only
+at the masked ones, so a generator that fails to hand back the unmasked tokens marks them
+"replaced" too; the head therefore also learns to reproduce a sample of unmasked tokens
+(`copy_ratio`), and the report gives that copy accuracy beside fill-mask accuracy.
 
 The frozen encoder's forward pass is nearly all of the cost, so each training sentence is
 encoded once (in no-grad mode) and the head learns from the cached hidden states at the
@@ -41,9 +44,9 @@ from torch import nn
 
 from diffcse_runtime.atomic import atomic_dir
 from diffcse_runtime.errors import DataFormatError, DiffcseError
-from diffcse_runtime.textio import ERROR_MODES, iter_lines
+from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train import builtin
-from diffcse_train.data import epoch_order, mask_tokens, special_mask
+from diffcse_train.data import epoch_order, load_corpus, mask_tokens, pad_rows, special_mask
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "fit_report.json"
@@ -54,7 +57,8 @@ class FitSettings:
     """Everything that shapes a fit; the CLI's defaults come from here."""
 
     max_sentences: int | None = 12_000  # training sentences encoded (the time budget); None = all
-    epochs: int = 1  # AdamW passes after the warm start
+    epochs: int = 4  # AdamW passes after the warm start (measured on MiniLM: 1 -> 4 raised
+    # copy accuracy 72% -> 81% and fill accuracy 8.3% -> 9.0%, for 3 more minutes on 2 cores)
     max_steps: int | None = None  # stop AdamW early; None = all epochs
     batch_size: int = 128
     max_length: int = 32
@@ -63,6 +67,9 @@ class FitSettings:
     encoder_lr: float = 1e-4  # the unfrozen top layers, if any
     unfreeze_top_k: int = 0
     mask_ratio: float = 0.15
+    # DiffCSE reads G's argmax at every position, so G must also hand back the tokens it was
+    # not asked to fill: this fraction of the unmasked tokens is trained to reproduce itself.
+    copy_ratio: float = 0.15
     eval_fraction: float = 0.02
     min_eval_sentences: int = 300
     min_accuracy_gain: float = 0.01  # absolute; the head must beat the unigram baseline by this
@@ -72,11 +79,13 @@ class FitSettings:
 
 @dataclass
 class MLMScore:
-    """Masked-token accuracy and perplexity over the held-out slice's masked positions."""
+    """Masked-token accuracy and perplexity over the held-out slice's masked positions, and
+    how often the argmax at the unmasked positions is the input token (`copy_accuracy`)."""
 
     accuracy: float
     perplexity: float
     tokens: int
+    copy_accuracy: float | None = None
 
 
 @dataclass
@@ -112,8 +121,11 @@ class FitReport:
         rows = [("unigram baseline", self.unigram), ("before", self.before)]
         rows += [("least-squares start", self.warm_start)] if self.warm_start else []
         rows += [("after", self.after)]
-        lines = [f"{'held-out masked tokens':<24}{'accuracy':>10}{'perplexity':>12}"]
-        lines += [f"{name:<24}{s.accuracy:>10.2%}{s.perplexity:>12.1f}" for name, s in rows]
+        lines = [f"{'held-out tokens':<24}{'masked: accuracy':>17}{'perplexity':>12}{'copy':>8}"]
+        for name, r in rows:
+            copy = f"{r.copy_accuracy:>8.1%}" if r.copy_accuracy is not None else f"{'-':>8}"
+            lines.append(f"{name:<24}{r.accuracy:>17.2%}{r.perplexity:>12.1f}{copy}")
+        lines.append("(copy: the argmax at unmasked tokens is the input token)")
         return "\n".join(lines)
 
 
@@ -223,13 +235,10 @@ def top_layers(base: nn.Module, k: int) -> list[nn.Module]:
 
 
 def read_corpus(spec: str, errors: str = "strict") -> list[str]:
-    """One sentence per line (empty lines skipped), or a built-in corpus (`builtin:wiki_en`)."""
-    if builtin.is_builtin(spec):
-        return builtin.corpus_sentences(spec)
-    sentences = [line for _, line in iter_lines(spec, errors=errors) if line.strip()]
-    if not sentences:
-        raise DataFormatError(f"{spec}: no sentences (the file is empty)")
-    return sentences
+    """One sentence per line (blank lines skipped), or a built-in corpus (`builtin:wiki_en`)."""
+    return load_corpus(
+        spec, errors, label="--corpus", replace_hint="use --errors replace"
+    ).sentences
 
 
 def split_corpus(sentences: list[str], s: FitSettings) -> tuple[list[str], list[str]]:
@@ -247,13 +256,8 @@ def split_corpus(sentences: list[str], s: FitSettings) -> tuple[list[str], list[
 
 def collate(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id rows into (input_ids, attention_mask)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        attention[i, : len(row)] = 1
-    return ids, attention
+    ids = pad_rows([torch.tensor(r, dtype=torch.long) for r in rows], pad_id)
+    return ids, pad_rows([torch.ones(len(r), dtype=torch.long) for r in rows], 0)
 
 
 def unigram_log_probs(
@@ -301,6 +305,10 @@ class Masking:
             masked = ids.masked_fill(selected, self.mask_id)
         return masked, attention, selected, ids[selected]
 
+    def unmasked(self, ids, attention, selected) -> torch.Tensor:
+        """Real, non-special tokens that masking left alone: G should return them unchanged."""
+        return attention.bool() & ~selected & ~special_mask(ids, self.special_ids)
+
 
 # ---------------------------------------------------------------- fitting
 
@@ -314,14 +322,18 @@ def masked_logits(mlm, head, ids, attention, selected) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(mlm, head, eval_batches) -> MLMScore:
-    correct, nll, total = 0, 0.0, 0
+def score(mlm, head, eval_batches, masking: Masking) -> MLMScore:
+    correct, nll, total, copied, kept = 0, 0.0, 0, 0, 0
     for ids, attention, selected, labels in eval_batches:
-        logits = masked_logits(mlm, head, ids, attention, selected).float()
+        hidden = mlm.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
+        logits = head(hidden[selected]).float()
         correct += int((logits.argmax(-1) == labels).sum())
         nll += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         total += len(labels)
-    return MLMScore(correct / total, math.exp(nll / total), total)
+        unmasked = masking.unmasked(ids, attention, selected)
+        copied += int((head(hidden[unmasked]).argmax(-1) == ids[unmasked]).sum())
+        kept += int(unmasked.sum())
+    return MLMScore(correct / total, math.exp(nll / total), total, copied / max(kept, 1))
 
 
 def unigram_score(log_probs: torch.Tensor, eval_batches) -> MLMScore:
@@ -351,7 +363,9 @@ def encode(mlm, rows, masking: Masking, s: FitSettings, gen, epoch: int) -> Iter
         batch = [rows[i] for i in order[start : start + s.batch_size]]
         ids, attention, selected, labels = masking.mask(batch, s.mask_ratio, gen, all_to_mask=False)
         hidden = mlm.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
-        yield hidden[selected], labels
+        unmasked = masking.unmasked(ids, attention, selected)
+        copy = unmasked & (torch.rand(ids.shape, generator=gen) < s.copy_ratio)
+        yield torch.cat([hidden[selected], hidden[copy]]), torch.cat([labels, ids[copy]])
 
 
 def collect(mlm, rows, masking: Masking, s: FitSettings, gen, progress: bool) -> list[Batch]:
@@ -566,7 +580,10 @@ def fit_generator(
     ]
     mlm.eval()
     check_head_is_the_model(mlm, head, eval_batches[0])
-    unigram, before = unigram_score(log_probs, eval_batches), score(mlm, head, eval_batches)
+    unigram, before = (
+        unigram_score(log_probs, eval_batches),
+        score(mlm, head, eval_batches, masking),
+    )
 
     gen = torch.Generator().manual_seed(s.seed)
     cache = collect(mlm, rows, masking, s, gen, progress)
@@ -574,7 +591,7 @@ def fit_generator(
     parts = head_parts(head, embeddings.shape[1])
     if fresh and s.warm_start and parts is not None:
         least_squares_start(head, parts, cache, embeddings.detach(), log_probs)
-        warm = score(mlm, head, eval_batches)
+        warm = score(mlm, head, eval_batches, masking)
         log.info("least-squares start: accuracy %.2f%%", 100 * warm.accuracy)
     elif fresh and s.warm_start:
         log.info("%s head is not dense -> LayerNorm -> decoder: no warm start", head_name)
@@ -582,7 +599,7 @@ def fit_generator(
     trainable = sum(p.numel() for p in mlm.parameters() if p.requires_grad)
     mlm.eval()
     mlm.requires_grad_(False)
-    after = score(mlm, head, eval_batches)
+    after = score(mlm, head, eval_batches, masking)
     report = FitReport(
         encoder=str(encoder),
         corpus=str(corpus),
@@ -661,6 +678,14 @@ _D = FitSettings()
     default=_D.encoder_lr,
     show_default=True,
     help="Learning rate of the unfrozen layers.",
+)
+@click.option(
+    "--copy-ratio",
+    type=click.FloatRange(min=0, max=1),
+    default=_D.copy_ratio,
+    show_default=True,
+    help="Fraction of unmasked tokens also trained to reproduce themselves (DiffCSE reads "
+    "the generator's argmax at every position).",
 )
 @click.option(
     "--min-accuracy-gain",
