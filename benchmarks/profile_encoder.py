@@ -71,6 +71,14 @@ class IOBoundSession:
         return getattr(self.session, name)
 
 
+def runtime_fusions_off(model: Path) -> list[str]:
+    """The graph fusions diffcse_runtime.Encoder turns off on CPU for this model's variant."""
+    from diffcse_runtime.encoder import CPU_DISABLED_FUSIONS
+    from diffcse_runtime.model_dir import load_metadata
+
+    return CPU_DISABLED_FUSIONS.get(load_metadata(model, verify_hash=False).variant, [])
+
+
 def session(
     model: Path,
     threads: int,
@@ -78,7 +86,10 @@ def session(
     spin: bool = True,
     arena: bool = True,
     mem_pattern: bool = True,
+    fusions_off: list[str] | None = None,
 ):
+    """A session like the Encoder's (same disabled fusions unless `fusions_off` is given)."""
+    off = runtime_fusions_off(model) if fusions_off is None else fusions_off
     opts = ort.SessionOptions()
     opts.graph_optimization_level = LEVELS[level]
     opts.intra_op_num_threads = threads
@@ -86,7 +97,9 @@ def session(
     opts.enable_mem_pattern = mem_pattern
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(model / "model.onnx"), opts, providers=["CPUExecutionProvider"], disabled_optimizers=off
+    )
 
 
 # ---------------------------------------------------------------- part 1: breakdown
@@ -167,6 +180,11 @@ def option_variants(model: Path, threads: int) -> dict[str, object]:
         "no mem pattern": session(model, threads, mem_pattern=False),
         "io binding": IOBoundSession(session(model, threads)),
     }
+    sln = ["SkipLayerNormFusion"]
+    if runtime_fusions_off(model) == sln:  # int8: what the runtime's choice is worth
+        out["SkipLayerNorm fusion on"] = session(model, threads, fusions_off=[])
+    else:
+        out["SkipLayerNorm fusion off"] = session(model, threads, fusions_off=sln)
     if cores > 1:
         other = 1 if threads > 1 else cores
         out[f"intra_op={other}"] = session(model, other)
