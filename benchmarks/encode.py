@@ -163,8 +163,13 @@ def quality(live: list[Contender], data: Path, tmp: Path) -> dict[str, dict]:
     return out
 
 
-def measure(live, sets, batch_sizes, repeats, n_texts) -> dict:
-    """Round-robin timing; returns {(set, bs): {contender: [seconds, ...]}}."""
+def measure(live, sets, batch_sizes, repeats, n_texts, pause: float = 0.0) -> dict:
+    """Round-robin timing; returns {(set, bs): {contender: [seconds, ...]}}.
+
+    `pause` seconds pass before each timed request: onnxruntime's (and OpenMP's) idle
+    threads keep spinning for a while after a run, and without the pause the contender
+    timed next shares the cores with the one that just finished.
+    """
     times = {(s, b): {c.name: [] for c in live} for s in sets for b in batch_sizes}
     for s in sets:  # warm-up: one batch of every size, untimed
         for b in batch_sizes:
@@ -175,6 +180,7 @@ def measure(live, sets, batch_sizes, repeats, n_texts) -> dict:
             for b in batch_sizes:
                 order = live[rep % len(live) :] + live[: rep % len(live)]
                 for c in order:
+                    time.sleep(pause)
                     reply = c.ask(op="time", set=f"{s}@{b}", batch_size=b)
                     times[(s, b)][c.name].append(reply["seconds"])
         print(f"  round {rep + 1}/{repeats} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
@@ -223,6 +229,13 @@ def main() -> None:
         help="BS:N pairs: each timed pass encodes the first N texts of the set at batch size BS",
     )
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    p.add_argument(
+        "--pause",
+        type=float,
+        default=0.5,
+        help="seconds before each timed request, so the last contender's spinning threads "
+        "have stopped (0 reproduces the interleaving without pauses)",
+    )
     p.add_argument("--st-venv", default=str(ST_VENV))
     for v in ("fp32", "optimized", "int8"):
         p.add_argument(f"--{v}-dir", default=None, help=f"model dir for ours-{v} (else exported)")
@@ -294,7 +307,7 @@ def main() -> None:
                         result["workers"][c.name] = c.info
                     if threads == thread_list[-1] and device == "cpu":
                         result["quality"] = quality(started, data, tmp)
-                    times = measure(started, sets, batch_sizes, args.repeats, n_texts)
+                    times = measure(started, sets, batch_sizes, args.repeats, n_texts, args.pause)
                     result["rows"] += summarize(times, n_texts, n_tokens, device, threads)
                 finally:
                     for c in started:
