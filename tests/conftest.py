@@ -15,6 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 STS_DATA = ROOT.parent / "shared" / "data" / "sts"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests, restored after."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def sts_data() -> Path:
     """The real SentEval-layout data beside the project; tests skip without it."""

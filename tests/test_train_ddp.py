@@ -42,11 +42,8 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Same thread count as the subprocesses (bitwise equality), no OpenMP spin on 2 cores."""
 
 
 @pytest.fixture(scope="module")
@@ -124,16 +121,7 @@ def test_gradient_accumulation_is_refused_with_the_reason(tmp_path):
 @pytest.fixture(scope="module")
 def sts_dir(tmp_path_factory) -> Path:
     """A small STS-B dev set in the SentEval layout (gold = shared words of the pair)."""
-    root = tmp_path_factory.mktemp("ddp_sts")
-    (root / "STSBenchmark").mkdir()
-    sents = tiny.corpus(80, seed=9)
-    rows = []
-    for i in range(0, 80, 2):
-        a, b = sents[i], sents[i + 1]
-        gold = len(set(a.split()) & set(b.split()))
-        rows.append(f"main-captions\tMSRvid\t2012test\t{i:04d}\t{gold:.1f}\t{a}\t{b}")
-    (root / "STSBenchmark" / "sts-dev.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return root
+    return tiny.write_overlap_stsb(tmp_path_factory.mktemp("ddp_sts"), 80)
 
 
 def cli_config(tiny_bert, corpus_file, sts_dir, out: Path) -> TrainConfig:

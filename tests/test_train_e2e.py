@@ -25,12 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Same thread count as the subprocess (bitwise equality), and no OpenMP spin on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Same thread count as the subprocesses (bitwise equality), no OpenMP spin on 2 cores."""
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +41,7 @@ def corpus_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sts_dir(tmp_path_factory) -> Path:
     """A small STS-B dev set in the SentEval layout; gold = shared words between the pair."""
-    root = tmp_path_factory.mktemp("sts")
-    (root / "STSBenchmark").mkdir()
-    sents = tiny.corpus(200, seed=9)
-    rows = []
-    for i in range(0, 200, 2):
-        a, b = sents[i], sents[i + 1]
-        gold = len(set(a.split()) & set(b.split()))
-        rows.append(f"main-captions\tMSRvid\t2012test\t{i:04d}\t{gold:.1f}\t{a}\t{b}")
-    (root / "STSBenchmark" / "sts-dev.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return root
+    return tiny.write_overlap_stsb(tmp_path_factory.mktemp("sts"), 200)
 
 
 def make_cfg(tiny_bert, corpus_file, out: Path, **kw) -> TrainConfig:

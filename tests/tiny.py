@@ -67,6 +67,20 @@ def corpus(n: int | None = None, seed: int = 0) -> list[str]:
     return sents[:n] if n else sents
 
 
+def write_overlap_stsb(root: Path, n_sentences: int, seed: int = 9) -> Path:
+    """A small STS-B dev set in the SentEval layout under `root`: consecutive corpus
+    sentences paired, gold = the number of words the pair shares."""
+    (root / "STSBenchmark").mkdir(parents=True)
+    sents = corpus(n_sentences, seed=seed)
+    rows = []
+    for i in range(0, n_sentences, 2):
+        a, b = sents[i], sents[i + 1]
+        gold = len(set(a.split()) & set(b.split()))
+        rows.append(f"main-captions\tMSRvid\t2012test\t{i:04d}\t{gold:.1f}\t{a}\t{b}")
+    (root / "STSBenchmark" / "sts-dev.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root
+
+
 @functools.cache
 def make_tokenizer(vocab_size: int = 200, style: str = "bert"):
     """A WordPiece (bert) or byte-level BPE (roberta) tokenizer trained on `corpus()`.
