@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffcse_export import graph, validate, variants
-from diffcse_export.cls_layer import CLS_PRUNED, prunable
+from diffcse_export.cls_layer import CLS_PRUNED
 from diffcse_export.errors import ExportError, ValidationError, first_line
 from diffcse_export.validate import Thresholds, VariantReport
 
@@ -99,6 +99,7 @@ class _Reference:
     sts: dict | None  # PyTorch STS-B dev score, None when skipped
     skip_note: str | None
     export_seconds: float
+    graph_notes: list[str] = field(default_factory=list)  # facts of the export, every variant
 
 
 def export_model(
@@ -126,6 +127,7 @@ def export_model(
         export_seconds = time.perf_counter() - start
         ref = _reference(ckpt, reference, staged["fp32"], max_len, opts.sts_data)
         ref.export_seconds = export_seconds
+        ref.graph_notes = [CLS_PRUNED] if to_export.prune_last else []
         reports = [_variant(name, ckpt, staged, ref, opts, max_len) for name in names]
         failures = [f for r in reports for f in r.failures]
         if failures:
@@ -179,8 +181,7 @@ def _variant(
         report.sts = validate.semantic_parity(folder, ref.sts, opts.sts_data)
     if name == "fp16" and provider == "CPUExecutionProvider":
         report.notes.append(validate.FP16_ON_CPU)
-    if prunable(ckpt.encoder):
-        report.notes.append(CLS_PRUNED)
+    report.notes += ref.graph_notes
     report.failures = validate.gate(report)
     meta.validation = {**report.to_json(), **_provenance(ref.export_seconds)}
     write_metadata(folder, meta)
