@@ -4,7 +4,8 @@ A model directory is a plain folder:
 
     model.onnx      inputs input_ids, attention_mask (int64, [batch, seq]) and, only where
                     the architecture needs it, token_type_ids; one output
-                    `sentence_embedding` [batch, dim] (the [CLS] state, or the folded projector)
+                    `sentence_embedding` [batch, dim] (the pooled vector: [CLS] or masked mean,
+                    recorded as `pooling`; or the folded projector)
     tokenizer.json  a Hugging Face `tokenizers` file
     diffcse.json    the metadata below
 
@@ -25,13 +26,13 @@ from typing import Any
 
 from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.errors import ModelDirError
+from diffcse_runtime.pooling import POOLINGS
 
 FORMAT_VERSION = 1
 METADATA_FILE = "diffcse.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 OUTPUT_NAME = "sentence_embedding"
-POOLINGS = ("cls",)
 
 
 @dataclass
@@ -44,7 +45,8 @@ class ModelMeta:
     input_names: list[str]
     opset: int
     projector_folded: bool = False
-    pooling: str = "cls"
+    pooling: str = "cls"  # "cls" or "mean" (masked mean over real tokens), inside the graph
+    normalized: bool = False  # the graph L2-normalises its output (a Normalize module)
     variant: str = "fp32"
     source: str = ""
     onnx_sha256: str = ""

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.pooling import POOLINGS
 
 AUGMENTATIONS = ("mlm", "replace", "insert", "delete", "none")
 GENERATOR_AUGMENTATIONS = ("mlm", "insert")
 PROJECTORS = ("batchnorm", "tanh", "none")
+POOLING_CHOICES = ("auto", *POOLINGS)
 CONDITIONS = ("projector", "encoder")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,6 +70,10 @@ class TrainConfig:
     temperature: float = 0.05
     augmentation: str = "mlm"  # mlm | replace | insert | delete | none
     projector: str = "batchnorm"  # batchnorm | tanh | none
+    # the sentence vector f gives: cls (the paper) | mean (masked mean over real tokens) |
+    # auto (the source model's own, from its sentence-transformers files; else cls). It is
+    # what the projector, the loss, D's condition, the dev score, export and the runtime use.
+    pooling: str = "cls"
     condition_on: str = "projector"  # D is conditioned on the projector output or raw [CLS]
     gather_negatives: bool = True  # under torchrun: every rank's sentences are negatives
     # --- optimisation
@@ -159,6 +165,7 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
             raise ConfigError(f"{where}key {key!r} is required")
     _check_choice(cfg, "augmentation", AUGMENTATIONS, where)
     _check_choice(cfg, "projector", PROJECTORS, where)
+    _check_choice(cfg, "pooling", POOLING_CHOICES, where)
     _check_choice(cfg, "condition_on", CONDITIONS, where)
     _check_choice(cfg, "precision", PRECISIONS, where)
     _check_choice(cfg, "device", DEVICES, where)
