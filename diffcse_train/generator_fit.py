@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import torch
@@ -47,6 +48,9 @@ from diffcse_runtime.errors import DataFormatError, DiffcseError
 from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train import builtin
 from diffcse_train.data import epoch_order, load_corpus, mask_tokens, pad_rows, special_mask
+
+if TYPE_CHECKING:
+    from diffcse_train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "fit_report.json"
@@ -628,6 +632,40 @@ def fit_generator(
     if out is not None:
         save_generator(mlm, tokenizer, Path(out), report, overwrite, eval_batches[0])
     return report
+
+
+# ---------------------------------------------------------------- the training config's key
+
+
+def ensure_generator(cfg: TrainConfig) -> None:
+    """With `fit_generator: true`, fit the generator the config names if it does not exist.
+
+    This is what lets one command run the paper's MLM-replacement path on an encoder that
+    has no released masked LM (the offline demo): the fitted folder is reused by later runs
+    and by --resume. Under torchrun the processes cannot share one fit: fit it first.
+    """
+    if not (cfg.fit_generator and cfg.needs_generator):
+        return
+    out = Path(cfg.generator_name_or_path)
+    if out.exists():
+        log.info("fit_generator: using the generator already in %s", out)
+        return
+    from diffcse_train import distributed
+
+    if distributed.launch_env().world_size > 1:
+        raise DiffcseError(
+            f"fit_generator: {out} does not exist yet; fit it once before starting torchrun: "
+            f"diffcse-train fit-generator --encoder {cfg.model_name_or_path} "
+            f"--corpus {cfg.train_file} --out {out}"
+        )
+    log.info(
+        "fit_generator: %s does not exist; fitting an MLM head on %s first",
+        out,
+        cfg.model_name_or_path,
+    )
+    settings = FitSettings(errors=cfg.encoding_errors, max_length=cfg.max_seq_length)
+    report = fit_generator(cfg.model_name_or_path, cfg.train_file, out, settings)
+    log.info("%s\nsaved the generator to %s (%.0f s)", report.table(), out, report.seconds)
 
 
 # ---------------------------------------------------------------- command line

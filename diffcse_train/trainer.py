@@ -36,6 +36,7 @@ from diffcse_train import checkpoint, distributed
 from diffcse_train.checkpoint import TrainState
 from diffcse_train.config import TrainConfig, resume_mismatch
 from diffcse_train.data import Collator, epoch_order, load_corpus
+from diffcse_train.generator_fit import ensure_generator
 from diffcse_train.model import DiffCSE, build_model, count_parameters
 
 log = logging.getLogger("diffcse_train")
@@ -530,34 +531,3 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Tr
         raise
     distributed.teardown(clean=True)
     return summary
-
-
-def ensure_generator(cfg: TrainConfig) -> None:
-    """With `fit_generator: true`, fit the generator the config names if it does not exist.
-
-    This is what lets one command run the paper's MLM-replacement path on an encoder that
-    has no released masked LM (the offline demo): the fitted folder is reused by later runs
-    and by --resume. Under torchrun the processes cannot share one fit: fit it first.
-    """
-    if not (cfg.fit_generator and cfg.needs_generator):
-        return
-    out = Path(cfg.generator_name_or_path)
-    if out.exists():
-        log.info("fit_generator: using the generator already in %s", out)
-        return
-    if distributed.launch_env().world_size > 1:
-        raise DiffcseError(
-            f"fit_generator: {out} does not exist yet; fit it once before starting torchrun: "
-            f"diffcse-train fit-generator --encoder {cfg.model_name_or_path} "
-            f"--corpus {cfg.train_file} --out {out}"
-        )
-    from diffcse_train.generator_fit import FitSettings, fit_generator
-
-    log.info(
-        "fit_generator: %s does not exist; fitting an MLM head on %s first",
-        out,
-        cfg.model_name_or_path,
-    )
-    settings = FitSettings(errors=cfg.encoding_errors, max_length=cfg.max_seq_length)
-    report = fit_generator(cfg.model_name_or_path, cfg.train_file, out, settings)
-    log.info("%s\nsaved the generator to %s (%.0f s)", report.table(), out, report.seconds)

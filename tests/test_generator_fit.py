@@ -273,7 +273,7 @@ def _train_config(tiny_bert: Path, corpus_file: Path, generator: str, **extra):
 
 def test_training_config_fits_a_missing_generator_once(tiny_bert, corpus_file, tmp_path):
     """The demo's one-command path: the first run fits and saves G, later runs reuse it."""
-    from diffcse_train.trainer import ensure_generator
+    from diffcse_train.generator_fit import ensure_generator
 
     out = tmp_path / "generator"
     cfg = _train_config(tiny_bert, corpus_file, str(out))
@@ -288,7 +288,7 @@ def test_training_config_fits_a_missing_generator_once(tiny_bert, corpus_file, t
 
 
 def test_fit_generator_key_is_inert_without_a_generator_augmentation(tiny_bert, corpus_file):
-    from diffcse_train.trainer import ensure_generator
+    from diffcse_train.generator_fit import ensure_generator
 
     cfg = _train_config(tiny_bert, corpus_file, "never/written", augmentation="replace")
     ensure_generator(cfg)
@@ -297,7 +297,7 @@ def test_fit_generator_key_is_inert_without_a_generator_augmentation(tiny_bert, 
 
 def test_fit_generator_key_refuses_what_it_cannot_do(tiny_bert, corpus_file, tmp_path, monkeypatch):
     from diffcse_train.config import ConfigError
-    from diffcse_train.trainer import ensure_generator
+    from diffcse_train.generator_fit import ensure_generator
 
     with pytest.raises(ConfigError, match="needs generator_name_or_path to be a folder"):
         _train_config(tiny_bert, corpus_file, "builtin:all-MiniLM-L6-v2")
