@@ -15,7 +15,7 @@ renamed into place, so a crash never leaves a half-written checkpoint):
         config.json            \
         model.safetensors       | encoder f as a plain Hugging Face folder (save_pretrained):
         tokenizer.json          | AutoModel / AutoTokenizer.from_pretrained(best) load it.
-        tokenizer_config.json  /  Sentence vector = last_hidden_state[:, 0] (before projector)
+        tokenizer_config.json  /  Sentence vector = pooled last_hidden_state (before projector)
         projector.safetensors  projector weights (absent when projector is "none"), keys:
                                  batchnorm: linear1.weight            (2d, d)  no bias
                                             bn1.weight, bn1.bias      (2d,)
@@ -27,7 +27,8 @@ renamed into place, so a crash never leaves a half-written checkpoint):
                                  tanh:      linear1.weight (d, d), linear1.bias (d,)
         diffcse_head.json      {"format": "diffcse-head", "version": 1,
                                 "projector": "batchnorm" | "tanh" | "none",
-                                "hidden_size": d, "pooling": "cls",
+                                "hidden_size": d, "pooling": "cls" | "mean",
+                                "normalize": bool (the source ended in Normalize),
                                 "batchnorm_eps": 1e-05 (batchnorm only)}
         train_config.yaml      the run's config
         metrics.json           {"step", "epoch", "stsb_dev", "initial_stsb_dev"}
@@ -90,7 +91,8 @@ def save_best(folder: Path, model, tokenizer, cfg: TrainConfig, metrics: dict) -
             "version": 1,
             "projector": cfg.projector,
             "hidden_size": int(model.encoder.config.hidden_size),
-            "pooling": "cls",
+            "pooling": model.pooling,
+            "normalize": bool(model.normalize),
         }
         if cfg.projector != "none":
             save_file(_tensors(model.projector.state_dict()), str(tmp / PROJECTOR_FILE))

@@ -28,6 +28,7 @@ AUGMENTATIONS = ("mlm", "replace", "insert", "delete", "none")
 GENERATOR_AUGMENTATIONS = ("mlm", "insert")
 PROJECTORS = ("batchnorm", "tanh", "none")
 POOLING_CHOICES = ("auto", *POOLINGS)
+PROJECTOR_INITS = ("normal", "pytorch")
 CONDITIONS = ("projector", "encoder")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -73,8 +74,12 @@ class TrainConfig:
     # the sentence vector f gives: cls (the paper) | mean (masked mean over real tokens) |
     # auto (the source model's own, from its sentence-transformers files; else cls). It is
     # what the projector, the loss, D's condition, the dev score, export and the runtime use.
-    pooling: str = "cls"
-    condition_on: str = "projector"  # D is conditioned on the projector output or raw [CLS]
+    pooling: str = "auto"
+    condition_on: str = "projector"  # D is conditioned on the projector output or the pooled f
+    projector_init: str = "normal"  # normal: N(0, initializer_range) as the official code; pytorch
+    # the official code's details (each measured in benchmarks/README.md, "Quality"):
+    generator_train_mode: bool = True  # G's dropout on while training (still frozen, no grad)
+    rtd_loss_over_padding: bool = True  # RTD loss averages over padding too, as label "kept"
     gather_negatives: bool = True  # under torchrun: every rank's sentences are negatives
     # --- optimisation
     batch_size: int = 64  # per process: under torchrun the global batch is batch_size x WORLD_SIZE
@@ -90,6 +95,7 @@ class TrainConfig:
     # --- evaluation and checkpoints
     eval_data_dir: str | None = None  # SentEval-layout STS data; STS-B dev picks the best step
     eval_steps: int = 125
+    eval_fp32: bool = True  # score STS-B dev in fp32 even when training under autocast
     save_steps: int = 125  # how often the resumable `last` checkpoint is written
     output_dir: str = ""  # required
     # --- testing aid
@@ -166,6 +172,7 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
     _check_choice(cfg, "augmentation", AUGMENTATIONS, where)
     _check_choice(cfg, "projector", PROJECTORS, where)
     _check_choice(cfg, "pooling", POOLING_CHOICES, where)
+    _check_choice(cfg, "projector_init", PROJECTOR_INITS, where)
     _check_choice(cfg, "condition_on", CONDITIONS, where)
     _check_choice(cfg, "precision", PRECISIONS, where)
     _check_choice(cfg, "device", DEVICES, where)

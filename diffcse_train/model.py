@@ -1,12 +1,20 @@
 """The DiffCSE model in one file: encoder f, projector, frozen generator G, conditional
 discriminator D, and the two losses.
 
-    sentence x --f (dropout view 1)--> [CLS] --projector--> h1 \
-               --f (dropout view 2)--> [CLS] --projector--> h2  }-- contrastive loss (InfoNCE)
+    sentence x --f (dropout view 1)--> pool --projector--> h1 \
+               --f (dropout view 2)--> pool --projector--> h2  }-- contrastive loss (InfoNCE)
     x --edit (mask + G fills / replace / insert / delete)--> x'' --D, position 0 := h--> RTD loss
     loss = L_contrast + lambda_weight * L_RTD
 
-At test time only f is kept and the sentence vector is f's [CLS] state before the projector.
+At test time only f is kept and the sentence vector is f's pooled state before the
+projector. `pool` is [CLS] (the paper) or the masked mean over real tokens (what
+sentence-transformers models such as all-MiniLM-L6-v2 were trained with); the pooling is
+a property of the model (diffcse_runtime.pooling) and export puts the same one in the graph.
+
+Three details follow the official code by default, each a config switch: G runs in train
+mode (dropout on) under no_grad, so its argmax edits vary; the RTD loss averages over every
+position, padding included as "kept"; the projector's Linear weights start from
+N(0, initializer_range), as `init_weights()` leaves them in the official model.
 
 D is a second full encoder (not a fork of transformers): a forward hook on D's embeddings
 module overwrites position 0 of its output with h, i.e. after the embedding LayerNorm
@@ -25,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.pooling import read_source_pooling, resolve_pooling
 from diffcse_train import builtin, distributed
 from diffcse_train.config import TrainConfig
 from diffcse_train.data import IGNORE
@@ -78,6 +87,20 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """The sentence vector: [CLS] state, or the mean over real tokens (padding masked out).
+
+    The mean matches sentence-transformers' Pooling(mean): sum of masked states over the
+    token count clamped at 1e-9, so a model keeps the vector it was trained with.
+    """
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"unknown pooling {pooling!r}")
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
 def contrastive_loss(
     z1: torch.Tensor, z2: torch.Tensor, temperature: float, first_label: int = 0
 ) -> torch.Tensor:
@@ -91,15 +114,21 @@ def contrastive_loss(
     return F.cross_entropy(sim / temperature, labels)
 
 
-def rtd_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Replaced-token detection: 2-way cross-entropy over real tokens, plus accuracies.
+def rtd_loss(
+    logits: torch.Tensor, labels: torch.Tensor, over_padding: bool = True
+) -> tuple[torch.Tensor, dict]:
+    """Replaced-token detection: 2-way cross-entropy, plus accuracies over real tokens.
 
-    The official code averages over padding too (as label 0); we skip padding, which only
-    changes the normalisation. Accuracies follow the official code: overall, on replaced
-    tokens (recall of "replaced") and on kept tokens.
+    `over_padding` (the official code) averages over all n x len positions, padding counted
+    as label 0 ("kept"); without it only real tokens count, which raises the effective
+    lambda by the padding fraction (~1.2x at length 32). Accuracies follow the official
+    code: overall, on replaced tokens (recall of "replaced") and on kept tokens, real tokens only.
     """
     valid = labels != IGNORE
-    loss = F.cross_entropy(_upcast(logits[valid]), labels[valid])
+    if over_padding:
+        loss = F.cross_entropy(_upcast(logits).flatten(0, 1), labels.clamp(min=0).flatten())
+    else:
+        loss = F.cross_entropy(_upcast(logits[valid]), labels[valid])
     with torch.no_grad():
         pred = logits.argmax(-1)
         rep, fix = valid & (labels == 1), valid & (labels == 0)
@@ -164,6 +193,10 @@ class DiffCSE(nn.Module):
         discriminator: ConditionalDiscriminator | None = None,
         generator: nn.Module | None = None,
         condition_on: str = "projector",
+        pooling: str = "cls",
+        normalize: bool = False,
+        generator_train_mode: bool = True,
+        rtd_over_padding: bool = True,
     ):
         super().__init__()
         self.encoder = encoder
@@ -173,15 +206,18 @@ class DiffCSE(nn.Module):
         self.temperature = temperature
         self.lambda_weight = lambda_weight
         self.condition_on = condition_on
+        self.pooling = pooling  # "cls" | "mean": the sentence vector, in training and after
+        self.normalize = normalize  # the source ends in a Normalize module (kept on export)
+        self.generator_train_mode = generator_train_mode
+        self.rtd_over_padding = rtd_over_padding
         self.gather_negatives = False  # set by the trainer under DDP (config gather_negatives)
         if generator is not None:
             generator.requires_grad_(False)
-            generator.eval()
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.generator is not None:
-            self.generator.eval()  # G is frozen: no dropout, ever
+        if self.generator is not None:  # frozen either way; dropout on only if asked
+            self.generator.train(mode and self.generator_train_mode)
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -189,10 +225,11 @@ class DiffCSE(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("generator.")}
 
     def sentence_views(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode each sentence twice in one pass (dropout differs); return ([CLS], h), 2B rows."""
+        """Encode each sentence twice in one pass (dropout differs); return (pooled, h), 2B rows."""
         ids2, mask2 = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
-        cls = self.encoder(input_ids=ids2, attention_mask=mask2).last_hidden_state[:, 0]
-        return cls, self.projector(cls)
+        hidden = self.encoder(input_ids=ids2, attention_mask=mask2).last_hidden_state
+        pooled = pool(hidden, mask2, self.pooling)
+        return pooled, self.projector(pooled)
 
     @torch.no_grad()
     def edited_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,7 +248,7 @@ class DiffCSE(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         n = batch["input_ids"].size(0)
-        cls, h = self.sentence_views(batch["input_ids"], batch["attention_mask"])
+        pooled, h = self.sentence_views(batch["input_ids"], batch["attention_mask"])
         if self.gather_negatives:  # negatives from every rank's batch (distributed.py)
             z2, first = distributed.gather_rows(h[n:])
             loss_contrast = contrastive_loss(h[:n], z2, self.temperature, first_label=first)
@@ -221,11 +258,12 @@ class DiffCSE(nn.Module):
         loss = loss_contrast
         if self.discriminator is not None and self.lambda_weight > 0:
             ids, mask, labels = self.edited_inputs(batch)
-            condition = h if self.condition_on == "projector" else cls
+            condition = h if self.condition_on == "projector" else pooled
             logits = self.discriminator(ids, mask, condition)
-            loss_rtd, stats = rtd_loss(logits, labels)
-            # under DDP: this rank's share of the mean over the global batch's tokens
-            share = distributed.token_share(labels != IGNORE)
+            loss_rtd, stats = rtd_loss(logits, labels, self.rtd_over_padding)
+            # under DDP: this rank's share of the mean over the global batch's positions
+            counted = torch.ones_like(labels, dtype=torch.bool)
+            share = distributed.token_share(counted if self.rtd_over_padding else labels != IGNORE)
             loss = loss + self.lambda_weight * loss_rtd * share
             out.update(loss_rtd=loss_rtd.detach(), **stats)
         out["loss"] = loss
@@ -329,6 +367,37 @@ def verify_pretrained_weights(model: nn.Module, info: dict, spec: str) -> int:
     return compared
 
 
+def model_pooling(cfg: TrainConfig) -> tuple[str, bool]:
+    """(pooling, normalize) for f: `auto` takes the source's own; a switch is said out loud.
+
+    A source whose sentence-transformers files declare a pooling keeps it under `auto`; an
+    explicit `cls`/`mean` that differs from it is honoured (the user asked) with a warning,
+    because the model's vector then changes meaning.
+    """
+    folder = builtin.model_path(cfg.model_name_or_path)
+    source = read_source_pooling(folder) if folder.is_dir() else None
+    pooling = resolve_pooling(cfg.pooling, folder) if folder.is_dir() else cfg.pooling
+    if pooling == "auto":  # a hub id we cannot read files of: the paper's protocol
+        pooling = "cls"
+    if source is not None and cfg.pooling != "auto" and pooling != source.pooling:
+        log.warning(
+            "pooling %s was requested, but %s declares %s pooling: training a %s-pooled model "
+            "from it (set pooling: auto to keep the source's own)",
+            pooling, source.declared_in, source.pooling, pooling,
+        )  # fmt: skip
+    normalize = bool(source and source.normalize and pooling == source.pooling)
+    return pooling, normalize
+
+
+def init_projector(projector: nn.Module, std: float) -> None:
+    """N(0, std) Linear weights and zero biases, as the official model's init_weights() gives."""
+    for module in projector.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 def build_model(cfg: TrainConfig):
     """Load f, the projector, and (when lambda_weight > 0) D and G; returns (model, tokenizer)."""
     tokenizer = load_tokenizer(cfg.model_name_or_path)
@@ -336,7 +405,11 @@ def build_model(cfg: TrainConfig):
     _warn_missing(info, "model_name_or_path", cfg.model_name_or_path)
     _freeze_pooler(encoder)
     dim = encoder.config.hidden_size
+    pooling, normalize = model_pooling(cfg)
+    log.info("pooling: %s (config %s)", pooling, cfg.pooling)
     projector = build_projector(cfg.projector, dim)
+    if cfg.projector_init == "normal":
+        init_projector(projector, float(getattr(encoder.config, "initializer_range", 0.02)))
 
     discriminator = generator = None
     if cfg.uses_discriminator:
@@ -369,6 +442,10 @@ def build_model(cfg: TrainConfig):
         discriminator=discriminator,
         generator=generator,
         condition_on=cfg.condition_on,
+        pooling=pooling,
+        normalize=normalize,
+        generator_train_mode=cfg.generator_train_mode,
+        rtd_over_padding=cfg.rtd_loss_over_padding,
     )
     return model, tokenizer
 

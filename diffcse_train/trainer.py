@@ -37,7 +37,7 @@ from diffcse_train.checkpoint import TrainState
 from diffcse_train.config import TrainConfig, resume_mismatch
 from diffcse_train.data import Collator, epoch_order, load_corpus
 from diffcse_train.generator_fit import ensure_generator
-from diffcse_train.model import DiffCSE, build_model, count_parameters
+from diffcse_train.model import DiffCSE, build_model, count_parameters, pool
 
 log = logging.getLogger("diffcse_train")
 EVAL_TASK = "STSBenchmark"
@@ -107,10 +107,13 @@ def make_encode_fn(
     model: DiffCSE,
     tokenizer,
     device: torch.device,
-    dtype: torch.dtype | None,
+    dtype: torch.dtype | None = None,
     batch_size: int = 128,
 ) -> Callable[[list[str]], np.ndarray]:
-    """encode(sentences) -> f's [CLS] vectors before the projector, eval mode, no grad."""
+    """encode(sentences) -> f's pooled vectors before the projector, eval mode, no grad.
+
+    `dtype` None scores in fp32, as the official trainer does even when it trains in fp16.
+    """
     positions = getattr(model.encoder.config, "max_position_embeddings", 512)
     max_length = min(512, tokenizer.model_max_length, positions - 2)
 
@@ -130,11 +133,11 @@ def make_encode_fn(
                         max_length=max_length,
                         return_tensors="pt",
                     )
+                    mask = enc["attention_mask"].to(device)
                     hidden = model.encoder(
-                        input_ids=enc["input_ids"].to(device),
-                        attention_mask=enc["attention_mask"].to(device),
+                        input_ids=enc["input_ids"].to(device), attention_mask=mask
                     ).last_hidden_state
-                    out[chunk] = hidden[:, 0].float().cpu().numpy()
+                    out[chunk] = pool(hidden, mask, model.pooling).float().cpu().numpy()
         finally:
             model.train(was_training)
         return out
@@ -205,7 +208,8 @@ class Trainer:
         use_scaler = self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.state = TrainState(total_steps=self.total_steps, world_size=world)
-        self.encode = make_encode_fn(self.model, self.tokenizer, self.device, self.dtype)
+        eval_dtype = None if cfg.eval_fp32 else self.dtype
+        self.encode = make_encode_fn(self.model, self.tokenizer, self.device, eval_dtype)
         self.eval_dir = self._find_eval_data()
         self._last_dev: float | None = None  # shown in the progress bar
         if not resume:  # only now that the new run could be set up, replace the old one
