@@ -42,7 +42,16 @@ def parse_limits(values: tuple[str, ...], option: str, opts: ExportOptions) -> N
 @click.option(
     "--with-projector",
     is_flag=True,
-    help="Output the training projector (BatchNorms folded) instead of the [CLS] state.",
+    help="Output the training projector (BatchNorms folded) instead of the pooled vector.",
+)
+@click.option(
+    "--pooling",
+    type=click.Choice(["auto", "cls", "mean"]),
+    default="auto",
+    show_default=True,
+    help="Sentence vector in the graph. auto: the checkpoint's own (diffcse_head.json, or "
+    "sentence-transformers' modules.json; [CLS] for a plain Hugging Face folder). Another "
+    "value switches pooling on purpose, and the table says so.",
 )
 @click.option(
     "--optimize", is_flag=True, help="Also write OUT-optimized/ (fused attention, LayerNorm, GELU)."
@@ -84,6 +93,7 @@ def main(
     checkpoint: Path,
     output: Path,
     with_projector: bool,
+    pooling: str,
     optimize: bool,
     quantize: str | None,
     fp16: bool,
@@ -107,6 +117,7 @@ def main(
     _quiet_libraries()
     opts = ExportOptions(
         with_projector=with_projector,
+        pooling=pooling,
         optimize=optimize,
         quantize=quantize,
         fp16=fp16,

@@ -1,9 +1,16 @@
 """Load a checkpoint and export its sentence embedding as an ONNX graph, and nothing else.
 
-The exported module is encoder -> last_hidden_state[:, 0] -> head, where the head is
-the identity (the [CLS] state before the projector, what the paper evaluates) or, with
-`--with-projector`, the training-time projector with its BatchNorms folded away. Pooling
-lives inside the graph, so no caller can pool differently from PyTorch.
+The exported module is encoder -> pool -> head (-> L2 normalisation), where pool is the
+model's own pooling ([CLS] state, the paper's protocol, or the masked mean over real
+tokens, what sentence-transformers models were trained with) and the head is the identity
+(the vector before the projector, what the paper evaluates) or, with `--with-projector`,
+the training-time projector with its BatchNorms folded away. Pooling lives inside the
+graph, so no caller can pool differently from PyTorch.
+
+The pooling is read, never guessed: a diffcse-train checkpoint records it in
+diffcse_head.json, a sentence-transformers folder in modules.json + 1_Pooling (with an
+optional Normalize, which goes into the graph too), and a plain Hugging Face folder has
+[CLS]. Asking for another pooling than the source's is allowed, and the table says so.
 
 Export goes through torch.export (`dynamo=True`) with symbolic batch and sequence axes.
 The legacy TorchScript exporter (`dynamo=False`) is not used: with SDPA attention it
@@ -29,7 +36,9 @@ from diffcse_export.errors import ExportError, first_line
 from diffcse_export.fold import PROJECTORS, build_projector, fold_projector
 from torch import nn
 
+from diffcse_runtime.errors import ModelDirError
 from diffcse_runtime.model_dir import OUTPUT_NAME
+from diffcse_runtime.pooling import POOLINGS, read_source_pooling
 
 OPSET = 18
 INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -58,6 +67,20 @@ class Checkpoint:
     tokenizer: Any  # a transformers fast tokenizer (it has a `backend_tokenizer`)
     projector: str  # one of PROJECTORS
     head: nn.Sequential | None  # eval-mode projector with BatchNorms, None for "none"
+    pooling: str = "cls"  # the pooling the graph will use ("cls" or "mean")
+    normalize: bool = False  # the source ends in a Normalize module: the graph does too
+    native_pooling: str = "cls"  # what the source declares (or cls for a plain HF folder)
+    declared_in: str = ""  # the file that declares it; "" for a plain HF folder
+
+    @property
+    def pooling_switched(self) -> str | None:
+        """A note when the graph pools differently from what the source declares."""
+        if self.pooling == self.native_pooling:
+            return None
+        where = self.declared_in or f"{self.path} (a plain Hugging Face folder: [CLS])"
+        return (
+            f"pooling {self.pooling} requested; the source declares {self.native_pooling} ({where})"
+        )
 
     @property
     def hidden_size(self) -> int:
@@ -99,8 +122,37 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load encoder, tokenizer and projector, each failure as one ExportError sentence."""
+def native_pooling(folder: Path, head: dict[str, Any] | None) -> tuple[str, bool, str]:
+    """(pooling, normalize, declaring file) of a checkpoint; refuse contradicting files."""
+    try:
+        source = read_source_pooling(folder)
+    except ModelDirError as exc:
+        raise ExportError(str(exc)) from None
+    if head is not None and "pooling" in head:
+        pooling = head["pooling"]
+        if pooling not in POOLINGS:
+            raise ExportError(
+                f"{folder / HEAD_FILE}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}"
+            )
+        if source is not None and source.pooling != pooling:
+            raise ExportError(
+                f"{folder}: {HEAD_FILE} says pooling {pooling} but {source.declared_in} says "
+                f"{source.pooling}; the checkpoint contradicts itself, so it is not exported"
+            )
+        return pooling, bool(head.get("normalize", False)), str(folder / HEAD_FILE)
+    if source is not None:
+        return source.pooling, source.normalize, source.declared_in
+    return "cls", False, ""
+
+
+def load_checkpoint(path: str | Path, pooling: str = "auto") -> Checkpoint:
+    """Load encoder, tokenizer and projector, each failure as one ExportError sentence.
+
+    `pooling` "auto" keeps the source's own; "cls"/"mean" is an explicit request, which
+    may differ from the source's (the report then says so).
+    """
+    if pooling not in ("auto", *POOLINGS):
+        raise ExportError(f"--pooling {pooling!r}: expected auto, cls or mean")
     from transformers import AutoModel, AutoTokenizer
 
     folder = resolve_checkpoint(path)
@@ -130,8 +182,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"{vocab}; they do not belong together"
         )
     dim = int(encoder.config.hidden_size)
-    kind, head = _load_head(folder, dim)
-    return Checkpoint(folder, encoder, tokenizer, kind, head)
+    head_json = _read_head_json(folder)
+    kind, head = _load_head(folder, dim, head_json)
+    native, normalize, declared_in = native_pooling(folder, head_json)
+    chosen = native if pooling == "auto" else pooling
+    return Checkpoint(
+        folder, encoder, tokenizer, kind, head,
+        pooling=chosen, normalize=normalize and chosen == native,
+        native_pooling=native, declared_in=declared_in,
+    )  # fmt: skip
 
 
 def _read_head_json(folder: Path) -> dict[str, Any] | None:
@@ -147,12 +206,13 @@ def _read_head_json(folder: Path) -> dict[str, Any] | None:
     return head
 
 
-def _load_head(folder: Path, dim: int) -> tuple[str, nn.Sequential | None]:
+def _load_head(
+    folder: Path, dim: int, head: dict[str, Any] | None
+) -> tuple[str, nn.Sequential | None]:
     """Read diffcse_head.json + projector.safetensors; infer the kind from keys if no JSON."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    head = _read_head_json(folder)
     weights = folder / PROJECTOR_FILE
     state = None
     if weights.is_file():
@@ -166,11 +226,6 @@ def _load_head(folder: Path, dim: int) -> tuple[str, nn.Sequential | None]:
             raise ExportError(
                 f"{folder / HEAD_FILE}: key 'projector' is {kind!r}, expected one of "
                 f"{', '.join(PROJECTORS)}"
-            )
-        if head.get("pooling", "cls") != "cls":
-            raise ExportError(
-                f"{folder / HEAD_FILE}: pooling {head['pooling']!r} is not supported; the "
-                "model directory format holds [CLS] pooling only"
             )
         if head.get("hidden_size", dim) != dim:
             raise ExportError(
@@ -202,41 +257,65 @@ HEAD_SCOPE = "head"  # SentenceEmbedding's attribute holding the projector
 
 
 class SentenceEmbedding(nn.Module):
-    """encoder -> [CLS] hidden state -> head: the whole graph export writes.
+    """encoder -> pooled hidden state -> head (-> L2 norm): the whole graph export writes.
 
-    With `prune_last`, the last layer runs for the [CLS] row only (see cls_layer.py).
+    With `prune_last` ([CLS] pooling only), the last layer runs for the [CLS] row only
+    (see cls_layer.py). Mean pooling is sentence-transformers' Pooling(mean): masked sum
+    over the token count clamped at 1e-9.
     """
 
     def __init__(
-        self, encoder: nn.Module, head: nn.Module | None = None, prune_last: bool = False
+        self,
+        encoder: nn.Module,
+        head: nn.Module | None = None,
+        prune_last: bool = False,
+        pooling: str = "cls",
+        normalize: bool = False,
     ) -> None:
         super().__init__()
+        if prune_last and pooling != "cls":
+            raise ValueError("the last layer can be pruned for [CLS] pooling only")
         self.encoder = ClsStates(encoder) if prune_last else encoder
         self.prune_last = prune_last
+        self.pooling = pooling
+        self.normalize = normalize
         self.head = head if head is not None else nn.Identity()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.prune_last:
-            return self.head(self.encoder(input_ids, attention_mask))
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return self.head(hidden[:, 0])
+            pooled = self.encoder(input_ids, attention_mask)
+        else:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+            pooled = self._pool(hidden, attention_mask)
+        out = self.head(pooled)
+        if self.normalize:
+            out = out / out.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        return out
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 def embedding_modules(ckpt: Checkpoint, with_projector: bool) -> tuple[nn.Module, nn.Module]:
     """(reference, to_export): the same function; the second with the last layer pruned to
-    [CLS] where the encoder allows it, and its BatchNorms folded."""
-    prune = prunable(ckpt.encoder)
+    [CLS] where the encoder and pooling allow it, and its BatchNorms folded."""
+    prune = ckpt.pooling == "cls" and prunable(ckpt.encoder)
+    pool = {"pooling": ckpt.pooling}
     if not with_projector:
-        reference = SentenceEmbedding(ckpt.encoder).eval()
-        return reference, SentenceEmbedding(ckpt.encoder, prune_last=prune).eval()
+        pool["normalize"] = ckpt.normalize
+        reference = SentenceEmbedding(ckpt.encoder, **pool).eval()
+        return reference, SentenceEmbedding(ckpt.encoder, prune_last=prune, **pool).eval()
     if ckpt.head is None:
         raise ExportError(
             f"{ckpt.path}: --with-projector needs {PROJECTOR_FILE}, but this checkpoint has no "
             "projector; export without --with-projector"
         )
-    reference = SentenceEmbedding(ckpt.encoder, ckpt.head).eval()
+    reference = SentenceEmbedding(ckpt.encoder, ckpt.head, **pool).eval()
     folded = fold_projector(ckpt.head)
-    return reference, SentenceEmbedding(ckpt.encoder, folded, prune_last=prune).eval()
+    return reference, SentenceEmbedding(ckpt.encoder, folded, prune_last=prune, **pool).eval()
 
 
 def resolve_max_seq_length(ckpt: Checkpoint, requested: int | None) -> int:

@@ -38,6 +38,7 @@ class ExportOptions:
     """What `diffcse-export` can be asked for; the CLI flags map one to one."""
 
     with_projector: bool = False
+    pooling: str = "auto"  # auto = the source's own; cls/mean = explicit (noted if it differs)
     optimize: bool = False
     quantize: str | None = None  # "int8" or None
     fp16: bool = False
@@ -110,7 +111,7 @@ def export_model(
     names = opts.variants()
     targets = target_dirs(output, names)
     _check_targets(targets, opts.overwrite, Path(checkpoint))
-    ckpt = graph.load_checkpoint(checkpoint)
+    ckpt = graph.load_checkpoint(checkpoint, opts.pooling)
     max_len = graph.resolve_max_seq_length(ckpt, opts.max_seq_length)
     reference, to_export = graph.embedding_modules(ckpt, opts.with_projector)
     with contextlib.ExitStack() as stack:
@@ -128,6 +129,8 @@ def export_model(
         ref = _reference(ckpt, reference, staged["fp32"], max_len, opts.sts_data)
         ref.export_seconds = export_seconds
         ref.graph_notes = [CLS_PRUNED] if to_export.prune_last else []
+        if ckpt.pooling_switched:
+            ref.graph_notes.append(ckpt.pooling_switched)
         reports = [_variant(name, ckpt, staged, ref, opts, max_len) for name in names]
         failures = [f for r in reports for f in r.failures]
         if failures:
@@ -214,6 +217,8 @@ def _meta(ckpt: graph.Checkpoint, opts: ExportOptions, max_len: int, variant: st
         input_names=list(graph.INPUT_NAMES),
         opset=graph.OPSET,
         projector_folded=opts.with_projector,
+        pooling=ckpt.pooling,
+        normalized=ckpt.normalize and not opts.with_projector,
         variant=variant,
         source=str(ckpt.path.resolve()),
     )
