@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -21,26 +21,11 @@ from tqdm.auto import tqdm
 
 from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.encoder import Encoder
-from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.errors import DiffcseError, friendly_errors
 from diffcse_runtime.textio import ERROR_MODES, iter_lines
 
 CHUNK_LINES = 8192  # texts held in memory at once while embedding a file
 PROGRESS_LINES = 5000  # files with more lines get a progress bar
-
-
-def friendly_errors(fn: Callable) -> Callable:
-    """Turn DiffcseError and file-system errors into one line on stderr and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DiffcseError as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}") from None
-
-    return wrapper
 
 
 def _setup_logging(verbose: bool) -> None:

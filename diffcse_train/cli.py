@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.errors import DiffcseError, friendly_errors
 
 FIT_GENERATOR = "fit-generator"
 
@@ -60,6 +60,7 @@ def setup_logging(quiet: bool = False) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in output_dir from last/.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in output_dir.")
 @click.option("--quiet", is_flag=True, help="Only warnings and errors.")
+@friendly_errors(interrupted="interrupted; continue later with --resume (from the last checkpoint)")
 def train_cmd(config_path, overrides, resume, overwrite, quiet):
     """Train a DiffCSE sentence encoder; the best model lands in OUTPUT_DIR/best."""
     setup_logging(quiet)
@@ -76,11 +77,8 @@ def train_cmd(config_path, overrides, resume, overwrite, quiet):
         from diffcse_train.trainer import train
 
         train(cfg, resume=resume, overwrite=overwrite)
-    except DiffcseError as exc:
+    except DiffcseError as exc:  # (friendly_errors also handles Ctrl-C and SIGTERM)
         raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted; continue later with --resume (from the last checkpoint)", err=True)
-        sys.exit(130)
 
 
 def _fit_generator(args: list[str]) -> None:

@@ -15,7 +15,7 @@ from diffcse_export.pipeline import ExportOptions, export_model, target_dirs
 from diffcse_export.validate import format_table
 from diffcse_export.variants import VARIANTS
 
-from diffcse_runtime.cli import friendly_errors
+from diffcse_runtime.errors import friendly_errors
 
 DEFAULT_STS_DATA = "../shared/data/sts"
 
