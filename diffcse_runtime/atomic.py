@@ -1,13 +1,29 @@
-"""Atomic writes: a crash never leaves a half-written artifact under its final name."""
+"""Atomic writes: a crash never leaves a half-written artifact under its final name.
+
+Every temporary entry is named `.NAME.PID.XXXX.tmp` beside its target. The PID says which
+process owns it, so the next write of the same target removes leftovers whose process is
+gone (a SIGKILL or a power cut skips every `finally`), and never touches a live writer's.
+
+Publishing never swaps out something that appeared meanwhile: a new file or folder is
+renamed into place with a rename that fails when the target exists (Linux renameat2
+RENAME_NOREPLACE, or a hard link for files elsewhere), and `overwrite` replaces only what
+was there, and only what `marker` says our own tool wrote.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from diffcse_runtime.errors import DiffcseError
 
 
 def _read_umask() -> int:
@@ -17,52 +33,257 @@ def _read_umask() -> int:
 
 
 # Read once at import: swapping the process umask later could race with other threads.
-# mkstemp/mkdtemp create 0600/0700 entries; published ones get the modes a plain
-# open()/mkdir() would have given, so other users and services can read a model folder.
+# mkstemp/mkdtemp create 0600/0700 entries, and so does safetensors; published ones get the
+# modes a plain open()/mkdir() would have given, so other users and services can read them.
 _UMASK = _read_umask()
 FILE_MODE = 0o666 & ~_UMASK
 DIR_MODE = 0o777 & ~_UMASK
 
+OLD_SUFFIX = ".old.tmp"  # a previous version moved aside for a moment while publishing
+_ACTIVE: set[Path] = set()  # targets this process is staging now (nested blocks are refused)
+_ACTIVE_LOCK = threading.Lock()
+
+
+class NotOursError(DiffcseError):
+    """`overwrite` was asked for a path that our tools did not write."""
+
+
+# ---------------------------------------------------------------- temporary names
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale(path: str | Path) -> list[Path]:
+    """Remove `.NAME.PID.*.tmp` leftovers beside `path` whose process no longer runs."""
+    path = Path(path)
+    parent = path.parent
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^/]*\.tmp$")
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in sorted(entries):
+        match = pattern.match(entry.name)
+        if not match or _pid_alive(int(match.group(1))):
+            continue
+        if entry.name.endswith(OLD_SUFFIX) and not os.path.lexists(path):
+            # killed between moving the previous version aside and publishing: restore it
+            with contextlib.suppress(OSError):
+                rename_noreplace(entry, path)
+                removed.append(entry)
+                continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
+
+
+def _check_parent(path: Path) -> None:
+    """Name the user's path, not the hidden temporary one, when its folder is unusable."""
+    parent = path.parent
+    if not parent.exists():
+        raise DiffcseError(f"{path}: cannot write it, the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise DiffcseError(f"{path}: cannot write it, {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DiffcseError(f"{path}: cannot write it, no permission to write in {parent}")
+
+
+# ---------------------------------------------------------------- no-replace rename
+
+
+def _renameat2_noreplace():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2_noreplace()
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`; raise FileExistsError if `dst` exists, never replacing it."""
+    if _RENAMEAT2 is not None:
+        rc = _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, "already exists", str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # fs without the flag
+            raise OSError(err, os.strerror(err), str(dst))
+    if src.is_dir():
+        # rename(2) refuses a non-empty folder or a file as target, but would replace an
+        # empty folder: check first (a small window remains on such systems).
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "already exists", str(dst))
+        os.rename(src, dst)
+    else:
+        os.link(src, dst)  # fails with EEXIST, atomically
+        os.unlink(src)
+
+
+# ---------------------------------------------------------------- atomic file
+
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "wb") -> Iterator:
-    """Open a temporary file beside `path`; rename it over `path` only if the block succeeds."""
+def atomic_file(path: str | Path, mode: str = "wb", overwrite: bool = True) -> Iterator:
+    """Open a temporary file beside `path`; move it to `path` only if the block succeeds.
+
+    Without `overwrite`, a `path` that exists at the end (even one created meanwhile) is
+    left alone and FileExistsError is raised.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    _check_parent(path)
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "already exists", str(path))
+    remove_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            rename_noreplace(Path(tmp), path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
+# ---------------------------------------------------------------- atomic folder
+
+
+def is_ours(path: Path, marker: str) -> bool:
+    """A folder holding `marker` (written by our tool), or an empty folder."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return (path / marker).is_file() or not any(path.iterdir())
+
+
+def check_replaceable(path: Path, overwrite: bool, marker: str | None, what: str) -> None:
+    """Refuse an existing `path` without `overwrite`, and one that is not ours with it."""
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise FileExistsError(errno.EEXIST, "already exists", str(path))
+    if marker is not None and not is_ours(path, marker):
+        raise NotOursError(
+            f"{path}: exists and is not {what} (no {marker}); refusing to replace it "
+            "even with --overwrite"
+        )
+
+
+def _fix_modes(root: Path) -> None:
+    """Give staged entries the modes plain open()/mkdir() would (safetensors writes 0600)."""
+    os.chmod(root, DIR_MODE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), DIR_MODE)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                os.chmod(full, FILE_MODE | (os.stat(full).st_mode & 0o111 & ~_UMASK))
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def _claim(path: Path) -> Iterator[None]:
+    with _ACTIVE_LOCK:
+        if path in _ACTIVE:
+            raise RuntimeError(f"{path}: already being written by an enclosing atomic_dir block")
+        _ACTIVE.add(path)
+    try:
+        yield
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    path: str | Path,
+    overwrite: bool = False,
+    marker: str | None = None,
+    what: str = "a folder written by diffcse",
+) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; move it to `path` only if the block succeeds.
 
-    With `overwrite`, an existing `path` is replaced only after the new folder is complete.
+    Without `overwrite`, an existing `path` raises FileExistsError, also one that appears
+    while the block runs. With it, the existing `path` is replaced only after the new folder
+    is complete, and, when `marker` is given, only if it holds that file (or is empty): an
+    index or model folder our tool wrote, never a user's folder.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    path = Path(os.path.abspath(path))
+    _check_parent_or_create(path)
+    with _claim(path):
+        check_replaceable(path, overwrite, marker, what)
+        remove_stale(path)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+            _fix_modes(tmp)
+            _publish(tmp, path, overwrite, marker, what)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _check_parent_or_create(path: Path) -> None:
     try:
-        yield tmp
-        os.chmod(tmp, DIR_MODE)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DiffcseError(f"{path}: cannot write it, {path.parent} is not a folder") from None
+    _check_parent(path)
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool, marker: str | None, what: str) -> None:
+    """Rename `tmp` to `path`; what is at `path` now is re-checked, never swapped blindly."""
+    if not os.path.lexists(path):
+        try:
+            rename_noreplace(tmp, path)
+            return
+        except FileExistsError:
+            if not overwrite:
+                raise FileExistsError(
+                    errno.EEXIST, "appeared while it was being written; left as it is", str(path)
+                ) from None
+    check_replaceable(path, overwrite, marker, what)
+    old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=OLD_SUFFIX, dir=path.parent))
+    os.rmdir(old)
+    os.rename(path, old)  # `old` is our fresh unique name: nothing to replace there
+    try:
+        rename_noreplace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            rename_noreplace(old, path)  # put the previous version back
         raise
+    shutil.rmtree(old, ignore_errors=True)
