@@ -16,6 +16,11 @@ renamed into place, so a crash never leaves a half-written checkpoint):
         model.safetensors       | encoder f as a plain Hugging Face folder (save_pretrained):
         tokenizer.json          | AutoModel / AutoTokenizer.from_pretrained(best) load it.
         tokenizer_config.json  /  Sentence vector = pooled last_hidden_state (before projector)
+        modules.json, 1_Pooling/config.json, sentence_bert_config.json,
+        config_sentence_transformers.json (+ 2_Normalize/ when the source ended in Normalize):
+                               also a sentence-transformers folder with the trained pooling,
+                               so SentenceTransformer(best) returns the same vector
+                               (written by diffcse_train/st_files.py)
         projector.safetensors  projector weights (absent when projector is "none"), keys:
                                  batchnorm: linear1.weight            (2d, d)  no bias
                                             bn1.weight, bn1.bias      (2d,)
@@ -57,6 +62,7 @@ from safetensors.torch import load_file, save_file
 from diffcse_runtime.atomic import atomic_dir
 from diffcse_runtime.errors import DiffcseError
 from diffcse_train.config import TrainConfig
+from diffcse_train.st_files import write_sentence_transformers_files
 
 HEAD_FILE = "diffcse_head.json"
 PROJECTOR_FILE = "projector.safetensors"
@@ -86,6 +92,7 @@ def save_best(folder: Path, model, tokenizer, cfg: TrainConfig, metrics: dict) -
     with atomic_dir(folder, overwrite=True) as tmp:
         model.encoder.save_pretrained(tmp)  # safetensors by default
         tokenizer.save_pretrained(tmp)
+        write_sentence_transformers_files(tmp, model, tokenizer, cfg.model_name_or_path)
         head = {
             "format": "diffcse-head",
             "version": 1,
