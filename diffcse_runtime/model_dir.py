@@ -10,8 +10,9 @@ A model directory is a plain folder:
     diffcse.json    the metadata below
 
 Export writes it with `write_metadata`; the runtime reads it with `load_metadata`, which
-refuses a folder that is missing a file, comes from a newer format, or whose model.onnx
-does not match the recorded SHA-256. README.md ("The model directory") documents the same
+refuses a folder that is missing a file, comes from a newer format, has a field of the
+wrong type or range, or whose files do not match the SHA-256s recorded in `files` (every
+file of the folder at export; folders from before `files` record model.onnx only). README.md ("The model directory") documents the same
 fields for users.
 """
 
@@ -50,6 +51,7 @@ class ModelMeta:
     variant: str = "fp32"
     source: str = ""
     onnx_sha256: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # every file it depends on: SHA-256
     validation: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -66,17 +68,43 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _depended_files(model_dir: Path) -> list[str]:
+    """Every visible regular file of the folder but the metadata itself."""
+    return sorted(
+        p.name
+        for p in model_dir.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name != METADATA_FILE
+    )
+
+
 def write_metadata(model_dir: str | Path, meta: ModelMeta) -> ModelMeta:
-    """Hash model.onnx, record the hash in `meta` and write diffcse.json atomically."""
+    """Hash every file of the folder, record the hashes in `meta`, write diffcse.json atomically."""
     model_dir = Path(model_dir)
     for name in (MODEL_FILE, TOKENIZER_FILE):
         if not (model_dir / name).is_file():
             raise ModelDirError(f"{model_dir}: cannot write metadata, {name} is missing")
-    meta.onnx_sha256 = sha256_file(model_dir / MODEL_FILE)
+    meta.files = {name: sha256_file(model_dir / name) for name in _depended_files(model_dir)}
+    meta.onnx_sha256 = meta.files[MODEL_FILE]
     with atomic_file(model_dir / METADATA_FILE, "w") as fh:
         json.dump(meta.to_json(), fh, indent=2, sort_keys=True)
         fh.write("\n")
     return meta
+
+
+def verify_files(model_dir: Path, meta: ModelMeta) -> None:
+    """Every recorded file must be there with its SHA-256 (old folders: model.onnx only)."""
+    recorded = meta.files or {MODEL_FILE: meta.onnx_sha256}
+    for name, expected in recorded.items():
+        path = model_dir / name
+        if not path.is_file():
+            raise ModelDirError(f"{path}: missing, but {METADATA_FILE} records it")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelDirError(
+                f"{path}: SHA-256 {actual[:12]}... does not match {expected[:12]}... recorded "
+                f"in {METADATA_FILE}; the file was changed or truncated after export "
+                "(export the model again)"
+            )
 
 
 def load_metadata(model_dir: str | Path, verify_hash: bool = True) -> ModelMeta:
@@ -101,13 +129,7 @@ def load_metadata(model_dir: str | Path, verify_hash: bool = True) -> ModelMeta:
         raise ModelDirError(f"{meta_path}: expected a JSON object")
     meta = _meta_from_json(raw, meta_path)
     if verify_hash:
-        actual = sha256_file(model_dir / MODEL_FILE)
-        if actual != meta.onnx_sha256:
-            raise ModelDirError(
-                f"{model_dir / MODEL_FILE}: SHA-256 {actual[:12]}... does not match "
-                f"{meta.onnx_sha256[:12]}... recorded in {METADATA_FILE}; the file was changed "
-                "or truncated after export"
-            )
+        verify_files(model_dir, meta)
     return meta
 
 
@@ -129,9 +151,74 @@ def _meta_from_json(raw: dict[str, Any], meta_path: Path) -> ModelMeta:
     absent = sorted(required - raw.keys())
     if absent:
         raise ModelDirError(f"{meta_path}: missing key(s) {', '.join(absent)}")
-    meta = ModelMeta(**{k: v for k, v in raw.items() if k in known})
-    if meta.pooling not in POOLINGS:
-        raise ModelDirError(f"{meta_path}: pooling {meta.pooling!r} is not one of {POOLINGS}")
-    if "input_ids" not in meta.input_names or "attention_mask" not in meta.input_names:
-        raise ModelDirError(f"{meta_path}: input_names must include input_ids and attention_mask")
-    return meta
+    values = {k: v for k, v in raw.items() if k in known}
+    for key, value in values.items():
+        problem = _field_problem(key, value)
+        if problem:
+            raise ModelDirError(f"{meta_path}: key '{key}' {problem} (got {value!r:.60})")
+    if "onnx_sha256" not in values and "files" not in values:
+        raise ModelDirError(f"{meta_path}: records no hash of {MODEL_FILE} (key 'files')")
+    return ModelMeta(**values)
+
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MAX_SEQ_LENGTH = 16384  # beyond any released encoder's position table
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_sha(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in HEX for c in value)
+
+
+HEX = set("0123456789abcdef")
+
+
+def _field_problem(key: str, value: Any) -> str | None:
+    """Why `value` is not valid for `key`, or None: every field is checked before use."""
+    checks = {
+        "embedding_dim": (lambda v: _int_in(v, 1, 1 << 16), "must be an integer from 1 to 65536"),
+        "max_seq_length": (
+            lambda v: _int_in(v, 1, MAX_SEQ_LENGTH),
+            f"must be an integer from 1 to {MAX_SEQ_LENGTH}",
+        ),
+        "pad_token_id": (lambda v: _int_in(v, 0, 1 << 31), "must be a non-negative integer"),
+        "opset": (lambda v: _int_in(v, 1, 100), "must be an integer from 1 to 100"),
+        "format_version": (lambda v: _int_in(v, 1, FORMAT_VERSION), "must be a positive integer"),
+        "input_names": (
+            lambda v: (
+                isinstance(v, list)
+                and all(isinstance(n, str) and n in INPUTS for n in v)
+                and len(set(v)) == len(v)
+                and {"input_ids", "attention_mask"} <= set(v)
+            ),
+            f"must be a list of distinct names from {INPUTS} with input_ids and attention_mask",
+        ),
+        "projector_folded": (lambda v: isinstance(v, bool), "must be true or false"),
+        "normalized": (lambda v: isinstance(v, bool), "must be true or false"),
+        "pooling": (lambda v: v in POOLINGS, f"must be one of {', '.join(POOLINGS)}"),
+        "variant": (lambda v: isinstance(v, str), "must be a string"),
+        "source": (lambda v: isinstance(v, str), "must be a string"),
+        "onnx_sha256": (_is_sha, "must be a 64-digit lower-case hex SHA-256"),
+        "files": (
+            lambda v: (
+                isinstance(v, dict)
+                and MODEL_FILE in v
+                and all(
+                    isinstance(k, str)
+                    and k
+                    and "/" not in k
+                    and "\\" not in k
+                    and k not in ("..", ".")
+                    for k in v
+                )
+                and all(_is_sha(h) for h in v.values())
+            ),
+            f"must map file names (including {MODEL_FILE}) to 64-digit hex SHA-256s",
+        ),
+        "validation": (lambda v: isinstance(v, dict), "must be a JSON object"),
+    }
+    ok, problem = checks[key]
+    return None if ok(value) else problem
