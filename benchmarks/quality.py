@@ -8,6 +8,10 @@ learning rate, batch size and step budget, and differ only in the objective:
                        demo config's runs/generator-minilm (or --generator DIR), which the
                        trainer fits first if it does not exist (fit_generator: true)
   (c) diffcse-replace  DiffCSE with the generator-free edit (random-token replacement)
+  (d) a lambda sweep   diffcse-mlm@LAMBDA for each --sweep value (paper Table 8 swept it too)
+
+Every run uses the model's native pooling (pooling: auto, mean for all-MiniLM-L6-v2), so
+the initial model is the real baseline, scored with the vector it was trained to give.
 
 Each run is `diffcse-train --config configs/demo_cpu.yaml --set ...` with evaluation only
 at the end (so best/ is the final step: no selection on STS-B dev); best/ is exported with
@@ -37,6 +41,7 @@ from benchlib import CACHE_DIR, ROOT, BenchSkip
 from models import export, minilm_variant
 
 RUNS = ("simcse", "diffcse-mlm", "diffcse-replace")
+LAMBDA = 0.005  # the paper's STS setting, for diffcse-mlm and diffcse-replace
 SETTINGS = {  # device -> (batch size, steps, learning rate)
     "cpu": (32, 40, 3e-5),
     "cuda": (64, 500, 3e-5),
@@ -44,11 +49,14 @@ SETTINGS = {  # device -> (batch size, steps, learning rate)
 
 
 def run_overrides(name: str, generator: Path) -> list[str]:
-    if name == "simcse":
+    """Overrides of run `name`: one of RUNS, or diffcse-mlm@LAMBDA for the sweep."""
+    base, _, weight = name.partition("@")
+    lam = float(weight) if weight else LAMBDA
+    if base == "simcse":
         return ["lambda_weight=0", "augmentation=none"]
-    if name == "diffcse-mlm":
-        return ["augmentation=mlm", f"generator_name_or_path={generator}", "lambda_weight=0.005"]
-    return ["augmentation=replace", "lambda_weight=0.005"]
+    if base == "diffcse-mlm":
+        return ["augmentation=mlm", f"generator_name_or_path={generator}", f"lambda_weight={lam}"]
+    return ["augmentation=replace", f"lambda_weight={lam}"]
 
 
 def train(name: str, overrides: list[str], out: Path) -> float:
@@ -126,19 +134,40 @@ def one_run(name: str, seed: int, common: list[str], generator: Path, args, data
     return row
 
 
+def _stats(values: list[float]) -> dict:
+    """mean, sample standard deviation and range of a few per-seed figures."""
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+
+
 def mean_rows(rows: list[dict], names: list[str]) -> list[dict]:
-    """Per run: the mean (and spread) over seeds of each score's delta to the initial model."""
+    """Per run: mean, std and range over seeds of each score, its delta to the initial
+    model and its paired (same seed) difference to SimCSE."""
+    simcse = {r["seed"]: r for r in rows if r["run"] == "simcse" and r.get("stsb_dev") is not None}
     out = []
     for name in names:
         done = [r for r in rows if r["run"] == name and r.get("stsb_dev") is not None]
         if not done:
             continue
-        row = {"run": f"{name} (mean of {len(done)})"}
+        row = {"run": name, "seeds": len(done)}
         for key in ("stsb_dev", "sick_trial", "stsb_dev delta", "sick_trial delta"):
             values = [r[key] for r in done if r.get(key) is not None]
             if values:
-                row[key] = sum(values) / len(values)
-                row[f"{key} range"] = max(values) - min(values)
+                st = _stats(values)
+                row[key], row[f"{key} std"] = st["mean"], st["std"]
+                row[f"{key} range"] = st["max"] - st["min"]
+        if name != "simcse":
+            for key in ("stsb_dev", "sick_trial"):
+                diffs = [
+                    r[key] - simcse[r["seed"]][key]
+                    for r in done
+                    if r["seed"] in simcse and r.get(key) is not None
+                ]
+                if diffs:
+                    st = _stats(diffs)
+                    row[f"{key} vs simcse"], row[f"{key} vs simcse std"] = st["mean"], st["std"]
         out.append(row)
     return out
 
@@ -156,7 +185,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="step budget of every run")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--seeds", default="42", help="comma-separated: every run once per seed")
+    p.add_argument("--seeds", default="42,43,44", help="comma-separated: every run once per seed")
+    p.add_argument(
+        "--sweep", default="", help="lambda values for extra diffcse-mlm@LAMBDA runs, e.g. 0.05,0.5"
+    )
     p.add_argument("--work", type=Path, default=CACHE_DIR / "quality")
     args = p.parse_args()
     data = benchlib.sts_data_dir(args.data)
@@ -165,12 +197,13 @@ def main() -> None:
     bs, args.steps = args.batch_size or bs, args.steps or steps
     lr = args.learning_rate or lr
     names = args.runs.split(",")
-    bad = sorted(set(names) - set(RUNS))
+    names += [f"diffcse-mlm@{x.strip()}" for x in args.sweep.split(",") if x.strip()]
+    bad = sorted({n.partition("@")[0] for n in names} - set(RUNS))
     if bad:
         raise SystemExit(f"unknown run(s) {bad}; choose from {', '.join(RUNS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
     generator = args.generator.resolve()
-    fitted_here = not generator.exists() and "diffcse-mlm" in names
+    fitted_here = not generator.exists() and any(n.startswith("diffcse-mlm") for n in names)
     info = benchlib.machine(threads=len(os.sched_getaffinity(0)), device=device)
     print(benchlib.describe(info))
     common = [
@@ -182,6 +215,7 @@ def main() -> None:
         f"eval_data_dir={data}",
         f"device={device}",
         "precision=" + ("bf16" if device == "cuda" else "fp32"),
+        "export_dir=null",  # exported and scored below, fp32 only
     ]
     rows = [{"run": "initial", "steps": 0, **score(minilm_variant("fp32"), data)}]
     print(f"  initial: {rows[0]}", file=sys.stderr, flush=True)
@@ -192,7 +226,7 @@ def main() -> None:
         for key in ("stsb_dev", "sick_trial"):
             if r.get(key) is not None and init.get(key) is not None:
                 r[f"{key} delta"] = r[key] - init[key]
-    means = mean_rows(rows[1:], names) if len(seeds) > 1 else []
+    means = mean_rows(rows[1:], names)
     result = {
         "benchmark": "quality",
         "config": {"base": "configs/demo_cpu.yaml", "overrides": common, "seeds": seeds},
@@ -211,8 +245,10 @@ def main() -> None:
     print(benchlib.table(rows, cols))
     if means:
         print()
-        keys = ["stsb_dev delta", "stsb_dev delta range", "sick_trial delta"]
-        print(benchlib.table(means, ["run", *keys, "sick_trial delta range"]))
+        keys = ["seeds", "stsb_dev", "stsb_dev std", "stsb_dev delta", "stsb_dev vs simcse"]
+        keys += ["stsb_dev vs simcse std", "sick_trial", "sick_trial std", "sick_trial delta"]
+        keys += ["sick_trial vs simcse", "sick_trial vs simcse std"]
+        print(benchlib.table(means, ["run", *keys]))
     for r in rows:
         if r.get("error"):
             print(f"  {r['run']}: {r['error']}")

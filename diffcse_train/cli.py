@@ -76,7 +76,16 @@ def train_cmd(config_path, overrides, resume, overwrite, quiet):
             raise DiffcseError("--resume and --overwrite cannot be used together")
         from diffcse_train.trainer import train
 
+        release_now = bool(cfg.export_dir) and distributed.launch_env().rank == 0
+        if release_now:
+            from diffcse_train.release import check_before_training
+
+            check_before_training(cfg, overwrite or resume)
         train(cfg, resume=resume, overwrite=overwrite)
+        if release_now:  # export + before/after table, once, after the process group ends
+            from diffcse_train.release import release
+
+            release(cfg, overwrite=overwrite or resume)
     except DiffcseError as exc:  # (friendly_errors also handles Ctrl-C and SIGTERM)
         raise click.ClickException(str(exc)) from None
 

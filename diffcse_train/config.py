@@ -34,7 +34,9 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ENCODING_ERRORS = ("strict", "replace")
 # Keys that may change between a killed run and its --resume without changing the math.
-RESUME_FREE_KEYS = ("eval_data_dir", "save_steps", "crash_at_step", "output_dir")
+RESUME_FREE_KEYS = (
+    "eval_data_dir", "save_steps", "crash_at_step", "output_dir", "export_dir", "export_variants",
+)  # fmt: skip
 
 
 # Gradient accumulation is refused with a reason instead of an unknown-key error.
@@ -98,6 +100,11 @@ class TrainConfig:
     eval_fp32: bool = True  # score STS-B dev in fp32 even when training under autocast
     save_steps: int = 125  # how often the resumable `last` checkpoint is written
     output_dir: str = ""  # required
+    # --- after training (diffcse_train/release.py)
+    # export best/ here (fp32) and beside it (OUT-int8, ...), then print the before/after
+    # table (input model vs trained, STS-B dev and SICK-R trial, through the runtime)
+    export_dir: str | None = None
+    export_variants: str = "int8"  # comma-separated extra variants: optimized, int8, fp16
     # --- testing aid
     crash_at_step: int | None = None  # the process SIGKILLs itself after this step
 

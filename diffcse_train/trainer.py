@@ -231,6 +231,7 @@ class Trainer:
                 raise DiffcseError(f"--resume: the config changed since the checkpoint: {mismatch}")
             return []
         ours = (self.best_dir, self.last_dir, self.metrics_path, self.out / "summary.json")
+        ours += (self.out / "scores.json",)  # release.py's before/after table
         existing = [p for p in ours if p.exists()]
         if existing and not overwrite:
             raise DiffcseError(

@@ -1,4 +1,4 @@
-"""diffcse_export: a checkpoint -> a validated [CLS]-only ONNX model directory (+ variants).
+"""diffcse_export: a checkpoint -> validated ONNX model directories of its pooled vector.
 
     from diffcse_export import ExportOptions, export_model
     reports = export_model("runs/demo/best", "models/demo", ExportOptions(quantize="int8"))

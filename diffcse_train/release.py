@@ -1,0 +1,169 @@
+"""After training: export best/ through the parity gate and score before vs after.
+
+The main job promises a model that is better than the one it started from. This module
+checks that promise the way a user would: both models are exported to ONNX model
+directories (each through the export's numeric parity gate) and scored by the runtime
+`Encoder` on the same dev sets, each with the pooling it declares. The input model is
+scored with its native pooling, so a [CLS] model trained from a mean-pooled source would
+show its loss here instead of hiding it.
+
+The table goes to the log and to OUTPUT_DIR/scores.json. The trained model directories are
+`export_dir` (fp32) and `export_dir`-int8 beside it; the input model's export is temporary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffcse_runtime import sts
+from diffcse_runtime.atomic import atomic_file
+from diffcse_runtime.encoder import Encoder
+from diffcse_runtime.errors import DiffcseError
+from diffcse_train import builtin
+from diffcse_train.config import TrainConfig
+
+log = logging.getLogger("diffcse_train")
+SCORE_TASKS = ("STSBenchmark", "SICKRelatedness")  # dev split: STS-B dev, SICK-R trial
+SCORES_FILE = "scores.json"
+
+
+@dataclass
+class Row:
+    """One model's scores: Spearman x100 per task (None where the task's data is absent)."""
+
+    name: str
+    pooling: str
+    path: str
+    scores: dict[str, float | None] = field(default_factory=dict)
+
+
+def export_variants(cfg: TrainConfig) -> list[str]:
+    """The extra variants `export_variants` names ("int8,optimized", "" for fp32 only)."""
+    names = [v.strip() for v in cfg.export_variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in ("optimized", "int8", "fp16")]
+    if unknown:
+        raise DiffcseError(
+            f"key 'export_variants': unknown variant {unknown[0]!r}; use optimized, int8, fp16"
+        )
+    return names
+
+
+def _options(cfg: TrainConfig, variants: list[str], overwrite: bool, sts_data: Path | None):
+    from diffcse_export import ExportOptions
+
+    return ExportOptions(
+        optimize="optimized" in variants,
+        quantize="int8" if "int8" in variants else None,
+        fp16="fp16" in variants,
+        max_seq_length=None,
+        sts_data=sts_data,
+        overwrite=overwrite,
+    )
+
+
+def export_trained(cfg: TrainConfig, overwrite: bool) -> dict[str, Path]:
+    """Export OUTPUT_DIR/best with its own pooling; return {variant: model directory}."""
+    from diffcse_export import export_model, format_table, target_dirs
+
+    variants = export_variants(cfg)
+    sts_data = Path(cfg.eval_data_dir) if cfg.eval_data_dir else None
+    opts = _options(cfg, variants, overwrite, sts_data)
+    log.info(
+        "exporting %s/best to %s (%s)", cfg.output_dir, cfg.export_dir, ", ".join(opts.variants())
+    )
+    reports = export_model(Path(cfg.output_dir) / "best", cfg.export_dir, opts)
+    log.info("%s", format_table(reports))
+    return dict(target_dirs(cfg.export_dir, opts.variants()))
+
+
+def _score(model_dir: Path, data: Path | None) -> tuple[dict[str, float | None], str]:
+    encoder = Encoder(model_dir)
+    scores: dict[str, float | None] = dict.fromkeys(SCORE_TASKS)
+    if data is not None:
+        present = [t for t in SCORE_TASKS if sts.find_task_dir(data, _folder(t)) is not None]
+        if present:
+            result = sts.evaluate(encoder.encode, data, present, split="dev")
+            scores.update({t: result.scores[t].spearman for t in present})
+    return scores, encoder.meta.pooling
+
+
+def _folder(task: str) -> str:
+    return {"STSBenchmark": "STSBenchmark", "SICKRelatedness": "SICK"}[task]
+
+
+def score_input_model(cfg: TrainConfig, data: Path | None) -> Row:
+    """The untouched input model, exported with its native pooling, scored by the runtime."""
+    from diffcse_export import ExportOptions, export_model
+
+    source = builtin.model_path(cfg.model_name_or_path)
+    with tempfile.TemporaryDirectory(prefix=".input-onnx-", dir=cfg.output_dir) as tmp:
+        export_model(source, Path(tmp) / "model", ExportOptions(sts_data=None))
+        scores, pooling = _score(Path(tmp) / "model", data)
+    return Row("input model", pooling, str(cfg.model_name_or_path), scores)
+
+
+def before_after(cfg: TrainConfig, exported: dict[str, Path]) -> list[Row]:
+    """Rows for the input model and each exported variant, on STS-B dev and SICK-R trial."""
+    data = Path(cfg.eval_data_dir) if cfg.eval_data_dir else None
+    if data is None or not any(sts.find_task_dir(data, _folder(t)) for t in SCORE_TASKS):
+        log.warning("no STS-B dev / SICK-R trial data found: the before/after table is skipped")
+        return []
+    rows = [score_input_model(cfg, data)]
+    for variant, folder in exported.items():
+        scores, pooling = _score(folder, data)
+        rows.append(Row(f"trained ({variant})", pooling, str(folder), scores))
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    """A plain-text table: model, pooling, one column per task, and the change."""
+    names = [sts.SHORT_NAMES.get(t, t) for t in SCORE_TASKS]
+    head = f"{'model':<18} {'pooling':<8} " + " ".join(f"{n + ' dev':>11}" for n in names)
+    lines = [head, "-" * len(head)]
+    base = rows[0].scores if rows else {}
+    for row in rows:
+        cells = []
+        for task in SCORE_TASKS:
+            value = row.scores.get(task)
+            delta = "" if row is rows[0] or value is None else f" ({value - base[task]:+.2f})"
+            cells.append("n/a" if value is None else f"{value:.2f}{delta}")
+        lines.append(f"{row.name:<18} {row.pooling:<8} " + " ".join(f"{c:>11}" for c in cells))
+    lines.append("Spearman x100 of cosine, scored by diffcse_runtime.Encoder on the dev splits")
+    return "\n".join(lines)
+
+
+def release(cfg: TrainConfig, overwrite: bool = False) -> list[Row]:
+    """Export the trained model, print and save the before/after table; return its rows."""
+    exported = export_trained(cfg, overwrite)
+    rows = before_after(cfg, exported)
+    if rows:
+        table = format_rows(rows)
+        log.info("before vs after training:\n%s", table)
+        payload = {"tasks": list(SCORE_TASKS), "split": "dev", "rows": [r.__dict__ for r in rows]}
+        with atomic_file(Path(cfg.output_dir) / SCORES_FILE, "w") as fh:
+            json.dump(payload, fh, indent=2)
+            fh.write("\n")
+    return rows
+
+
+def check_before_training(cfg: TrainConfig, overwrite: bool) -> None:
+    """Fail before training, not after it: the export extra is missing, a variant name is
+    wrong, or an export target exists that this run may not replace."""
+    try:
+        from diffcse_export import target_dirs
+    except ImportError:
+        raise DiffcseError(
+            'export_dir is set but diffcse_export is not installed: pip install "diffcse[export]"'
+            " or set export_dir: null"
+        ) from None
+    names = ["fp32", *export_variants(cfg)]
+    for target in target_dirs(cfg.export_dir, names).values():
+        if target.exists() and not overwrite:
+            raise DiffcseError(
+                f"export_dir: {target} already exists; pass --overwrite (or --resume) to "
+                "replace the model directory this command wrote there"
+            )
