@@ -7,6 +7,7 @@ An index is a plain folder: embeddings.npy (unit rows), texts.jsonl, index.json.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from collections.abc import Callable, Sequence
@@ -16,12 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from diffcse_runtime.atomic import atomic_dir
-from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.errors import DataFormatError, DiffcseError
 from diffcse_runtime.sts import load_task
 
 INDEX_FORMAT = 1
 BACKENDS = ("auto", "numpy", "faiss", "usearch")
 SCORE_BLOCK = 1 << 24  # floats per query-block x corpus-chunk score matrix (64 MB)
+INDEX_FILE = "index.json"  # also the marker that a folder is an index our tool wrote
+FILES = ("embeddings.npy", "texts.jsonl")
+SAMPLE_BYTES = 1 << 20  # the cheap check hashes this much at the start and at the end
 
 
 @dataclass
@@ -52,6 +56,9 @@ def exact_topk(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndar
         run_i = np.zeros((len(qb), 0), np.int64)
         for cs in range(0, n, chunk):
             scores = qb @ corpus[cs : cs + chunk].T
+            if not np.isfinite(scores).all():
+                bad = cs + int(np.flatnonzero(~np.isfinite(scores).all(axis=0))[0])
+                raise DiffcseError(f"corpus row {bad} is not finite (NaN or infinite values)")
             kk = min(k, scores.shape[1])
             part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
             run_s = np.concatenate([run_s, np.take_along_axis(scores, part, 1)], axis=1)
@@ -97,6 +104,8 @@ class Index:
         memory-mapped embeddings.npy is used in place rather than copied."""
         if len(embeddings) != len(texts):
             raise DiffcseError(f"{len(embeddings)} embeddings for {len(texts)} texts")
+        if not normalized:
+            _check_finite(np.asarray(embeddings), "embeddings")
         self.embeddings = embeddings if normalized else unit_rows(embeddings)
         self.texts = list(texts)
         self.meta = dict(meta or {})
@@ -116,7 +125,11 @@ class Index:
         emb = encoder.encode(
             list(texts), batch_size=batch_size, show_progress_bar=show_progress_bar
         )
-        meta = {"model": str(encoder.path.resolve()), "onnx_sha256": encoder.meta.onnx_sha256}
+        meta = {
+            "model": str(encoder.path.resolve()),
+            "onnx_sha256": encoder.meta.onnx_sha256,
+            "model_files": dict(encoder.meta.files),
+        }
         return cls(emb, texts, meta, backend)
 
     def __len__(self) -> int:
@@ -161,11 +174,14 @@ class Index:
         ]
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Write the index folder atomically."""
+        """Write the index folder atomically, with checksums that `load` verifies.
+
+        `overwrite` replaces only an index folder (one holding index.json), never a user's.
+        """
         try:
-            with atomic_dir(path, overwrite=overwrite) as tmp:
-                np.save(tmp / "embeddings.npy", self.embeddings)
-                with open(tmp / "texts.jsonl", "w", encoding="utf-8") as fh:
+            with atomic_dir(path, overwrite, marker=INDEX_FILE, what="an index folder") as tmp:
+                np.save(tmp / FILES[0], np.ascontiguousarray(self.embeddings, dtype=np.float32))
+                with open(tmp / FILES[1], "w", encoding="utf-8") as fh:
                     for text in self.texts:
                         fh.write(json.dumps(text, ensure_ascii=False) + "\n")
                 meta = {
@@ -173,26 +189,137 @@ class Index:
                     "format_version": INDEX_FORMAT,
                     "size": len(self),
                     "dim": int(self.embeddings.shape[1]),
+                    "checksums": {n: file_checksums(tmp / n) for n in FILES},
                 }
-                (tmp / "index.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+                (tmp / INDEX_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         except FileExistsError:
             raise DiffcseError(f"{path} already exists (use --overwrite to replace it)") from None
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "numpy") -> Index:
+    def load(cls, path: str | Path, backend: str = "numpy", verify: str = "sample") -> Index:
+        """Read an index folder; `verify` "sample" (sizes + hash of head and tail, cheap),
+        "full" (every byte hashed, every row checked for NaN) or "none"."""
         path = Path(path)
-        files = [path / n for n in ("embeddings.npy", "texts.jsonl", "index.json")]
+        if not path.is_dir():
+            raise DiffcseError(f"{path}: no such index folder")
+        files = [path / n for n in (*FILES, INDEX_FILE)]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise DiffcseError(f"{path}: not an index folder, missing {', '.join(missing)}")
-        meta = json.loads(files[2].read_text(encoding="utf-8"))
-        if meta.get("format_version", 0) > INDEX_FORMAT:
+        meta = _read_index_json(files[2])
+        if verify != "none":
+            _verify_checksums(path, meta, full=verify == "full")
+        emb = _load_embeddings(files[0], meta)
+        texts = _read_texts(files[1])
+        if len(texts) != len(emb):
             raise DiffcseError(
-                f"{files[2]}: index format {meta['format_version']} is newer than this runtime"
+                f"{files[1]}: {len(texts)} texts but {files[0].name} has {len(emb)} rows"
             )
-        emb = np.load(files[0], mmap_mode="r")
-        texts = [json.loads(line) for line in files[1].read_text(encoding="utf-8").splitlines()]
+        rows = emb if verify == "full" else emb[: min(len(emb), 1024)]
+        _check_finite(rows, str(files[0]))
         return cls(emb, texts, meta, backend, normalized=True)
+
+
+def _check_finite(emb: np.ndarray, where: str) -> None:
+    finite = np.isfinite(emb).all(axis=1) if emb.size else np.ones(len(emb), bool)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise DiffcseError(f"{where}: row {row} holds NaN or infinite values; rebuild the index")
+
+
+def file_checksums(path: Path) -> dict:
+    """Size, SHA-256 of the whole file, and SHA-256 of its first and last SAMPLE_BYTES."""
+    full = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            full.update(chunk)
+    return {"size": path.stat().st_size, "sha256": full.hexdigest(), "sample": _sample_hash(path)}
+
+
+def _sample_hash(path: Path) -> str:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(SAMPLE_BYTES))
+        fh.seek(max(0, size - SAMPLE_BYTES))
+        digest.update(fh.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def _verify_checksums(path: Path, meta: dict, full: bool) -> None:
+    recorded = meta.get("checksums")
+    if recorded is None:  # an index from before checksums: nothing to compare with
+        return
+    for name in FILES:
+        want = recorded.get(name) if isinstance(recorded, dict) else None
+        if not isinstance(want, dict):
+            raise DiffcseError(
+                f"{path / INDEX_FILE}: checksums for {name} are missing or malformed"
+            )
+        file = path / name
+        if file.stat().st_size != want.get("size"):
+            got = file.stat().st_size
+            raise DiffcseError(
+                f"{file}: {got} bytes, but the index recorded {want.get('size')}; the file was "
+                "changed or truncated after the build (rebuild the index)"
+            )
+        key, actual = (
+            ("sha256", file_checksums(file)["sha256"])
+            if full
+            else (
+                "sample",
+                _sample_hash(file),
+            )
+        )
+        if actual != want.get(key):
+            raise DiffcseError(
+                f"{file}: checksum does not match the one recorded at build; the file was "
+                "changed after the build (rebuild the index)"
+            )
+
+
+def _read_index_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DiffcseError(f"{path}: not valid JSON ({exc}); rebuild the index") from None
+    if not isinstance(meta, dict):
+        raise DiffcseError(f"{path}: expected a JSON object; rebuild the index")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DiffcseError(f"{path}: 'format_version' is not an integer")
+    if version > INDEX_FORMAT:
+        raise DiffcseError(f"{path}: index format {version} is newer than this runtime")
+    return meta
+
+
+def _load_embeddings(path: Path, meta: dict) -> np.ndarray:
+    try:
+        emb = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DiffcseError(f"{path}: not a readable .npy file ({exc}); rebuild the index") from None
+    if emb.ndim != 2 or emb.dtype != np.float32:
+        raise DiffcseError(f"{path}: expected a 2-D float32 array, found {emb.dtype} {emb.shape}")
+    dim = meta.get("dim")
+    if dim is not None and emb.shape[1] != dim:
+        raise DiffcseError(f"{path}: rows of dimension {emb.shape[1]}, index.json says {dim}")
+    return emb
+
+
+def _read_texts(path: Path) -> list[str]:
+    texts = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise DataFormatError(f"{path}:{lineno}: not valid UTF-8") from None
+            except json.JSONDecodeError:
+                raise DataFormatError(f"{path}:{lineno}: not a JSON string") from None
+            if not isinstance(text, str):
+                raise DataFormatError(f"{path}:{lineno}: expected a JSON string")
+            texts.append(text)
+    return texts
 
 
 def recall_at_k(

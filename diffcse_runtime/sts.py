@@ -149,9 +149,12 @@ def _read_lines(path: Path) -> list[str]:
 
 def _score(text: str, path: Path, lineno: int) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise DataFormatError(f"{path}:{lineno}: gold score {text!r} is not a number") from None
+    if not np.isfinite(value):
+        raise DataFormatError(f"{path}:{lineno}: gold score {text!r} is not a finite number")
+    return value
 
 
 def _columns(line: str, path: Path, lineno: int, need: int) -> list[str]:
@@ -251,14 +254,25 @@ def load_task(data_dir: str | Path, task: str, split: str = "test") -> PairSet:
 
 
 def available_tasks(data_dir: str | Path, split: str = "test") -> list[str]:
-    """The tasks whose files for `split` exist under `data_dir`."""
+    """The tasks whose data for `split` is present under `data_dir`.
+
+    Presence only: a task that is present but malformed is then loaded by `evaluate` and
+    fails there naming FILE:LINE, instead of being dropped from the average silently.
+    """
     found = []
     for task in TASKS:
-        try:
-            load_task(data_dir, task, split)
-        except DiffcseError:
+        folder = {"STSBenchmark": "STSBenchmark", "SICKRelatedness": "SICK"}.get(task)
+        task_dir = find_task_dir(data_dir, folder or STS_YEARS[task][0])
+        if task_dir is None:
             continue
-        found.append(task)
+        if task == "STSBenchmark":
+            present = (task_dir / f"sts-{split}.csv").exists()
+        elif task == "SICKRelatedness":
+            present = (task_dir / SICK_FILES[split]).exists()
+        else:
+            present = split == "test"
+        if present:
+            found.append(task)
     return found
 
 
