@@ -42,6 +42,7 @@ BASE = "model_name_or_path: m\ntrain_file: t.txt\noutput_dir: out\ngenerator_nam
         ("sts_roberta.yaml", "roberta-base", "distilroberta-base", 1e-5, 0.20, 0.005),
         # Table 13 (transfer)
         ("transfer_bert.yaml", "bert-base-uncased", "distilbert-base-uncased", 2e-6, 0.15, 0.05),
+        ("transfer_roberta.yaml", "roberta-base", "distilroberta-base", 3e-6, 0.15, 0.05),
     ],
 )
 def test_paper_configs_hold_the_paper_values(name, model, generator, lr, mask, lam):
@@ -56,6 +57,10 @@ def test_paper_configs_hold_the_paper_values(name, model, generator, lr, mask, l
     assert (cfg.augmentation, cfg.projector, cfg.condition_on) == ("mlm", "batchnorm", "projector")
     assert cfg.precision == "fp16"
     assert cfg.max_steps is None
+    assert cfg.pooling == "cls"  # the paper's protocol, said explicitly
+    # the official code's details are the defaults
+    assert cfg.generator_train_mode and cfg.rtd_loss_over_padding and cfg.eval_fp32
+    assert cfg.projector_init == "normal"
 
 
 def test_demo_config_needs_no_download():
@@ -66,6 +71,8 @@ def test_demo_config_needs_no_download():
     assert cfg.needs_generator and cfg.fit_generator
     assert not cfg.generator_name_or_path.startswith("builtin:")
     assert cfg.max_seq_length == 32 and cfg.device == "cpu"
+    # MiniLM keeps its own (mean) pooling; the run ends with export + before/after table
+    assert cfg.pooling == "auto" and cfg.export_dir and "int8" in cfg.export_variants
 
 
 # ---------------------------------------------------------------- strict parsing
