@@ -115,11 +115,22 @@ def best_step(run_dir: Path) -> int | None:
 
 
 def one_run(name: str, seed: int, common: list[str], generator: Path, args, data: Path) -> dict:
-    """Train, export and score run `name` with `seed`; errors land in the row."""
+    """Train, export and score run `name` with `seed`; errors land in the row.
+
+    A finished run's row is kept in its folder (row.json, with the overrides that made it)
+    and reused by a later invocation with the same overrides, so the experiment can be run
+    in parts (e.g. the generator-free runs while the generator is still being fitted).
+    """
     row = {"run": name, "seed": seed, "steps": args.steps}
     out = args.work / f"{name}-s{seed}"
+    overrides = common + [f"seed={seed}"] + run_overrides(name, generator)
+    cached = out / "row.json"
+    if cached.is_file():
+        saved = json.loads(cached.read_text())
+        if saved.get("overrides") == overrides and not saved["row"].get("error"):
+            print(f"  {name} seed {seed}: reused {cached}", file=sys.stderr, flush=True)
+            return saved["row"]
     try:
-        overrides = common + [f"seed={seed}"] + run_overrides(name, generator)
         row["train_s"] = train(name, overrides, out)
         row["best_step"] = best_step(out)
         no_sts = args.work / "no-sts"  # export's STS parity is redundant: scored below
@@ -128,6 +139,7 @@ def one_run(name: str, seed: int, common: list[str], generator: Path, args, data
         export(out / "best", args.work / f"{name}-s{seed}-onnx", variants=("fp32",), extra=extra)
         row |= score(args.work / f"{name}-s{seed}-onnx", data)
         row |= rtd_trace(out / "metrics.jsonl")
+        cached.write_text(json.dumps({"overrides": overrides, "row": row}, indent=2))
     except (RuntimeError, BenchSkip) as exc:
         row["error"] = str(exc)
     print(f"  {name} seed {seed}: {row}", file=sys.stderr, flush=True)
