@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 import numpy as np
@@ -56,15 +57,22 @@ def _chunks(lines: Iterator[tuple[int, str]], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _spool_stdin(errors: str) -> tuple[Path, int]:
-    """Copy stdin to a temporary file so it can be counted, then read like any file."""
-    fd, tmp = tempfile.mkstemp(prefix="diffcse-embed-", suffix=".txt")
+def _spool_stdin(errors: str) -> tuple[BinaryIO, int]:
+    """Copy stdin to an anonymous temporary file so it can be counted, then read it again.
+
+    The file has no name (unlinked at once), so no copy of the user's input outlives the
+    process, whatever way it ends.
+    """
+    spool = tempfile.TemporaryFile(prefix="diffcse-embed-")  # noqa: SIM115 - caller closes
     count = 0
-    with os.fdopen(fd, "wb") as out:
+    try:
         for _, text in iter_lines("-", errors):
-            out.write(text.encode("utf-8") + b"\n")
+            spool.write(text.encode("utf-8") + b"\n")
             count += 1
-    return Path(tmp), count
+    except BaseException:
+        spool.close()
+        raise
+    return spool, count
 
 
 def _count_lines(path: Path, errors: str) -> int:
@@ -72,19 +80,26 @@ def _count_lines(path: Path, errors: str) -> int:
     return sum(1 for _ in iter_lines(path, errors))
 
 
-def _write_npy(encoder: Encoder, path: Path, n: int, out: Path, opts: dict) -> None:
-    with atomic_file(out, "wb") as fh:
+def _source(path: Path | BinaryIO) -> Path | BinaryIO:
+    """A path as is; the stdin spool rewound for another pass."""
+    if not isinstance(path, Path):
+        path.seek(0)
+    return path
+
+
+def _write_npy(encoder: Encoder, path, n: int, out: Path, opts: dict) -> None:
+    with atomic_file(out, "wb", overwrite=opts["overwrite"]) as fh:
         header = {"descr": "<f4", "fortran_order": False, "shape": (n, encoder.embedding_dim)}
         np.lib.format.write_array_header_1_0(fh, header)
-        for chunk in _chunks(iter_lines(path, opts["errors"]), CHUNK_LINES):
+        for chunk in _chunks(iter_lines(_source(path), opts["errors"]), CHUNK_LINES):
             emb = encoder.encode(chunk, batch_size=opts["batch_size"], normalize=opts["normalize"])
             fh.write(np.ascontiguousarray(emb, dtype="<f4").tobytes())
             opts["bar"].update(len(chunk))
 
 
-def _write_jsonl(encoder: Encoder, path: Path, out: Path, opts: dict) -> None:
-    with atomic_file(out, "w") as fh:
-        for chunk in _chunks(iter_lines(path, opts["errors"]), CHUNK_LINES):
+def _write_jsonl(encoder: Encoder, path, out: Path, opts: dict) -> None:
+    with atomic_file(out, "w", overwrite=opts["overwrite"]) as fh:
+        for chunk in _chunks(iter_lines(_source(path), opts["errors"]), CHUNK_LINES):
             emb = encoder.encode(chunk, batch_size=opts["batch_size"], normalize=opts["normalize"])
             for text, row in zip(chunk, emb, strict=True):
                 fh.write(
@@ -105,6 +120,7 @@ def _write_jsonl(encoder: Encoder, path: Path, out: Path, opts: dict) -> None:
 )
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--normalize", is_flag=True, help="L2-normalise each embedding.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option(
     "--errors",
     type=click.Choice(ERROR_MODES),
@@ -121,6 +137,7 @@ def embed(
     output: Path,
     batch_size: int,
     normalize: bool,
+    overwrite: bool,
     errors: str,
     threads: int | None,
     verbose: bool,
@@ -128,30 +145,60 @@ def embed(
     """Embed FILE (one text per line, '-' for stdin) with a model directory.
 
     Every line is a text, empty lines included, so row i of the output is line i of FILE.
-    Large files stream in chunks; the output appears only when complete.
+    Large files stream in chunks; the output appears only when complete. An existing
+    output is replaced only with --overwrite, and never when it is FILE itself.
     """
     _setup_logging(verbose)
-    if output.suffix not in (".npy", ".jsonl"):
-        raise DiffcseError(f"{output}: output must end in .npy or .jsonl")
+    _check_embed_output(file, output, overwrite)
     encoder = Encoder(model, intra_op_threads=threads)
-    spooled = None
     if str(file) == "-":
-        spooled, n = _spool_stdin(errors)
-        file = spooled
+        source, n = _spool_stdin(errors)
     else:
-        n = _count_lines(file, errors)
+        source, n = file, _count_lines(file, errors)
     try:
         bar = tqdm(total=n, unit="line", desc="embed", disable=n < PROGRESS_LINES, file=sys.stderr)
-        opts = {"batch_size": batch_size, "normalize": normalize, "errors": errors, "bar": bar}
-        if output.suffix == ".npy":
-            _write_npy(encoder, file, n, output, opts)
-        else:
-            _write_jsonl(encoder, file, output, opts)
+        opts = {
+            "batch_size": batch_size,
+            "normalize": normalize,
+            "errors": errors,
+            "bar": bar,
+            "overwrite": overwrite,
+        }
+        try:
+            if output.suffix == ".npy":
+                _write_npy(encoder, source, n, output, opts)
+            else:
+                _write_jsonl(encoder, source, output, opts)
+        except FileExistsError:
+            raise DiffcseError(
+                f"{output}: appeared while embedding; left as it is (use --overwrite to replace it)"
+            ) from None
         bar.close()
     finally:
-        if spooled:
-            spooled.unlink(missing_ok=True)
+        if not isinstance(source, Path):
+            source.close()
     click.echo(f"wrote {n} embeddings of dimension {encoder.embedding_dim} to {output}", err=True)
+
+
+def _check_embed_output(file: Path, output: Path, overwrite: bool) -> None:
+    """Refuse an output that would lose a user's file, before any work is done."""
+    if output.suffix not in (".npy", ".jsonl"):
+        raise DiffcseError(f"{output}: output must end in .npy or .jsonl")
+    if str(file) != "-" and _same_file(file, output):
+        raise DiffcseError(f"{output}: is the input file itself; choose another output")
+    if output.is_dir():
+        raise DiffcseError(f"{output}: is a folder; give a .npy or .jsonl file name")
+    if os.path.lexists(output) and not overwrite:
+        raise DiffcseError(f"{output}: already exists (use --overwrite to replace it)")
+    if not output.parent.is_dir():
+        raise DiffcseError(f"{output}: cannot write it, the folder {output.parent} does not exist")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
 # ------------------------------------------------------------------ diffcse-eval
@@ -204,6 +251,8 @@ def evaluate_cmd(
     from diffcse_runtime.sts import evaluate, format_table
 
     _setup_logging(verbose)
+    if json_out:
+        _check_writable(json_out)  # before the evaluation, not after it
     encoder = Encoder(model, intra_op_threads=threads)
     encode = functools.partial(encoder.encode, batch_size=batch_size)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
@@ -219,6 +268,15 @@ def evaluate_cmd(
     if json_out:
         with atomic_file(json_out, "w") as fh:
             json.dump(payload, fh, indent=2)
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise DiffcseError(f"{path}: is a folder; give a file name for the JSON results")
+    if not path.parent.is_dir():
+        raise DiffcseError(f"{path}: cannot write it, the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise DiffcseError(f"{path}: cannot write it, no permission to write in {path.parent}")
 
 
 # ------------------------------------------------------------------ diffcse-search
@@ -251,7 +309,23 @@ def evaluate_cmd(
     default="numpy",
     show_default=True,
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing index folder with --build.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing index folder with --build (only an index folder, never other files).",
+)
+@click.option(
+    "--errors",
+    type=click.Choice(ERROR_MODES),
+    default="strict",
+    show_default=True,
+    help="A --build line that is not UTF-8: stop naming its line (strict), or replace bad bytes.",
+)
+@click.option(
+    "--verify-index",
+    is_flag=True,
+    help="Hash every byte of the index and check every row (default: sizes and a sample).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON lines.")
 @threads_option
 @verbose_option
@@ -264,6 +338,8 @@ def search(
     top_k: int,
     backend: str,
     overwrite: bool,
+    errors: str,
+    verify_index: bool,
     as_json: bool,
     threads: int | None,
     verbose: bool,
@@ -275,11 +351,13 @@ def search(
     if build_file is not None:
         if model is None:
             raise DiffcseError("--build needs --model DIR to embed the texts")
+        _check_index_target(index_dir, build_file, overwrite)
         encoder = Encoder(model, intra_op_threads=threads)
-        texts = [t for _, t in iter_lines(build_file) if t.strip()]
+        texts = [t for _, t in iter_lines(build_file, errors) if t.strip()]
         Index.build(encoder, texts).save(index_dir, overwrite=overwrite)
         click.echo(f"indexed {len(texts)} texts into {index_dir}", err=True)
-    index = Index.load(index_dir, backend=backend)
+    verify = "full" if verify_index else "sample"
+    index = Index.load(index_dir, backend=backend, verify=verify)
     if not queries:
         return
     encoder = _encoder_for_index(index, model, threads) if build_file is None else encoder
@@ -302,16 +380,38 @@ def search(
                 click.echo(f"{rank:>3}  {hit.score:.4f}  {hit.text}")
 
 
+def _check_index_target(index_dir: Path, build_file: Path, overwrite: bool) -> None:
+    """Before embedding anything: the index may replace only an index folder we wrote."""
+    from diffcse_runtime.atomic import check_replaceable
+    from diffcse_runtime.retrieval import INDEX_FILE
+
+    source = build_file.resolve() if str(build_file) != "-" else None
+    if source is not None and source.is_relative_to(index_dir.resolve()):
+        raise DiffcseError(
+            f"{index_dir}: is or holds the --build file {build_file}; choose another"
+        )
+    try:
+        check_replaceable(index_dir, overwrite, INDEX_FILE, "an index folder")
+    except FileExistsError:
+        raise DiffcseError(f"{index_dir}: already exists (use --overwrite to replace it)") from None
+
+
 def _encoder_for_index(index, model: Path | None, threads: int | None) -> Encoder:
     """The model recorded in the index, or `model`; refuse a model that did not build it."""
     path = model or index.meta.get("model")
     if not path:
         raise DiffcseError("this index records no model: pass --model DIR")
     encoder = Encoder(path, intra_op_threads=threads)
-    built_with = index.meta.get("onnx_sha256")
-    if built_with and built_with != encoder.meta.onnx_sha256:
+    built_files = index.meta.get("model_files") or {}
+    mine = encoder.meta.files
+    differ = sorted(n for n in set(built_files) & set(mine) if built_files[n] != mine[n])
+    differ += sorted(set(built_files) ^ set(mine)) if built_files and mine else []
+    built = index.meta.get("onnx_sha256")
+    if built and built != encoder.meta.onnx_sha256 and "model.onnx" not in differ:
+        differ.append("model.onnx")
+    if differ:
         raise DiffcseError(
-            f"{path} is not the model this index was built with (model.onnx hash differs): "
+            f"{path} is not the model this index was built with ({', '.join(differ)} differs): "
             "queries and texts would live in different embedding spaces"
         )
     return encoder
