@@ -26,10 +26,12 @@ The hook works for BERT, RoBERTa and every model whose encoder has an `embedding
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from diffcse_runtime.errors import DiffcseError
@@ -290,7 +292,16 @@ def _load(kind: str, spec: str, key: str):
     cls = AutoModelForMaskedLM if kind == "mlm" else AutoModel
     try:
         return cls.from_pretrained(str(path), output_loading_info=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except pickle.UnpicklingError:
+        raise DiffcseError(
+            f"{key} {spec}: its .bin weights hold pickled objects other than tensors, which "
+            "are not loaded because unpickling can run code; save the model as safetensors"
+        ) from None
+    except SafetensorError as exc:
+        raise DiffcseError(
+            f"{key} {spec}: a .safetensors weight file is corrupt or truncated ({exc})"
+        ) from None
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DiffcseError(f"{key} {spec}: cannot load a Hugging Face model ({first})") from None
 
@@ -300,7 +311,7 @@ def load_tokenizer(spec: str, key: str = "model_name_or_path"):
 
     try:
         return AutoTokenizer.from_pretrained(str(_local_or_hub(spec, key)))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # tokenizers' Rust errors are plain Exception, no narrower type
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DiffcseError(f"{key} {spec}: cannot load its tokenizer ({first})") from None
 
