@@ -164,6 +164,17 @@ def _jsonable(value):
     return value
 
 
+def _check_writable_dir(out: Path) -> None:
+    """output_dir must be a folder we can create and write in, checked before any work."""
+    if out.exists() and not out.is_dir():
+        raise DiffcseError(f"output_dir {out} is a file, not a folder; choose another output_dir")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise DiffcseError(f"output_dir {out}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise DiffcseError(f"output_dir {out}: no permission to write in {existing}")
+
+
 class Trainer:
     """One training run of `cfg`; `run()` trains, evaluates, checkpoints, returns a summary."""
 
@@ -222,6 +233,7 @@ class Trainer:
 
     def _check_output_dir(self, overwrite: bool) -> list[Path]:
         """Refuse to clobber an earlier run; return the paths --overwrite will replace."""
+        _check_writable_dir(self.out)
         if self.resume:
             if not (self.last_dir / "trainer_state.json").is_file():
                 raise DiffcseError(f"--resume: {self.out} has no last/ checkpoint to resume from")
