@@ -148,6 +148,7 @@ def compare(onnx_out: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
         "max_rel_diff": float(np.max(err)),
         "min_cosine": float(np.min(cosine_rows(onnx64, ref64))),
         "rows": int(reference.shape[0]),
+        "reference_finite": bool(np.isfinite(ref64).all()),
     }
 
 
@@ -219,6 +220,11 @@ def gate(report: VariantReport) -> list[str]:
     if "max_abs_diff" not in num:
         shape, expected = num.get("shape"), num.get("expected_shape")
         return [f"{v}: output shape {shape} differs from PyTorch's {expected}"]
+    if not num.get("reference_finite", True):
+        return [
+            f"{v}: PyTorch itself gives NaN or infinite embeddings for this checkpoint, so its "
+            "weights are bad (not the export); retrain or export another checkpoint"
+        ]
     if not all(math.isfinite(num[k]) for k in ("max_abs_diff", "min_cosine")):
         return [f"{v}: the graph produces NaN or infinite values where PyTorch does not"]
     failures = []
