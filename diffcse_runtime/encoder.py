@@ -1,32 +1,56 @@
 """Encoder: sentence embeddings from a model directory with onnxruntime, no torch.
 
-The pipeline is tokenize (one Rust batch call) -> sort by token length -> pad each batch
-only to its own longest row -> session.run -> put rows back in input order. Sorting by
+The pipeline is cut -> tokenize (one Rust batch call) -> sort by token length -> pad each
+batch only to its own longest row -> session.run -> put rows back in input order. Sorting by
 length is what makes batching cheap: a batch of short sentences never pays for one long one.
+
+Three properties make it usable in batch jobs and servers:
+
+- Work per text is bounded. The tokenizers library tokenizes a whole text before it
+  truncates, so one 10 MB line used to cost 1.6 GB and 9 s. A text longer than a window of
+  `CUT_CHARS_PER_TOKEN * max_seq_length` characters is cut first, at a point proven not to
+  change the tokens the model keeps (see `Encoder._find_cuts`).
+- Truncation is visible: `encode` logs one WARNING with the count and the longest length,
+  or hands the per-text counts back with `return_token_counts=True`.
+- An `Encoder` pickles by path and settings, so multiprocessing, Ray and Spark workers
+  rebuild their own onnxruntime session (`diffcse_runtime.parallel` uses this).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 from tqdm.auto import tqdm
 
+from diffcse_runtime import mteb_compat
+from diffcse_runtime import providers as provider_checks
 from diffcse_runtime.errors import ModelDirError
 from diffcse_runtime.model_dir import MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, load_metadata
 
 log = logging.getLogger("diffcse_runtime")
 PROGRESS_THRESHOLD = 5000  # show_progress_bar=None shows a bar from this many texts up
+EMBED_CHUNK_SIZE = 8192  # texts read, tokenized and held at once by Encoder.embed
 _announced: set[str] = set()
 # onnxruntime's CPU SkipLayerNormalization kernel measured ~1.2x slower end to end than the
 # Add + LayerNormalization it replaces in the dynamically quantized graph (both math-equal;
 # benchmarks/README.md, "Where encoding time goes"), and no faster in fp32: int8 keeps both.
 CPU_DISABLED_FUSIONS = {"int8": ["SkipLayerNormFusion"]}
+# Texts up to CUT_CHARS_PER_TOKEN * max_seq_length characters are tokenized whole (English
+# averages ~4-5 characters per WordPiece/BPE token, so a text that fills the model is cut at
+# about twice its needed length). Longer texts are tokenized within a window that grows by
+# CUT_GROWTH until it provably holds every kept token, up to CUT_MAX_CHARS_PER_TOKEN *
+# max_seq_length characters: the hard bound on work per text (~65k characters at 512).
+CUT_CHARS_PER_TOKEN = 8
+CUT_GROWTH = 4
+CUT_MAX_CHARS_PER_TOKEN = 128
 
 
 def pick_providers(requested: Sequence[str] | None = None) -> list[str]:
@@ -36,14 +60,107 @@ def pick_providers(requested: Sequence[str] | None = None) -> list[str]:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    provider_checks.warn(provider_checks.cpu_only_reason(available))
     return ["CPUExecutionProvider"]
 
 
+def as_text_list(texts: Any) -> tuple[list[str], bool]:
+    """`texts` as a list of str plus whether it was one string; refuse what is not text.
+
+    Bytes are iterable (of ints) and a dict iterates its keys, so both would otherwise be
+    encoded silently and wrongly; a set has no order, so row i could not be matched to a text.
+    """
+    if isinstance(texts, str):
+        return [texts], True
+    _refuse_container(texts)
+    batch = list(texts)
+    for i, text in enumerate(batch):
+        _check_text(text, i)
+    return batch, False
+
+
+def _refuse_container(texts: Any) -> None:
+    if isinstance(texts, bytes | bytearray | memoryview):
+        raise TypeError("texts is bytes, not text: decode it to str first, e.g. data.decode()")
+    if isinstance(texts, Mapping):
+        raise TypeError(
+            "texts is a dict: pass a list of str (a dict would give its keys), "
+            "e.g. list(d.values())"
+        )
+    if isinstance(texts, set | frozenset):
+        raise TypeError("texts is a set, which has no order: pass a list so row i is text i")
+    if not isinstance(texts, Iterable):
+        raise TypeError(f"texts is {type(texts).__name__}: expected str or a list of str")
+
+
+def _check_text(text: Any, i: int) -> None:
+    if isinstance(text, str):
+        return
+    if isinstance(text, bytes | bytearray):
+        raise TypeError(f"texts[{i}] is bytes, not text: decode it to str first")
+    raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """Tokens per text before truncation (special tokens included), in input order.
+
+    `counts[i] > max_seq_length` means text i was truncated. A text longer than the
+    tokenizing window (`windowed[i]`) is counted within that window only, so its count is a
+    lower bound: counting all of a 10 MB line is the work the window exists to avoid.
+    """
+
+    counts: np.ndarray  # int64 (n,)
+    windowed: np.ndarray  # bool (n,)
+    max_seq_length: int
+
+    @property
+    def truncated(self) -> np.ndarray:
+        """Boolean mask: the texts the model saw only the first max_seq_length tokens of."""
+        return self.counts > self.max_seq_length
+
+    def tally(self) -> TruncationTally:
+        tally = TruncationTally(self.max_seq_length)
+        tally.add(self)
+        return tally
+
+
+@dataclass
+class TruncationTally:
+    """Running totals of truncation over many chunks, for one summary line at the end."""
+
+    max_seq_length: int
+    texts: int = 0
+    truncated: int = 0
+    longest: int = 0
+    longest_is_lower_bound: bool = False
+
+    def add(self, counts: TokenCounts) -> None:
+        self.texts += len(counts.counts)
+        self.truncated += int(counts.truncated.sum())
+        if len(counts.counts) and int(counts.counts.max()) > self.longest:
+            i = int(counts.counts.argmax())
+            self.longest = int(counts.counts[i])
+            self.longest_is_lower_bound = bool(counts.windowed[i])
+
+    def message(self) -> str | None:
+        """One sentence, or None when nothing was truncated."""
+        if not self.truncated:
+            return None
+        bound = "at least " if self.longest_is_lower_bound else ""
+        return (
+            f"{self.truncated} of {self.texts} texts were longer than max_seq_length="
+            f"{self.max_seq_length} tokens and were truncated (longest: {bound}"
+            f"{self.longest} tokens)"
+        )
+
+
 class Encoder:
-    """Embed sentences with an exported DiffCSE (or any [CLS]-pooled) model directory.
+    """Embed sentences with an exported DiffCSE (or any [CLS]/mean-pooled) model directory.
 
     Follows the `encode(list[str], batch_size=..., **kwargs)` protocol of
-    sentence-transformers and MTEB, so it drops into their evaluation code.
+    sentence-transformers and MTEB, so it drops into their evaluation code, and fastembed's
+    `embed(iterable)` generator for corpora that do not fit in memory.
     """
 
     def __init__(
@@ -53,14 +170,29 @@ class Encoder:
         intra_op_threads: int | None = None,
         verify_hash: bool = True,
     ) -> None:
+        if intra_op_threads is not None and (
+            not isinstance(intra_op_threads, int) or intra_op_threads < 0
+        ):
+            raise ValueError(
+                f"intra_op_threads must be an int >= 0 (0 or None: onnxruntime chooses), "
+                f"got {intra_op_threads!r}"
+            )
         self.path = Path(path)
+        self._settings = {
+            "providers": list(providers) if providers else None,
+            "intra_op_threads": intra_op_threads,
+            "verify_hash": verify_hash,
+        }
         self.meta = load_metadata(self.path, verify_hash=verify_hash)
         try:
             self.tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER_FILE))
         except Exception as exc:  # the tokenizers library raises plain Exception subclasses
             raise ModelDirError(f"{self.path / TOKENIZER_FILE}: cannot be read ({exc})") from None
         self.tokenizer.no_padding()
+        self._untruncated = Tokenizer.from_str(self.tokenizer.to_str())  # for window checks
+        self._untruncated.no_truncation()
         self.tokenizer.enable_truncation(self.meta.max_seq_length)
+        self._n_special = self.tokenizer.num_special_tokens_to_add(False)
         self.session = self._make_session(pick_providers(providers), intra_op_threads)
         self._inputs = {i.name for i in self.session.get_inputs()}
 
@@ -84,12 +216,33 @@ class Encoder:
                 f"{self.path / MODEL_FILE}: onnxruntime cannot load it ({exc})"
             ) from None
         used = session.get_providers()
-        if providers[0] not in used:
-            log.warning("%s is not usable here; running on %s", providers[0], used[0])
+        available = ort.get_available_providers()
+        provider_checks.warn(provider_checks.fallback_reason(providers, available, used))
         if used[0] not in _announced:
             _announced.add(used[0])
             log.info("diffcse_runtime: running on %s", used[0])
         return session
+
+    # ------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Path and settings only: an onnxruntime session cannot cross a process boundary,
+        and a worker loading the model itself is cheaper than shipping its bytes."""
+        return {"path": str(self.path), "onnx_sha256": self.meta.onnx_sha256, **self._settings}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild the session here; refuse a model that changed since it was pickled."""
+        self.__init__(
+            state["path"],
+            providers=state["providers"],
+            intra_op_threads=state["intra_op_threads"],
+            verify_hash=state["verify_hash"],
+        )
+        if state["onnx_sha256"] != self.meta.onnx_sha256:
+            raise ModelDirError(
+                f"{self.path}: holds a different model than the Encoder that was pickled "
+                "(model.onnx hash differs); workers would embed into another space"
+            )
 
     # ------------------------------------------------------------ properties
 
@@ -105,6 +258,11 @@ class Encoder:
         """sentence-transformers' name for `embedding_dim`."""
         return self.meta.embedding_dim
 
+    @property
+    def mteb_model_meta(self) -> Any:
+        """What MTEB v2 reads about the model (an mteb ModelMeta; needs mteb installed)."""
+        return mteb_compat.model_meta(self)
+
     # ------------------------------------------------------------ encoding
 
     def encode(
@@ -113,54 +271,155 @@ class Encoder:
         batch_size: int = 64,
         normalize: bool = False,
         show_progress_bar: bool | None = None,
+        return_token_counts: bool = False,
         **kwargs: Any,
-    ) -> np.ndarray:
+    ) -> np.ndarray | tuple[np.ndarray, TokenCounts]:
         """Embed `texts`: (n, d) float32 in input order, or (d,) for a single string.
+
+        Texts longer than `max_seq_length` tokens are truncated, and one WARNING says how
+        many and the longest length. With `return_token_counts=True` the result is
+        `(embeddings, TokenCounts)` instead, and nothing is logged: the caller has the counts.
 
         Extra keyword arguments of the sentence-transformers/MTEB protocol are accepted;
         `normalize_embeddings=True` is honoured as an alias of `normalize`.
         """
-        single = isinstance(texts, str)
-        batch = [texts] if single else list(texts)
-        for i, text in enumerate(batch):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        texts = mteb_compat.texts_of(texts)  # MTEB v2: a DataLoader of {'text': [...]}
+        batch, single = as_text_list(texts)
+        _check_batch_size(batch_size)
         normalize = normalize or bool(kwargs.get("normalize_embeddings", False))
         if show_progress_bar is None:
             show_progress_bar = len(batch) >= PROGRESS_THRESHOLD
-        out = self._encode_all(batch, batch_size, show_progress_bar)
+        out, counts = self._encode_all(batch, batch_size, show_progress_bar)
         if normalize:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out[0] if single else out
+            _normalize_rows(out)
+        if not return_token_counts:
+            _warn_truncation(counts.tally())
+            return out[0] if single else out
+        return (out[0], counts) if single else (out, counts)
+
+    def embed(
+        self,
+        texts: Iterable[str],
+        batch_size: int = 64,
+        chunk_size: int = EMBED_CHUNK_SIZE,
+        normalize: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """Yield one (d,) float32 embedding per text, in input order, as fastembed does.
+
+        `texts` may be any iterable, e.g. a generator over a file of any size: it is read
+        `chunk_size` texts at a time, each chunk tokenized, length-sorted into batches and
+        encoded before the next is read, so memory is bounded by the chunk, not the input.
+        The rows of one chunk are views of one (chunk, d) array. Truncation is logged once,
+        as a total, when the generator finishes.
+        """
+        _check_batch_size(batch_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        tally = TruncationTally(self.max_seq_length)
+        for chunk in iter_text_chunks(texts, chunk_size):
+            out, counts = self._encode_all(chunk, batch_size, progress=False)
+            tally.add(counts)
+            if normalize:
+                _normalize_rows(out)
+            yield from out
+        _warn_truncation(tally)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """An `encode_fn` for `diffcse_runtime.sts.evaluate`."""
         return self.encode(texts)
 
-    def _encode_all(self, texts: list[str], batch_size: int, progress: bool) -> np.ndarray:
+    def _encode_all(
+        self, texts: list[str], batch_size: int, progress: bool
+    ) -> tuple[np.ndarray, TokenCounts]:
         out = np.zeros((len(texts), self.meta.embedding_dim), dtype=np.float32)
-        if not texts:
-            return out
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
-        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(texts))
+        ids, counts = self._tokenize(texts)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         order = np.argsort(-lengths, kind="stable")  # longest first: memory peaks at once
         bar = tqdm(total=len(texts), disable=not progress, unit="text", desc="encode")
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
-            out[rows] = self._run_batch([encodings[i].ids for i in rows], int(lengths[rows[0]]))
+            out[rows] = self._run_batch([ids[i] for i in rows], lengths[rows])
             bar.update(len(rows))
         bar.close()
-        return out
+        return out, counts
 
-    def _run_batch(self, ids: list[list[int]], width: int) -> np.ndarray:
+    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], TokenCounts]:
+        """Token ids (truncated, special tokens added) and the counts before truncation."""
+        window = CUT_CHARS_PER_TOKEN * self.max_seq_length
+        long = {i: t for i, t in enumerate(texts) if len(t) > window}
+        cuts, window_counts = self._find_cuts(long) if long else ({}, {})
+        if cuts:
+            texts = [t[: cuts[i]] if i in cuts else t for i, t in enumerate(texts)]
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        counts = np.fromiter(map(self._count, encodings), dtype=np.int64, count=len(texts))
+        windowed = np.zeros(len(texts), dtype=bool)
+        for i, n in window_counts.items():
+            counts[i], windowed[i] = max(int(counts[i]), n), True
+        return [e.ids for e in encodings], TokenCounts(counts, windowed, self.max_seq_length)
+
+    def _count(self, encoding: Encoding) -> int:
+        """Tokens before truncation: the kept ones plus the overflowing pieces' own tokens."""
+        if not encoding.overflowing:
+            return len(encoding)
+        pieces = [encoding, *encoding.overflowing]
+        content = sum(len(p) - sum(p.special_tokens_mask) for p in pieces)
+        return content + self._n_special
+
+    def _find_cuts(self, long: dict[int, str]) -> tuple[dict[int, int], dict[int, int]]:
+        """Where to cut each long text so that its kept tokens stay exactly the same.
+
+        Why a cut is safe: normalizers and pre-tokenizers decide locally (lowercase, NFD,
+        accents, splitting at whitespace and punctuation, GPT-2's byte-level regex,
+        Metaspace), and WordPiece, BPE and Unigram tokenize each pre-tokenized word on its
+        own. So in a prefix, every word before the last one (the one the cut may split) is
+        tokenized exactly as in the full text. If the prefix's first `keep` content tokens
+        all come from such words, truncating the full text keeps exactly those tokens. No
+        fixed characters-per-token ratio can promise this (a 10k-character word is one
+        [UNK]; whitespace runs make no tokens), so the window is checked, not assumed, and
+        grows until the check passes or it reaches the hard bound, where the text is cut
+        anyway and a WARNING says so.
+
+        Returns the cut per text (texts that fit a grown window whole are left out) and,
+        for cut texts, the tokens counted within the window (a lower bound).
+        """
+        keep = self.max_seq_length - self._n_special
+        window = CUT_CHARS_PER_TOKEN * self.max_seq_length
+        cap = CUT_MAX_CHARS_PER_TOKEN * self.max_seq_length
+        cuts: dict[int, int] = {}
+        counted: dict[int, int] = {}
+        hard = 0
+        while long:
+            index = list(long)
+            windows = [long[i][:window] for i in index]
+            encodings = self._untruncated.encode_batch(windows, add_special_tokens=False)
+            grow = {}
+            for i, enc in zip(index, encodings, strict=True):
+                complete = _kept_tokens_complete(enc.word_ids, keep)
+                if complete or window >= cap:
+                    hard += not complete
+                    cuts[i], counted[i] = window, len(enc) + self._n_special
+                else:
+                    grow[i] = long[i]
+            window = min(window * CUT_GROWTH, cap)
+            long = {i: t for i, t in grow.items() if len(t) > window}
+        if hard:
+            log.warning(
+                "diffcse_runtime: %d text(s) had fewer than %d tokens in their first %d characters "
+                "(very long "
+                "words or whitespace runs); they were cut there before tokenizing",
+                hard,
+                keep,
+                cap,
+            )
+        return cuts, counted
+
+    def _run_batch(self, ids: list[list[int]], lengths: np.ndarray) -> np.ndarray:
+        width = int(lengths.max())
+        mask = np.arange(width) < lengths[:, None]
         input_ids = np.full((len(ids), width), self.meta.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-        feed = {"input_ids": input_ids, "attention_mask": mask}
+        flat = itertools.chain.from_iterable(ids)
+        input_ids[mask] = np.fromiter(flat, dtype=np.int64, count=int(lengths.sum()))
+        feed = {"input_ids": input_ids, "attention_mask": mask.astype(np.int64)}
         if "token_type_ids" in self._inputs:
             feed["token_type_ids"] = np.zeros_like(input_ids)
         return self.session.run([OUTPUT_NAME], feed)[0]
@@ -171,6 +430,50 @@ class Encoder:
     def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Cosine similarity: a scalar for two vectors, else the (n, m) matrix."""
         return similarity(a, b)
+
+    @staticmethod
+    def similarity_pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Cosine of row i of `a` with row i of `b`: (n,) (sentence-transformers/MTEB name)."""
+        return mteb_compat.pairwise_cosine(a, b)
+
+
+def iter_text_chunks(texts: Iterable[str], chunk_size: int) -> Iterator[list[str]]:
+    """Lists of up to `chunk_size` texts from any iterable, each text type-checked with its
+    position in the whole input, so an error names the item even deep into a generator."""
+    if isinstance(texts, str):
+        texts = [texts]
+    _refuse_container(texts)
+    it = iter(texts)
+    start = 0
+    while chunk := list(itertools.islice(it, chunk_size)):
+        for offset, text in enumerate(chunk):
+            _check_text(text, start + offset)
+        yield chunk
+        start += len(chunk)
+
+
+def _kept_tokens_complete(word_ids: list[int | None], keep: int) -> bool:
+    """True if the first `keep` tokens exist and all come from words before the last one."""
+    if keep < 1:
+        return True
+    if len(word_ids) <= keep:
+        return False
+    kept, last = word_ids[keep - 1], word_ids[-1]
+    return kept is not None and last is not None and kept < last
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _normalize_rows(out: np.ndarray) -> None:
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def _warn_truncation(tally: TruncationTally) -> None:
+    if message := tally.message():
+        log.warning("diffcse_runtime: %s", message)
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:

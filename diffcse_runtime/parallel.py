@@ -1,0 +1,215 @@
+"""Embed on every core of one machine: N worker processes, each with its own session.
+
+onnxruntime parallelises one batch over intra-op threads; for the small matrices of a
+sentence encoder those threads spend much of their time waiting for one another. Separate
+processes, each with one session and its own share of the cores, encode independent chunks
+instead (benchmarks/README.md, "Processes or threads", has the figures behind
+`default_layout`).
+
+Chunks go to the workers through a `ProcessPoolExecutor` with at most two chunks in flight
+per worker, so reading a file of any size stays bounded in memory, and results come back in
+input order. Workers are started with "spawn": forking a parent whose onnxruntime and
+tokenizers thread pools already run is unsafe. Like any spawn-based pool, a script that uses
+this needs the `if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffcse_runtime.encoder import (
+    EMBED_CHUNK_SIZE,
+    Encoder,
+    TokenCounts,
+    TruncationTally,
+    iter_text_chunks,
+)
+from diffcse_runtime.model_dir import load_metadata
+
+log = logging.getLogger("diffcse_runtime")
+IN_FLIGHT_PER_WORKER = 2  # one chunk encoding, one queued: workers never wait on the parent
+_worker_encoder: Encoder | None = None  # one per worker process, built on its first chunk
+
+
+def default_layout(cpus: int | None = None) -> tuple[int, int]:
+    """(processes, threads per process) for this machine: one single-threaded process per
+    core, the layout measured faster than one process with all cores as threads."""
+    return cpus or usable_cpus(), 1
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (a container's or taskset's limit, not the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class EncoderPool:
+    """N processes, each with its own `Encoder` session, that embed chunks in input order.
+
+    With `processes=1` the chunks are encoded in this process and no worker is started.
+    Use it as a context manager, or call `close()`.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | Encoder,
+        processes: int | None = None,
+        threads_per_process: int | None = None,
+    ) -> None:
+        default_processes, default_threads = default_layout()
+        self.processes = processes or default_processes
+        self.threads = threads_per_process or default_threads
+        if self.processes < 1 or self.threads < 1:
+            raise ValueError(
+                f"processes and threads_per_process must be >= 1, "
+                f"got {self.processes} and {self.threads}"
+            )
+        if isinstance(model, Encoder):
+            self._state = {**model.__getstate__(), "intra_op_threads": self.threads}
+            self.meta = model.meta
+        else:
+            self.meta = load_metadata(model)  # a bad folder fails here, not in a worker
+            self._state = {
+                "path": str(model),
+                "onnx_sha256": self.meta.onnx_sha256,
+                "providers": None,
+                "intra_op_threads": self.threads,
+                "verify_hash": True,
+            }
+        self._local: Encoder | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        if self.processes == 1:
+            self._local = _encoder_from_state(self._state)
+        else:
+            self._pool = ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.threads,),
+            )
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.meta.embedding_dim
+
+    def map_chunks(
+        self,
+        chunks: Iterable[list[str]],
+        batch_size: int = 64,
+        normalize: bool = False,
+    ) -> Iterator[tuple[list[str], np.ndarray, TokenCounts]]:
+        """Yield (chunk, embeddings, token counts) per chunk, in input order."""
+        if self._local is not None:
+            for chunk in chunks:
+                yield (chunk, *_encode(self._local, chunk, batch_size, normalize))
+            return
+        pending: deque[tuple[list[str], Future]] = deque()
+        for chunk in chunks:
+            future = self._submit(chunk, batch_size, normalize)
+            pending.append((chunk, future))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * self.processes:
+                done_chunk, done = pending.popleft()
+                yield (done_chunk, *done.result())
+        while pending:
+            done_chunk, done = pending.popleft()
+            yield (done_chunk, *done.result())
+
+    def embed(
+        self,
+        texts: Iterable[str],
+        batch_size: int = 64,
+        chunk_size: int = EMBED_CHUNK_SIZE,
+        normalize: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """Like `Encoder.embed`: one (d,) row per text in input order; truncation is logged
+        once as a total at the end."""
+        tally = TruncationTally(self.meta.max_seq_length)
+        chunks = iter_text_chunks(texts, chunk_size)
+        for _, out, counts in self.map_chunks(chunks, batch_size, normalize):
+            tally.add(counts)
+            yield from out
+        if message := tally.message():
+            log.warning("diffcse_runtime: %s", message)
+
+    def _submit(self, chunk: list[str], batch_size: int, normalize: bool) -> Future:
+        assert self._pool is not None
+        return self._pool.submit(_worker_encode, self._state, chunk, batch_size, normalize)
+
+    def close(self) -> None:
+        """Stop the workers; chunks not yet started are dropped."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> EncoderPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def embed_parallel(
+    model: str | Path | Encoder,
+    texts: Iterable[str],
+    processes: int | None = None,
+    threads_per_process: int | None = None,
+    batch_size: int = 64,
+    chunk_size: int = EMBED_CHUNK_SIZE,
+    normalize: bool = False,
+) -> Iterator[np.ndarray]:
+    """Yield one embedding per text, in input order, computed by `processes` workers.
+
+    The multi-process `Encoder.embed`: `texts` may be any iterable (a generator over a file);
+    memory holds at most two chunks per worker. Defaults: `default_layout()`.
+    """
+    with EncoderPool(model, processes, threads_per_process) as pool:
+        yield from pool.embed(texts, batch_size, chunk_size, normalize)
+
+
+# ------------------------------------------------------------------ worker side
+
+
+def _encoder_from_state(state: dict[str, Any]) -> Encoder:
+    encoder = Encoder.__new__(Encoder)
+    encoder.__setstate__(state)
+    return encoder
+
+
+def _init_worker(threads: int) -> None:
+    """Runs first in each worker: the tokenizers library's Rust thread pool gets the
+    worker's share of the cores too (it reads RAYON_NUM_THREADS when first used)."""
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+
+
+def _worker_encode(
+    state: dict[str, Any], chunk: list[str], batch_size: int, normalize: bool
+) -> tuple[np.ndarray, TokenCounts]:
+    """Encode one chunk in a worker; the worker's Encoder is built once, on first use, so a
+    bad model folder comes back to the parent as its own DiffcseError."""
+    global _worker_encoder
+    if _worker_encoder is None:
+        _worker_encoder = _encoder_from_state(state)
+    return _encode(_worker_encoder, chunk, batch_size, normalize)
+
+
+def _encode(
+    encoder: Encoder, chunk: list[str], batch_size: int, normalize: bool
+) -> tuple[np.ndarray, TokenCounts]:
+    out, counts = encoder.encode(
+        chunk,
+        batch_size=batch_size,
+        normalize=normalize,
+        show_progress_bar=False,
+        return_token_counts=True,
+    )
+    return out, counts
