@@ -160,3 +160,7 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    serve()
