@@ -15,6 +15,8 @@ import sys
 import click
 
 from diffcse_runtime.errors import DiffcseError, friendly_errors
+from diffcse_runtime.textio import ERROR_MODES
+from diffcse_train.generator_fit import FitSettings, GeneratorRefused, fit_generator
 
 FIT_GENERATOR = "fit-generator"
 
@@ -90,21 +92,106 @@ def train_cmd(config_path, overrides, resume, overwrite, quiet):
         raise click.ClickException(str(exc)) from None
 
 
-def _fit_generator(args: list[str]) -> None:
+_FIT = FitSettings()  # the fit-generator option defaults
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--encoder", required=True, help="HF encoder folder, or builtin:all-MiniLM-L6-v2.")
+@click.option("--corpus", required=True, help="One sentence per line, or builtin:wiki_en.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option(
+    "--max-sentences",
+    type=click.IntRange(min=1),
+    default=_FIT.max_sentences,
+    show_default=True,
+    help="Training sentences to encode (the time budget: the encoder pass is the cost).",
+)
+@click.option("--all-sentences", is_flag=True, help="Encode every training sentence.")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=0),
+    default=_FIT.epochs,
+    show_default=True,
+    help="AdamW passes over the encoded sentences after the warm start (0: warm start only).",
+)
+@click.option("--max-steps", type=click.IntRange(min=0), help="Stop AdamW after this many steps.")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=_FIT.batch_size, show_default=True
+)
+@click.option(
+    "--max-length", type=click.IntRange(min=4), default=_FIT.max_length, show_default=True
+)
+@click.option(
+    "--warm-start/--no-warm-start",
+    default=_FIT.warm_start,
+    show_default=True,
+    help="Initialise a new head by least squares before AdamW.",
+)
+@click.option("--lr", type=float, default=_FIT.lr, show_default=True, help="Head learning rate.")
+@click.option(
+    "--unfreeze-top-k",
+    type=click.IntRange(min=0),
+    default=_FIT.unfreeze_top_k,
+    show_default=True,
+    help="Also train the encoder's top k layers (in the generator only; the encoder folder is "
+    "not touched). Each epoch then re-encodes the sentences.",
+)
+@click.option(
+    "--encoder-lr",
+    type=float,
+    default=_FIT.encoder_lr,
+    show_default=True,
+    help="Learning rate of the unfrozen layers.",
+)
+@click.option(
+    "--copy-ratio",
+    type=click.FloatRange(min=0, max=1),
+    default=_FIT.copy_ratio,
+    show_default=True,
+    help="Fraction of unmasked tokens also trained to reproduce themselves (DiffCSE reads "
+    "the generator's argmax at every position).",
+)
+@click.option(
+    "--min-accuracy-gain",
+    type=click.FloatRange(min=0),
+    default=_FIT.min_accuracy_gain,
+    show_default=True,
+    help="Refuse to save unless held-out accuracy beats the unigram baseline by this much.",
+)
+@click.option("--seed", type=int, default=_FIT.seed, show_default=True)
+@click.option(
+    "--errors",
+    type=click.Choice(ERROR_MODES),
+    default=_FIT.errors,
+    show_default=True,
+    help="Bad UTF-8 in --corpus: stop with FILE:LINE, or replace it.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars; only the result.")
+@friendly_errors
+def fit_generator_cmd(encoder, corpus, out, all_sentences, overwrite, quiet, **options):
+    """Fit an MLM head on a frozen encoder: a DiffCSE generator with the encoder's vocabulary.
+
+    Saves an AutoModelForMaskedLM folder (config, safetensors, tokenizer, fit_report.json)
+    only if its held-out fill-mask accuracy and perplexity beat the unigram baseline.
+    """
+    setup_logging(quiet)
+    if all_sentences:
+        options["max_sentences"] = None
+    settings = FitSettings(**options)
     try:
-        from diffcse_train.generator_fit import fit_generator_cmd
-    except ModuleNotFoundError as exc:
-        if exc.name != "diffcse_train.generator_fit":
-            raise
-        click.echo(f"Error: {FIT_GENERATOR} is not available in this installation", err=True)
-        sys.exit(2)
-    fit_generator_cmd.main(args=args, prog_name=f"diffcse-train {FIT_GENERATOR}")
+        report = fit_generator(encoder, corpus, out, settings, overwrite, progress=not quiet)
+    except GeneratorRefused as exc:
+        click.echo(exc.report.table(), err=True)
+        raise click.ClickException(str(exc)) from None
+    click.echo(report.table())
+    click.echo(f"{report.steps} AdamW steps, {report.seconds:.0f} s in all; saved {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: dispatch `fit-generator`, otherwise train."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == FIT_GENERATOR:
-        _fit_generator(args[1:])
+        fit_generator_cmd.main(args=args[1:], prog_name=f"diffcse-train {FIT_GENERATOR}")
         return
     train_cmd.main(args=args, prog_name="diffcse-train")

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import click
 import torch
 from torch import nn
 
@@ -666,100 +665,3 @@ def ensure_generator(cfg: TrainConfig) -> None:
     settings = FitSettings(errors=cfg.encoding_errors, max_length=cfg.max_seq_length)
     report = fit_generator(cfg.model_name_or_path, cfg.train_file, out, settings)
     log.info("%s\nsaved the generator to %s (%.0f s)", report.table(), out, report.seconds)
-
-
-# ---------------------------------------------------------------- command line
-
-_D = FitSettings()
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--encoder", required=True, help="HF encoder folder, or builtin:all-MiniLM-L6-v2.")
-@click.option("--corpus", required=True, help="One sentence per line, or builtin:wiki_en.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
-@click.option(
-    "--max-sentences",
-    type=click.IntRange(min=1),
-    default=_D.max_sentences,
-    show_default=True,
-    help="Training sentences to encode (the time budget: the encoder pass is the cost).",
-)
-@click.option("--all-sentences", is_flag=True, help="Encode every training sentence.")
-@click.option(
-    "--epochs",
-    type=click.IntRange(min=0),
-    default=_D.epochs,
-    show_default=True,
-    help="AdamW passes over the encoded sentences after the warm start (0: warm start only).",
-)
-@click.option("--max-steps", type=click.IntRange(min=0), help="Stop AdamW after this many steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, show_default=True)
-@click.option("--max-length", type=click.IntRange(min=4), default=_D.max_length, show_default=True)
-@click.option(
-    "--warm-start/--no-warm-start",
-    default=_D.warm_start,
-    show_default=True,
-    help="Initialise a new head by least squares before AdamW.",
-)
-@click.option("--lr", type=float, default=_D.lr, show_default=True, help="Head learning rate.")
-@click.option(
-    "--unfreeze-top-k",
-    type=click.IntRange(min=0),
-    default=_D.unfreeze_top_k,
-    show_default=True,
-    help="Also train the encoder's top k layers (in the generator only; the encoder folder is "
-    "not touched). Each epoch then re-encodes the sentences.",
-)
-@click.option(
-    "--encoder-lr",
-    type=float,
-    default=_D.encoder_lr,
-    show_default=True,
-    help="Learning rate of the unfrozen layers.",
-)
-@click.option(
-    "--copy-ratio",
-    type=click.FloatRange(min=0, max=1),
-    default=_D.copy_ratio,
-    show_default=True,
-    help="Fraction of unmasked tokens also trained to reproduce themselves (DiffCSE reads "
-    "the generator's argmax at every position).",
-)
-@click.option(
-    "--min-accuracy-gain",
-    type=click.FloatRange(min=0),
-    default=_D.min_accuracy_gain,
-    show_default=True,
-    help="Refuse to save unless held-out accuracy beats the unigram baseline by this much.",
-)
-@click.option("--seed", type=int, default=_D.seed, show_default=True)
-@click.option(
-    "--errors",
-    type=click.Choice(ERROR_MODES),
-    default=_D.errors,
-    show_default=True,
-    help="Bad UTF-8 in --corpus: stop with FILE:LINE, or replace it.",
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-@click.option("--quiet", is_flag=True, help="No progress bars; only the result.")
-def fit_generator_cmd(encoder, corpus, out, all_sentences, overwrite, quiet, **options):
-    """Fit an MLM head on a frozen encoder: a DiffCSE generator with the encoder's vocabulary.
-
-    Saves an AutoModelForMaskedLM folder (config, safetensors, tokenizer, fit_report.json)
-    only if its held-out fill-mask accuracy and perplexity beat the unigram baseline.
-    """
-    from diffcse_train.cli import setup_logging
-
-    setup_logging(quiet)
-    if all_sentences:
-        options["max_sentences"] = None
-    settings = FitSettings(**options)
-    try:
-        report = fit_generator(encoder, corpus, out, settings, overwrite, progress=not quiet)
-    except GeneratorRefused as exc:
-        click.echo(exc.report.table(), err=True)
-        raise click.ClickException(str(exc)) from None
-    except DiffcseError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(report.table())
-    click.echo(f"{report.steps} AdamW steps, {report.seconds:.0f} s in all; saved {out}")

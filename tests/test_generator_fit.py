@@ -14,6 +14,7 @@ import tiny  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from diffcse_runtime.errors import DataFormatError, DiffcseError  # noqa: E402
+from diffcse_train.cli import fit_generator_cmd  # noqa: E402
 from diffcse_train.generator_fit import (  # noqa: E402
     FitSettings,
     GeneratorRefused,
@@ -21,7 +22,6 @@ from diffcse_train.generator_fit import (  # noqa: E402
     collect,
     find_head,
     fit_generator,
-    fit_generator_cmd,
     load_encoder_as_mlm,
     score,
     train_head,

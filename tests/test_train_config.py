@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -186,9 +184,9 @@ def test_fit_generator_subcommand_dispatches(monkeypatch):
     def fake(args):
         seen["args"] = args
 
-    module = types.ModuleType("diffcse_train.generator_fit")
-    module.fit_generator_cmd = fake
-    monkeypatch.setitem(sys.modules, "diffcse_train.generator_fit", module)
+    from diffcse_train import cli
+
+    monkeypatch.setattr(cli, "fit_generator_cmd", fake)
     with pytest.raises(SystemExit) as exc:
         main(["fit-generator", "a", "b"])
     assert exc.value.code == 0 and seen["args"] == ("a", "b")
