@@ -66,9 +66,8 @@ class EncoderPool:
         processes: int | None = None,
         threads_per_process: int | None = None,
     ) -> None:
-        default_processes, default_threads = default_layout()
-        self.processes = processes or default_processes
-        self.threads = threads_per_process or default_threads
+        self.processes = processes or default_layout()[0]
+        self.threads = threads_per_process or max(1, usable_cpus() // self.processes)
         if self.processes < 1 or self.threads < 1:
             raise ValueError(
                 f"processes and threads_per_process must be >= 1, "
