@@ -60,13 +60,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffcse_runtime.atomic import atomic_dir
+from diffcse_runtime.checkpoint_files import CONFIG_FILE, HEAD_FILE, PROJECTOR_FILE
 from diffcse_runtime.errors import DiffcseError
 from diffcse_train.config import TrainConfig
 from diffcse_train.st_files import write_sentence_transformers_files
-
-HEAD_FILE = "diffcse_head.json"
-PROJECTOR_FILE = "projector.safetensors"
-CONFIG_FILE = "train_config.yaml"
 
 
 @dataclass

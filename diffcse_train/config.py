@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffcse_runtime.checkpoint_files import PROJECTORS
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.pooling import POOLINGS
 
 AUGMENTATIONS = ("mlm", "replace", "insert", "delete", "none")
 GENERATOR_AUGMENTATIONS = ("mlm", "insert")
-PROJECTORS = ("batchnorm", "tanh", "none")
 POOLING_CHOICES = ("auto", *POOLINGS)
 PROJECTOR_INITS = ("normal", "pytorch")
 CONDITIONS = ("projector", "encoder")

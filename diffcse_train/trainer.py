@@ -31,6 +31,7 @@ import torch
 
 from diffcse_runtime import sts
 from diffcse_runtime.atomic import atomic_file
+from diffcse_runtime.checkpoint_files import BEST_SUBDIR
 from diffcse_runtime.errors import DiffcseError
 from diffcse_train import checkpoint, distributed
 from diffcse_train.checkpoint import TrainState
@@ -182,7 +183,7 @@ class Trainer:
         self.cfg = cfg
         self.resume = resume
         self.out = Path(cfg.output_dir)
-        self.best_dir, self.last_dir = self.out / "best", self.out / "last"
+        self.best_dir, self.last_dir = self.out / BEST_SUBDIR, self.out / "last"
         self.metrics_path = self.out / "metrics.jsonl"
         self.device = distributed.setup(pick_device(cfg.device))
         world = distributed.world_size()

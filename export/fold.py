@@ -17,8 +17,6 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-PROJECTORS = ("batchnorm", "tanh", "none")
-
 
 class Affine(nn.Module):
     """x @ W.T + b written as matmul + add, so the ONNX graph holds MatMul and Add."""

@@ -33,19 +33,16 @@ from typing import Any
 import torch
 from diffcse_export.cls_layer import ClsStates, prunable
 from diffcse_export.errors import ExportError, first_line
-from diffcse_export.fold import PROJECTORS, build_projector, fold_projector
+from diffcse_export.fold import build_projector, fold_projector
 from torch import nn
 
+from diffcse_runtime.checkpoint_files import BEST_SUBDIR, HEAD_FILE, PROJECTOR_FILE, PROJECTORS
 from diffcse_runtime.errors import ModelDirError
 from diffcse_runtime.model_dir import OUTPUT_NAME
 from diffcse_runtime.pooling import POOLINGS, read_source_pooling
 
 OPSET = 18
 INPUT_NAMES = ["input_ids", "attention_mask"]
-# Written by diffcse-train next to the encoder (see diffcse_train/checkpoint.py).
-HEAD_FILE = "diffcse_head.json"
-PROJECTOR_FILE = "projector.safetensors"
-BEST_SUBDIR = "best"
 # Any one of these lets AutoTokenizer build the tokenizer the encoder was trained with.
 TOKENIZER_FILES = (
     "tokenizer.json",
