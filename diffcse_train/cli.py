@@ -16,7 +16,7 @@ import click
 
 from diffcse_runtime.errors import DiffcseError, friendly_errors
 from diffcse_runtime.textio import ERROR_MODES
-from diffcse_train.generator_fit import FitSettings, GeneratorRefused, fit_generator
+from diffcse_train.generator_fit import PRECISIONS, FitSettings, GeneratorRefused, fit_generator
 
 FIT_GENERATOR = "fit-generator"
 
@@ -85,9 +85,11 @@ def train_cmd(config_path, overrides, resume, overwrite, quiet):
             check_before_training(cfg, overwrite or resume)
         train(cfg, resume=resume, overwrite=overwrite)
         if release_now:  # export + before/after table, once, after the process group ends
-            from diffcse_train.release import release
+            from diffcse_train.release import format_rows, release
 
-            release(cfg, overwrite=overwrite or resume)
+            rows = release(cfg, overwrite=overwrite or resume)
+            if rows:
+                click.echo("before vs after training:\n" + format_rows(rows))
     except DiffcseError as exc:  # (friendly_errors also handles Ctrl-C and SIGTERM)
         raise click.ClickException(str(exc)) from None
 
@@ -104,15 +106,15 @@ _FIT = FitSettings()  # the fit-generator option defaults
     type=click.IntRange(min=1),
     default=_FIT.max_sentences,
     show_default=True,
-    help="Training sentences to encode (the time budget: the encoder pass is the cost).",
+    help="Training sentences per epoch (default: all).",
 )
-@click.option("--all-sentences", is_flag=True, help="Encode every training sentence.")
+@click.option("--all-sentences", is_flag=True, help="Train on every sentence (the default).")
 @click.option(
     "--epochs",
     type=click.IntRange(min=0),
     default=_FIT.epochs,
     show_default=True,
-    help="AdamW passes over the encoded sentences after the warm start (0: warm start only).",
+    help="AdamW passes over the training sentences after the warm start (0: warm start only).",
 )
 @click.option("--max-steps", type=click.IntRange(min=0), help="Stop AdamW after this many steps.")
 @click.option(
@@ -132,16 +134,29 @@ _FIT = FitSettings()  # the fit-generator option defaults
     "--unfreeze-top-k",
     type=click.IntRange(min=0),
     default=_FIT.unfreeze_top_k,
+    help="Train only the encoder's top k layers and the head (0: the head only, on a frozen "
+    "encoder: fast, weak). Default: the whole copy trains (the encoder folder is not touched).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=_FIT.precision,
     show_default=True,
-    help="Also train the encoder's top k layers (in the generator only; the encoder folder is "
-    "not touched). Each epoch then re-encodes the sentences.",
+    help="Autocast while training; auto = bf16 where the CPU computes it natively.",
+)
+@click.option(
+    "--mask-ratio",
+    type=click.FloatRange(min=0.01, max=0.9),
+    default=_FIT.mask_ratio,
+    show_default=True,
+    help="Fraction of training tokens masked (80% [MASK], 10% random, 10% kept).",
 )
 @click.option(
     "--encoder-lr",
     type=float,
     default=_FIT.encoder_lr,
     show_default=True,
-    help="Learning rate of the unfrozen layers.",
+    help="Learning rate of the encoder's trainable part.",
 )
 @click.option(
     "--copy-ratio",
@@ -170,7 +185,7 @@ _FIT = FitSettings()  # the fit-generator option defaults
 @click.option("--quiet", is_flag=True, help="No progress bars; only the result.")
 @friendly_errors
 def fit_generator_cmd(encoder, corpus, out, all_sentences, overwrite, quiet, **options):
-    """Fit an MLM head on a frozen encoder: a DiffCSE generator with the encoder's vocabulary.
+    """Fit a copy of an encoder as a masked LM: a DiffCSE generator with its vocabulary.
 
     Saves an AutoModelForMaskedLM folder (config, safetensors, tokenizer, fit_report.json)
     only if its held-out fill-mask accuracy and perplexity beat the unigram baseline.

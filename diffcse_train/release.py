@@ -7,8 +7,9 @@ directories (each through the export's numeric parity gate) and scored by the ru
 scored with its native pooling, so a [CLS] model trained from a mean-pooled source would
 show its loss here instead of hiding it.
 
-The table goes to the log and to OUTPUT_DIR/scores.json. The trained model directories are
-`export_dir` (fp32) and `export_dir`-int8 beside it; the input model's export is temporary.
+The table goes to standard output (`diffcse-train` prints it) and to
+OUTPUT_DIR/scores.json. The trained model directories are `export_dir` (fp32) and
+`export_dir`-int8 beside it; the input model's export is temporary.
 """
 
 from __future__ import annotations
@@ -141,8 +142,6 @@ def release(cfg: TrainConfig, overwrite: bool = False) -> list[Row]:
     exported = export_trained(cfg, overwrite)
     rows = before_after(cfg, exported)
     if rows:
-        table = format_rows(rows)
-        log.info("before vs after training:\n%s", table)
         payload = {"tasks": list(SCORE_TASKS), "split": "dev", "rows": [r.__dict__ for r in rows]}
         with atomic_file(Path(cfg.output_dir) / SCORES_FILE, "w") as fh:
             json.dump(payload, fh, indent=2)

@@ -1,0 +1,94 @@
+"""The main job's last step: `diffcse-train` with export_dir trains, exports (fp32 + int8,
+parity-gated) and prints a before/after table scored by the runtime; it refuses up front
+to replace an export it may not replace, so no training time is lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import tiny  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from diffcse_runtime import Encoder, load_metadata  # noqa: E402
+from diffcse_runtime.pooling import write_st_modules  # noqa: E402
+from diffcse_train.cli import train_cmd as main  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread(one_torch_thread):
+    """Keep the CPU quiet for the other tests."""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A corpus file and STS-B dev + SICK trial files in the SentEval layout."""
+    root = tmp_path_factory.mktemp("release")
+    corpus = root / "train.txt"
+    corpus.write_text("\n".join(tiny.corpus(64, seed=3)) + "\n", encoding="utf-8")
+    sts = tiny.write_overlap_stsb(root / "sts", 60)
+    pairs = tiny.corpus(40, seed=12)
+    rows = ["pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment"]
+    for i in range(0, 40, 2):
+        gold = 1 + len(set(pairs[i].split()) & set(pairs[i + 1].split()))
+        rows.append(f"{i}\t{pairs[i]}\t{pairs[i + 1]}\t{min(gold, 5):.1f}\tNEUTRAL")
+    (sts / "SICK").mkdir()
+    (sts / "SICK" / "SICK_trial.txt").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return corpus, sts
+
+
+@pytest.fixture(scope="module")
+def mean_source(tiny_bert, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mean_source") / "model"
+    shutil.copytree(tiny_bert, folder)
+    write_st_modules(folder, "mean", 32)
+    return folder
+
+
+def run(source, data, out, *extra):
+    corpus, sts = data
+    args = ["--quiet", "--set", f"model_name_or_path={source}", "--set", f"train_file={corpus}"]
+    for item in (
+        f"output_dir={out}", f"eval_data_dir={sts}", f"export_dir={out / 'model'}",
+        "augmentation=replace", "lambda_weight=0.1", "batch_size=16", "max_steps=2",
+        "eval_steps=2", "save_steps=2", "learning_rate=1e-3", "device=cpu",
+    ):  # fmt: skip
+        args += ["--set", item]
+    return CliRunner().invoke(main, args + list(extra), catch_exceptions=False)
+
+
+def test_main_job_trains_exports_and_scores_before_and_after(mean_source, data, tmp_path):
+    out = tmp_path / "run"
+    result = run(mean_source, data, out)
+    assert result.exit_code == 0, result.output
+    assert "before vs after training" in result.output  # printed even with --quiet
+    assert "trained (int8)" in result.output
+    scores = json.loads((out / "scores.json").read_text())
+    names = [row["name"] for row in scores["rows"]]
+    assert names == ["input model", "trained (fp32)", "trained (int8)"]
+    for row in scores["rows"]:
+        assert row["pooling"] == "mean"  # the input keeps its native pooling, as trained
+        assert set(row["scores"]) == {"STSBenchmark", "SICKRelatedness"}
+        assert all(-100 <= v <= 100 for v in row["scores"].values())
+    fp32, int8 = out / "model", out / "model-int8"
+    assert load_metadata(fp32).pooling == "mean" and load_metadata(int8).variant == "int8"
+    # the table's fp32 row is what the runtime gives for the exported model
+    from diffcse_runtime import sts
+
+    result_fp32 = sts.evaluate(Encoder(fp32).encode, data[1], ["STSBenchmark"], split="dev")
+    trained = scores["rows"][1]["scores"]["STSBenchmark"]
+    assert trained == pytest.approx(result_fp32.scores["STSBenchmark"].spearman)
+
+
+def test_an_existing_export_is_refused_before_training(tiny_bert, data, tmp_path):
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "notes.txt").write_text("mine")
+    result = run(tiny_bert, data, out)
+    assert result.exit_code == 1
+    assert "already exists" in result.output and "--overwrite" in result.output
+    assert not (out / "last").exists()  # refused before any training
+    assert (out / "model" / "notes.txt").read_text() == "mine"
