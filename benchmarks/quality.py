@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import benchlib
-from benchlib import CACHE_DIR, ROOT, BenchSkip
+from benchlib import CACHE_DIR, ROOT, BenchSkip, minilm_dir
 from models import export, minilm_variant
 
 RUNS = ("simcse", "diffcse-mlm", "diffcse-replace")
@@ -89,11 +89,23 @@ def rtd_trace(metrics: Path) -> dict:
     return {f"{k}_first": first.get(k) for k in keys} | {f"{k}_last": last.get(k) for k in keys}
 
 
-def score(model_dir: Path, data: Path) -> dict:
+def torch_encoder(checkpoint: Path):
+    """best/ in PyTorch with its own pooling: the export parity gate's reference path."""
+    from diffcse_export import graph, validate
+
+    ckpt = graph.load_checkpoint(checkpoint)
+    module, _ = graph.embedding_modules(ckpt, with_projector=False)
+    max_len = graph.resolve_max_seq_length(ckpt, None)
+    return validate.torch_encode_fn(module, ckpt.tokenizer, max_len)
+
+
+def score(model_dir: Path, data: Path, with_torch: bool = False) -> dict:
+    """STS-B dev and SICK-R trial: an exported model directory through the runtime, or
+    (with_torch) a checkpoint through PyTorch."""
     from diffcse_runtime import Encoder
     from diffcse_runtime.sts import evaluate
 
-    encoder = Encoder(model_dir)
+    encoder = torch_encoder(model_dir) if with_torch else Encoder(model_dir)
     out = {}
     for task, key in (("STSBenchmark", "stsb_dev"), ("SICKRelatedness", "sick_trial")):
         try:
@@ -133,11 +145,15 @@ def one_run(name: str, seed: int, common: list[str], generator: Path, args, data
     try:
         row["train_s"] = train(name, overrides, out)
         row["best_step"] = best_step(out)
-        no_sts = args.work / "no-sts"  # export's STS parity is redundant: scored below
-        no_sts.mkdir(parents=True, exist_ok=True)
-        extra = ("--sts-data", str(no_sts))
-        export(out / "best", args.work / f"{name}-s{seed}-onnx", variants=("fp32",), extra=extra)
-        row |= score(args.work / f"{name}-s{seed}-onnx", data)
+        if args.score == "torch":
+            row |= score(out / "best", data, with_torch=True)
+        else:
+            no_sts = args.work / "no-sts"  # export's STS parity is redundant: scored below
+            no_sts.mkdir(parents=True, exist_ok=True)
+            extra = ("--sts-data", str(no_sts))
+            onnx_dir = args.work / f"{name}-s{seed}-onnx"
+            export(out / "best", onnx_dir, variants=("fp32",), extra=extra)
+            row |= score(onnx_dir, data)
         row |= rtd_trace(out / "metrics.jsonl")
         cached.write_text(json.dumps({"overrides": overrides, "row": row}, indent=2))
     except (RuntimeError, BenchSkip) as exc:
@@ -202,6 +218,13 @@ def main() -> None:
         "--sweep", default="", help="lambda values for extra diffcse-mlm@LAMBDA runs, e.g. 0.05,0.5"
     )
     p.add_argument("--work", type=Path, default=CACHE_DIR / "quality")
+    p.add_argument(
+        "--score",
+        choices=("onnx", "torch"),
+        default="onnx",
+        help="score each run's best/ exported through the runtime (onnx), or in PyTorch with "
+        "its own pooling (torch: the export parity gate's reference, no export per run)",
+    )
     args = p.parse_args()
     data = benchlib.sts_data_dir(args.data)
     device = benchlib.devices(args.device)[-1]  # the larger config where CUDA exists
@@ -222,14 +245,15 @@ def main() -> None:
         f"max_steps={args.steps}",
         f"batch_size={bs}",
         f"learning_rate={lr}",
-        f"eval_steps={args.steps}",  # scored once, at the end: no selection on STS-B dev
+        f"eval_steps={args.steps}",
         f"save_steps={args.steps}",
-        f"eval_data_dir={data}",
+        "eval_data_dir=null",  # no selection on STS-B dev: best/ is the last step, scored below
         f"device={device}",
         "precision=" + ("bf16" if device == "cuda" else "fp32"),
         "export_dir=null",  # exported and scored below, fp32 only
     ]
-    rows = [{"run": "initial", "steps": 0, **score(minilm_variant("fp32"), data)}]
+    initial = minilm_variant("fp32") if args.score == "onnx" else minilm_dir()
+    rows = [{"run": "initial", "steps": 0, **score(initial, data, args.score == "torch")}]
     print(f"  initial: {rows[0]}", file=sys.stderr, flush=True)
     for seed in seeds:
         rows += [one_run(name, seed, common, generator, args, data) for name in names]
@@ -241,7 +265,12 @@ def main() -> None:
     means = mean_rows(rows[1:], names)
     result = {
         "benchmark": "quality",
-        "config": {"base": "configs/demo_cpu.yaml", "overrides": common, "seeds": seeds},
+        "config": {
+            "base": "configs/demo_cpu.yaml",
+            "overrides": common,
+            "seeds": seeds,
+            "score": args.score,
+        },
         "generator": {
             "path": str(generator),
             "fitted_during_this_run": fitted_here,
