@@ -1,0 +1,208 @@
+"""`diffcse-embed-ray`: embed a corpus of any size on a local Ray or an existing cluster."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+from diffcse_runtime.errors import DiffcseError, friendly_errors
+from diffcse_runtime.model_dir import load_metadata
+from diffcse_runtime.ray_embed.inputs import FORMATS
+from diffcse_runtime.textio import ERROR_MODES
+
+
+def start_local_ray(num_cpus: int, temp_dir: str | None = None) -> None:
+    """Start a private, offline Ray on this machine: no dashboard, no usage stats, its
+    session files under the system's temporary folder (Ray's socket paths must stay short)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    temp_dir = temp_dir or os.path.join(tempfile.gettempdir(), f"diffcse-ray-{os.getuid()}")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data logs its whole operator table every few seconds; our own progress line is
+    enough unless the user asks for more."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def connect(address: str) -> None:
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except ConnectionError as exc:
+        raise DiffcseError(
+            f"--address {address}: cannot connect to a Ray cluster ({exc})"
+        ) from None
+
+
+def default_actors(cpus_per_actor: float) -> int:
+    """As many actors as the cluster's CPUs hold. The job has no separate read tasks (each
+    actor reads its own shard), so actors may reserve every CPU without starving reads."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(1, math.floor(total / cpus_per_actor))
+
+
+@click.command(name="diffcse-embed-ray")
+@click.argument("inputs", nargs=-1, required=True)
+@click.argument("output_dir")
+@click.option(
+    "--model",
+    "-m",
+    required=True,
+    type=click.Path(path_type=Path, exists=True),
+    help="Model directory from diffcse-export (every node must see it at this path).",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster to run on (e.g. ray://head:10001 or auto); default: start a local Ray.",
+)
+@click.option(
+    "--actors", type=int, default=None, help="Encoder actors; default: as many as the CPUs allow."
+)
+@click.option(
+    "--threads",
+    type=int,
+    default=1,
+    show_default=True,
+    help="onnxruntime threads per actor (each actor reserves as many CPUs).",
+)
+@click.option(
+    "--num-cpus",
+    type=int,
+    default=None,
+    help="CPUs for the local Ray; default: all of this machine's.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="auto",
+    show_default=True,
+    help="Input format; auto: .jsonl/.ndjson, .parquet/.pq, else text lines.",
+)
+@click.option(
+    "--text-field",
+    default="text",
+    show_default=True,
+    help="JSONL field or Parquet column holding the text.",
+)
+@click.option(
+    "--id-field",
+    default=None,
+    help="JSONL field or Parquet column to use as the row id (default: FILE:LINE "
+    "for text/JSONL, FILE#ROW for Parquet).",
+)
+@click.option(
+    "--shard-rows",
+    type=int,
+    default=100_000,
+    show_default=True,
+    help="Rows per output part; a part is the unit of retry and resume.",
+)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--normalize", is_flag=True, help="L2-normalise the embeddings.")
+@click.option("--keep-text", is_flag=True, help="Also store each row's text in the parts.")
+@click.option(
+    "--errors",
+    type=click.Choice(ERROR_MODES),
+    default="strict",
+    show_default=True,
+    help="Bytes that are not UTF-8: stop with FILE:LINE, or replace them.",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray Data's progress log.")
+@friendly_errors(interrupted="interrupted; finished parts are kept, rerun to resume")
+def main(
+    inputs,
+    output_dir,
+    model,
+    address,
+    actors,
+    threads,
+    num_cpus,
+    fmt,
+    text_field,
+    id_field,
+    shard_rows,
+    batch_size,
+    normalize,
+    keep_text,
+    errors,
+    verbose,
+):
+    """Embed INPUTS (files, folders or globs; local or any pyarrow filesystem URI such as
+    s3://...) into Parquet parts under OUTPUT_DIR, with a manifest.json.
+
+    Rerun the same command after a failure: finished parts are kept and only the missing
+    ones are embedded.
+    """
+    import ray
+
+    from diffcse_runtime.ray_embed.job import JobSpec, run_job
+
+    if shard_rows < 1 or threads < 1 or batch_size < 1 or (actors is not None and actors < 1):
+        raise click.UsageError("--shard-rows, --threads, --batch-size and --actors must be >= 1")
+    meta = load_metadata(model)  # a broken model folder fails here, before Ray starts
+    spec = JobSpec(
+        inputs=list(inputs),
+        model_sha256=meta.onnx_sha256,
+        fmt=fmt,
+        text_field=text_field,
+        id_field=id_field,
+        shard_rows=shard_rows,
+        normalize=normalize,
+        keep_text=keep_text,
+        errors=errors,
+    )
+    owns_ray = not ray.is_initialized()  # a caller's (or a test's) running Ray is reused
+    if owns_ray and address:
+        connect(address)
+    elif owns_ray:
+        start_local_ray(num_cpus or os.cpu_count() or 1)
+    quiet_ray_data(verbose)
+    try:
+        n = actors or default_actors(threads)
+        click.echo(f"diffcse-embed-ray: {n} actor(s) x {threads} thread(s)", err=True)
+        result = run_job(
+            spec,
+            model.resolve(),
+            output_dir,
+            actors=n,
+            cpus_per_actor=threads,
+            threads=threads,
+            batch_size=batch_size,
+            progress=_progress,
+        )
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    click.echo(
+        f"rows in {result.rows_in}, rows out {result.rows_out}; parts written "
+        f"{result.shards_written}, already done {result.shards_skipped}, "
+        f"{result.seconds:.1f} s; manifest {result.manifest}"
+    )
+    if result.rows_out != result.rows_in:
+        raise DiffcseError(f"{result.manifest}: {result.rows_in - result.rows_out} rows missing")
+
+
+def _progress(done: int, total: int) -> None:
+    click.echo(f"\rparts {done}/{total}", err=True, nl=done == total)

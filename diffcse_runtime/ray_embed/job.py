@@ -1,0 +1,271 @@
+"""The whole embedding job on Ray Data: plan shards, embed them in an actor pool, resume.
+
+    plan (one Ray task per input file) -> from_items(shards not yet written)
+      -> map_batches(ShardWriter, actor pool, batch_size=1 shard)
+           each actor: read its shard -> Encoder -> Parquet part, published atomically
+      -> manifest.json (model hash, rows in, rows out), published atomically
+
+Each shard is written whole or not at all, under a name fixed by the plan. That one rule
+gives both guarantees the job needs: a retried task (an actor killed and restarted by Ray)
+rewrites the same part with the same rows, so every row lands exactly once; and a rerun
+after a failure finds the finished parts and embeds only the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from diffcse_runtime.atomic import atomic_file
+from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.model_dir import load_metadata
+from diffcse_runtime.ray_embed.batch import TextEmbedder, embedding_array, text_hashes
+from diffcse_runtime.ray_embed.inputs import Shard, file_format, list_files, plan_file, read_shard
+from diffcse_runtime.ray_embed.inputs import resolve as resolve_fs
+
+log = logging.getLogger("diffcse_runtime.ray_embed")
+JOB_FILE = "_diffcse_job.json"  # the plan: a rerun resumes only the same job
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "diffcse-embed-ray/1"
+
+
+@dataclass
+class JobSpec:
+    """What decides the output: a rerun with a different spec would mix two jobs."""
+
+    inputs: list[str]
+    model_sha256: str
+    fmt: str = "auto"
+    text_field: str = "text"
+    id_field: str | None = None
+    shard_rows: int = 100_000
+    normalize: bool = False
+    keep_text: bool = False
+    errors: str = "strict"
+
+
+@dataclass
+class JobResult:
+    rows_in: int
+    rows_out: int
+    shards: int
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+    manifest: str
+    written: list[str] = field(default_factory=list)
+
+
+def part_name(shard: Shard) -> str:
+    return f"part-{shard.index:06d}.parquet"
+
+
+class ShardWriter(TextEmbedder):
+    """The job's actor: embeds whole shards and publishes each as one Parquet part."""
+
+    def __init__(self, model_dir: str, output_dir: str, spec: dict, **embedder_kwargs) -> None:
+        super().__init__(model_dir, normalize=spec["normalize"], **embedder_kwargs)
+        self.spec = spec
+        self.out_fs, self.out_path = resolve_fs(output_dir)
+        self.in_fs: dict[str, pafs.FileSystem] = {}
+
+    def __call__(self, batch: dict) -> dict:
+        """One summary row per shard. A user error (a malformed line) comes back as data:
+        Ray would wrap the exception in its own types and keep only its traceback text."""
+        out: dict[str, list] = {"shard": [], "rows": [], "error": []}
+        for raw in batch["shard"]:
+            shard = Shard.from_dict(json.loads(raw))
+            try:
+                rows, error = self.write_shard(shard)[1], ""
+            except DiffcseError as exc:
+                rows, error = -1, str(exc)
+            out["shard"].append(shard.index)
+            out["rows"].append(rows)
+            out["error"].append(error)
+        return out
+
+    def write_shard(self, shard: Shard) -> tuple[int, int]:
+        fs = self.in_fs.get(shard.path) or resolve_fs(self.spec["inputs_fs"][shard.path])[0]
+        self.in_fs[shard.path] = fs
+        spec = self.spec
+        ids, texts = read_shard(fs, shard, spec["text_field"], spec["id_field"], spec["errors"])
+        columns = {
+            "id": pa.array(ids, type=pa.string()),
+            "text_hash": text_hashes(texts),
+            "embedding": embedding_array(self.embed(texts)),
+        }
+        if spec["keep_text"]:
+            columns["text"] = pa.array(texts, type=pa.string())
+        write_table(pa.table(columns), self.out_fs, f"{self.out_path}/{part_name(shard)}")
+        return shard.index, len(ids)
+
+
+def write_table(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
+    """Publish a Parquet file whole: atomic rename locally; object stores (S3, GCS) make an
+    object visible only when its upload completes, so a plain write is already whole."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        with atomic_file(path) as fh:
+            pq.write_table(table, fh)
+    else:
+        with fs.open_output_stream(path) as fh:
+            pq.write_table(table, fh)
+
+
+def plan(spec: JobSpec) -> tuple[list[Shard], dict[str, str]]:
+    """Shards of every input file, planned in parallel Ray tasks (one per file)."""
+    files: list[tuple[str, str]] = []  # (path on its filesystem, the URI to reopen it by)
+    for pattern in spec.inputs:
+        fs, paths = list_files(pattern)
+        prefix = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+        files += [(p, prefix + p if prefix and "://" not in p else p) for p in paths]
+
+    @ray.remote(num_cpus=0.25)
+    def plan_one(uri: str, path: str) -> list[Shard]:
+        fs = resolve_fs(uri)[0]
+        return plan_file(fs, path, file_format(path, spec.fmt), spec.shard_rows)
+
+    per_file = ray.get([plan_one.remote(uri, path) for path, uri in files])
+    shards = [s for chunk in per_file for s in chunk]
+    shards = [Shard(**{**s.to_dict(), "index": i}) for i, s in enumerate(shards)]
+    return shards, {path: uri for path, uri in files}
+
+
+def load_or_plan(out_fs, out_path: str, spec: JobSpec) -> tuple[list[Shard], dict[str, str]]:
+    """The saved plan of this output folder, or a new one; another job's plan is refused."""
+    job_path = f"{out_path}/{JOB_FILE}"
+    if out_fs.get_file_info(job_path).type == pafs.FileType.File:
+        with out_fs.open_input_stream(job_path) as fh:
+            saved = json.loads(fh.read())
+        if saved["spec"] != vars(spec):
+            changed = sorted(k for k in saved["spec"] if saved["spec"][k] != vars(spec).get(k))
+            raise DiffcseError(
+                f"{out_path}: holds a different job (changed: {', '.join(changed)}); "
+                "use a new output folder"
+            )
+        return [Shard.from_dict(s) for s in saved["shards"]], saved["uris"]
+    info = out_fs.get_file_info(out_path)
+    if info.type == pafs.FileType.Directory and out_fs.get_file_info(pafs.FileSelector(out_path)):
+        raise DiffcseError(f"{out_path}: exists and is not a diffcse-embed-ray output folder")
+    if info.type == pafs.FileType.File:
+        raise DiffcseError(f"{out_path}: is a file, expected an output folder")
+    shards, uris = plan(spec)
+    out_fs.create_dir(out_path, recursive=True)
+    body = {"spec": vars(spec), "uris": uris, "shards": [s.to_dict() for s in shards]}
+    _write_json(out_fs, job_path, body)
+    return shards, uris
+
+
+def finished(out_fs, out_path: str, shards: list[Shard]) -> dict[int, int]:
+    """{shard index: rows} of the parts already published whole with the planned rows."""
+    infos = out_fs.get_file_info(pafs.FileSelector(out_path))
+    present = {i.base_name for i in infos if i.type == pafs.FileType.File}
+    done = {}
+    for shard in shards:
+        name = part_name(shard)
+        if name in present:
+            rows = pq.ParquetFile(out_fs.open_input_file(f"{out_path}/{name}")).metadata.num_rows
+            if rows == shard.rows:
+                done[shard.index] = rows
+    return done
+
+
+def run_job(
+    spec: JobSpec,
+    model_dir: str | Path,
+    output_dir: str,
+    actors: int,
+    cpus_per_actor: float = 1.0,
+    threads: int = 1,
+    batch_size: int = 64,
+    worker: type[ShardWriter] = ShardWriter,
+    progress: Callable[[int, int], None] | None = None,
+) -> JobResult:
+    """Embed every shard not yet written, then write the manifest. Ray must be running.
+
+    A dead actor (killed, out of memory, its node lost) is restarted and its shards retried:
+    Ray Data's default for actor pools (`max_restarts=-1`, `max_task_retries=-1`), which
+    Ray 2.60 deprecates overriding through `map_batches`. An exception raised by our code
+    (a malformed line) is not retried: it fails the job with its message.
+    """
+    started = time.perf_counter()
+    out_fs, out_path = resolve_fs(output_dir)
+    shards, uris = load_or_plan(out_fs, out_path, spec)
+    done = finished(out_fs, out_path, shards)
+    todo = [s for s in shards if s.index not in done]
+    rows_out = sum(done.values())
+    if todo:
+        ds = ray.data.from_items(
+            [{"shard": json.dumps(s.to_dict())} for s in todo], override_num_blocks=len(todo)
+        )
+        ds = ds.map_batches(
+            worker,
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(todo)))),
+            num_cpus=cpus_per_actor,
+            fn_constructor_kwargs={
+                "model_dir": str(model_dir),
+                "output_dir": output_dir,
+                "spec": {**vars(spec), "inputs_fs": uris},
+                "intra_op_threads": threads,
+                "batch_size": batch_size,
+            },
+        )
+        for row in ds.iter_rows():
+            if row["error"]:
+                raise DiffcseError(str(row["error"]))
+            rows_out += int(row["rows"])
+            done[int(row["shard"])] = int(row["rows"])
+            if progress:
+                progress(len(done), len(shards))
+    rows_in = sum(s.rows for s in shards)
+    manifest = _manifest(spec, model_dir, shards, rows_in, rows_out)
+    _write_json(out_fs, f"{out_path}/{MANIFEST_FILE}", manifest)
+    return JobResult(
+        rows_in=rows_in,
+        rows_out=rows_out,
+        shards=len(shards),
+        shards_written=len(todo),
+        shards_skipped=len(shards) - len(todo),
+        seconds=time.perf_counter() - started,
+        manifest=f"{out_path}/{MANIFEST_FILE}",
+        written=[part_name(s) for s in todo],
+    )
+
+
+def _manifest(spec: JobSpec, model_dir, shards: list[Shard], rows_in: int, rows_out: int):
+    meta = load_metadata(model_dir, verify_hash=False)
+    return {
+        "format": MANIFEST_FORMAT,
+        "model": {
+            "path": str(model_dir),
+            "onnx_sha256": spec.model_sha256,
+            "embedding_dim": meta.embedding_dim,
+            "normalized": spec.normalize,
+        },
+        "inputs": spec.inputs,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "complete": rows_in == rows_out,
+        "columns": {"id": "string", "text_hash": "blake2b-128", "embedding": "float32 list"},
+        "parts": [{"file": part_name(s), "rows": s.rows, "source": s.path} for s in shards],
+    }
+
+
+def _write_json(fs: pafs.FileSystem, path: str, body: dict) -> None:
+    data = (json.dumps(body, indent=1) + "\n").encode("utf-8")
+    if isinstance(fs, pafs.LocalFileSystem):
+        with atomic_file(path) as fh:
+            fh.write(data)
+    else:
+        with fs.open_output_stream(path) as fh:
+            fh.write(data)

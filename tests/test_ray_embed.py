@@ -1,0 +1,219 @@
+"""diffcse-embed-ray and TextEmbedder on a real local Ray (2 CPUs) with a tiny model.
+
+One Ray per module (starting it costs seconds). Every job runs under an alarm, so a
+scheduling hang (an actor pool starving other work) fails the test instead of CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+ray = pytest.importorskip("ray")
+
+from diffcse_runtime import Encoder  # noqa: E402
+from diffcse_runtime.ray_embed import JobSpec, ShardWriter, TextEmbedder, run_job  # noqa: E402
+from diffcse_runtime.ray_embed.batch import text_hashes  # noqa: E402
+from diffcse_runtime.ray_embed.cli import main as embed_ray  # noqa: E402
+from diffcse_runtime.ray_embed.cli import quiet_ray_data, start_local_ray  # noqa: E402
+from diffcse_runtime.ray_embed.job import MANIFEST_FILE  # noqa: E402
+
+JOB_SECONDS = 60  # one job on 2 CPUs takes ~5-10 s; a hang is caught well before CI's limit
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    temp = tempfile.mkdtemp(prefix="dray-")  # short: Ray's socket paths must stay < 108
+    start_local_ray(2, temp_dir=temp)
+    quiet_ray_data(False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def deadline():
+    def expire(signum, frame):
+        raise TimeoutError(f"Ray job still running after {JOB_SECONDS} s: a scheduling hang")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(JOB_SECONDS)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_dir):
+    return Encoder(tiny_model_dir)
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    import tiny
+
+    return tiny.corpus(n, seed=seed)
+
+
+def read_parts(out) -> pa.Table:
+    parts = sorted(p for p in os.listdir(out) if p.startswith("part-"))
+    return pa.concat_tables([pq.read_table(os.path.join(out, p)) for p in parts])
+
+
+def spec_for(model_dir, inputs, **kw) -> JobSpec:
+    meta = Encoder(model_dir).meta
+    return JobSpec(inputs=[str(i) for i in inputs], model_sha256=meta.onnx_sha256, **kw)
+
+
+def test_text_embedder_in_map_batches_equals_encoder(local_ray, deadline, tiny_model_dir, encoder):
+    texts = sentences(300)
+    ds = ray.data.from_items([{"text": t, "n": i} for i, t in enumerate(texts)])
+    out = ds.map_batches(
+        TextEmbedder,
+        fn_constructor_kwargs={"model_dir": str(tiny_model_dir)},
+        batch_size=64,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=2),
+        num_cpus=1,
+    ).take_all()
+    out.sort(key=lambda row: row["n"])
+    assert [row["text"] for row in out] == texts
+    got = np.stack([np.asarray(row["embedding"], dtype=np.float32) for row in out])
+    np.testing.assert_allclose(got, encoder.encode(texts), atol=1e-5)
+
+
+def test_job_equals_single_process_encoder_row_for_row(
+    local_ray, deadline, tiny_model_dir, encoder, tmp_path
+):
+    texts = sentences(250)
+    src = tmp_path / "in"
+    src.mkdir()
+    # a text file with an empty line and no final newline, a JSONL file, a Parquet file
+    plain = texts[:100]
+    plain[7] = ""
+    (src / "a.txt").write_text("\n".join(plain), encoding="utf-8")
+    rows = [{"text": t, "key": f"k{i}"} for i, t in enumerate(texts[100:180])]
+    (src / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    pq.write_table(pa.table({"text": texts[180:]}), src / "c.parquet", row_group_size=16)
+    out = tmp_path / "out"
+    spec = spec_for(tiny_model_dir, [src / "*"], shard_rows=30, keep_text=True)
+    result = run_job(spec, tiny_model_dir, str(out), actors=2)
+    assert (result.rows_in, result.rows_out, result.shards_skipped) == (250, 250, 0)
+    table = read_parts(out)
+    expected_texts = plain + texts[100:]
+    assert table.column("text").to_pylist() == expected_texts
+    ids = table.column("id").to_pylist()
+    assert ids[0] == f"{src / 'a.txt'}:1" and ids[99] == f"{src / 'a.txt'}:100"
+    assert ids[100] == f"{src / 'b.jsonl'}:1" and ids[249] == f"{src / 'c.parquet'}#69"
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    got = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(-1, 32)
+    np.testing.assert_allclose(got, encoder.encode(expected_texts), atol=1e-5)
+    assert table.column("text_hash").to_pylist() == text_hashes(expected_texts).to_pylist()
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["rows_in"] == manifest["rows_out"] == 250
+    assert manifest["model"]["onnx_sha256"] == encoder.meta.onnx_sha256
+
+
+def crash_once_worker(marker: str, shard_index: int) -> type[ShardWriter]:
+    """A ShardWriter whose process dies (no cleanup, like an OOM kill) the first time it
+    reaches `shard_index`; defined in a function so Ray pickles it by value."""
+
+    class CrashOnce(ShardWriter):
+        def write_shard(self, shard):
+            if shard.index == shard_index:
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.close(fd)
+                    os._exit(1)
+            return super().write_shard(shard)
+
+    return CrashOnce
+
+
+def test_killed_actor_job_finishes_with_every_row_once(
+    local_ray, deadline, tiny_model_dir, tmp_path
+):
+    texts = sentences(240, seed=1)
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    marker = tmp_path / "crashed"
+    spec = spec_for(tiny_model_dir, [src], shard_rows=20)
+    worker = crash_once_worker(str(marker), shard_index=3)
+    result = run_job(spec, tiny_model_dir, str(tmp_path / "out"), actors=2, worker=worker)
+    assert marker.exists()  # an actor really died mid-job
+    assert result.rows_out == result.rows_in == 240
+    ids = read_parts(tmp_path / "out").column("id").to_pylist()
+    assert ids == [f"{src}:{i}" for i in range(1, 241)]  # every row, once, in order
+
+
+def fail_on_worker(shard_index: int) -> type[ShardWriter]:
+    class FailOn(ShardWriter):
+        def write_shard(self, shard):
+            if shard.index == shard_index:
+                raise RuntimeError(f"injected failure on shard {shard_index}")
+            return super().write_shard(shard)
+
+    return FailOn
+
+
+def test_rerun_after_failure_writes_only_missing_parts(
+    local_ray, deadline, tiny_model_dir, encoder, tmp_path
+):
+    texts = sentences(200, seed=2)
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    spec = spec_for(tiny_model_dir, [src], shard_rows=25)
+    with pytest.raises(Exception, match="injected failure on shard 5"):
+        run_job(spec, tiny_model_dir, str(out), actors=1, worker=fail_on_worker(5))
+    assert not (out / MANIFEST_FILE).exists()
+    before = {p: os.stat(out / p) for p in os.listdir(out) if p.startswith("part-")}
+    assert "part-000005.parquet" not in before and len(before) < 8
+    result = run_job(spec, tiny_model_dir, str(out), actors=2)
+    assert result.shards_skipped == len(before)
+    assert sorted(result.written) == sorted(
+        {f"part-{i:06d}.parquet" for i in range(8)} - set(before)
+    )
+    for name, stat in before.items():  # finished parts were not rewritten
+        now = os.stat(out / name)
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    table = read_parts(out)
+    got = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(-1, 32)
+    np.testing.assert_allclose(got, encoder.encode(texts), atol=1e-5)
+    assert json.loads((out / MANIFEST_FILE).read_text())["rows_out"] == 200
+    # a rerun of a finished job writes nothing
+    again = run_job(spec, tiny_model_dir, str(out), actors=2)
+    assert (again.shards_written, again.rows_out) == (0, 200)
+
+
+def test_cli_reports_rows_and_refuses_another_job(local_ray, deadline, tiny_model_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"body": "a man is playing a guitar ."}\n{"body": "two dogs ."}\n')
+    out = tmp_path / "out"
+    args = [str(src), str(out), "-m", str(tiny_model_dir), "--text-field", "body", "--actors", "1"]
+    res = CliRunner().invoke(embed_ray, args)
+    assert res.exit_code == 0, res.output
+    assert "rows in 2, rows out 2" in res.output
+    res = CliRunner().invoke(embed_ray, [*args, "--normalize"])
+    assert res.exit_code == 1
+    assert f"{out}: holds a different job (changed: normalize)" in res.output
+
+
+def test_cli_bad_jsonl_line_is_one_sentence(local_ray, deadline, tiny_model_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "fine"}\n{"txt": "wrong field"}\n')
+    res = CliRunner().invoke(embed_ray, [str(src), str(tmp_path / "o"), "-m", str(tiny_model_dir)])
+    assert res.exit_code == 1
+    assert f"{src}:2: expected a JSON object with a text field 'text'" in res.output
+    assert "Traceback" not in res.output
