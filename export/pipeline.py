@@ -19,6 +19,8 @@ from pathlib import Path
 from diffcse_export import graph, validate, variants
 from diffcse_export.cls_layer import CLS_PRUNED
 from diffcse_export.errors import ExportError, ValidationError, first_line
+from diffcse_export.model_card import write_model_cards
+from diffcse_export.tokenizer_files import write_tokenizer_files
 from diffcse_export.validate import Thresholds, VariantReport
 
 from diffcse_runtime.atomic import atomic_dir
@@ -121,6 +123,7 @@ def export_model(
         }
         for folder in staged.values():
             ckpt.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_FILE))
+            write_tokenizer_files(folder, ckpt.path, ckpt.tokenizer, max_len)
         log.info("exporting %s (opset %d, max_seq_length %d)", ckpt.path, graph.OPSET, max_len)
         start = time.perf_counter()
         example = graph.example_inputs(ckpt, max_len)
@@ -137,6 +140,7 @@ def export_model(
             raise ValidationError(
                 "validation failed, nothing was written: " + "; ".join(failures), reports
             )
+        write_model_cards(staged, targets, reports)  # after the last diffcse.json: not hashed
     return reports
 
 
