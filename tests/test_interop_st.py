@@ -94,6 +94,9 @@ def test_best_is_a_sentence_transformers_folder(pooling, trained, tmp_path):
     trained_vectors = trainer.encode(SHORT)
     export_model(best, tmp_path / "onnx", ExportOptions(sts_data=None))
     runtime = Encoder(tmp_path / "onnx").encode(TEXTS)
+    card = (tmp_path / "onnx" / "README.md").read_text()  # the card carries the training run
+    assert "## Training" in card and "pooling: auto" in card  # the config as written
+    assert f"| pooling | {pooling} (" in card
 
     assert cosines(theirs[: len(SHORT)], trained_vectors).min() >= 0.99999
     assert cosines(theirs, runtime).min() >= 0.99999
