@@ -71,8 +71,9 @@ def write_sentence_transformers_files(folder: Path, model, tokenizer, model_name
     config = {
         "model_type": "SentenceTransformer",
         "__version__": {
-            # the oldest sentence-transformers that reads this layout (no newer-version warning)
-            "sentence_transformers": "2.2.0",
+            # the first release that reads similarity_fn_name; sentence-transformers warns
+            # only when this is newer than the reader (no install of it is needed to write)
+            "sentence_transformers": "3.0.0",
             "transformers": transformers.__version__,
             "pytorch": torch.__version__,
         },
