@@ -23,7 +23,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -101,6 +101,12 @@ def _check_text(text: Any, i: int) -> None:
     raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
 
 
+class _Cut(NamedTuple):
+    at: int  # characters kept
+    tokens: int  # tokens counted within them, special tokens included
+    proven: bool  # the kept tokens are exactly those of the whole text
+
+
 @dataclass(frozen=True)
 class TokenCounts:
     """Tokens per text before truncation (special tokens included), in input order.
@@ -108,16 +114,20 @@ class TokenCounts:
     `counts[i] > max_seq_length` means text i was truncated. A text longer than the
     tokenizing window (`windowed[i]`) is counted within that window only, so its count is a
     lower bound: counting all of a 10 MB line is the work the window exists to avoid.
+    `hard_cut[i]` marks a text cut at the hard bound on characters before its kept tokens
+    could be proven complete (very long words or whitespace runs); the model saw only that
+    prefix, so it counts as truncated too.
     """
 
     counts: np.ndarray  # int64 (n,)
     windowed: np.ndarray  # bool (n,)
+    hard_cut: np.ndarray  # bool (n,)
     max_seq_length: int
 
     @property
     def truncated(self) -> np.ndarray:
-        """Boolean mask: the texts the model saw only the first max_seq_length tokens of."""
-        return self.counts > self.max_seq_length
+        """Boolean mask: the texts the model saw only a part of."""
+        return (self.counts > self.max_seq_length) | self.hard_cut
 
     def tally(self) -> TruncationTally:
         tally = TruncationTally(self.max_seq_length)
@@ -347,15 +357,18 @@ class Encoder:
         """Token ids (truncated, special tokens added) and the counts before truncation."""
         window = CUT_CHARS_PER_TOKEN * self.max_seq_length
         long = {i: t for i, t in enumerate(texts) if len(t) > window}
-        cuts, window_counts = self._find_cuts(long) if long else ({}, {})
+        cuts = self._find_cuts(long) if long else {}
         if cuts:
-            texts = [t[: cuts[i]] if i in cuts else t for i, t in enumerate(texts)]
+            texts = [t[: cuts[i].at] if i in cuts else t for i, t in enumerate(texts)]
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
         counts = np.fromiter(map(self._count, encodings), dtype=np.int64, count=len(texts))
         windowed = np.zeros(len(texts), dtype=bool)
-        for i, n in window_counts.items():
-            counts[i], windowed[i] = max(int(counts[i]), n), True
-        return [e.ids for e in encodings], TokenCounts(counts, windowed, self.max_seq_length)
+        hard_cut = np.zeros(len(texts), dtype=bool)
+        for i, cut in cuts.items():
+            counts[i] = max(int(counts[i]), cut.tokens)
+            windowed[i], hard_cut[i] = True, not cut.proven
+        counted = TokenCounts(counts, windowed, hard_cut, self.max_seq_length)
+        return [e.ids for e in encodings], counted
 
     def _count(self, encoding: Encoding) -> int:
         """Tokens before truncation: the kept ones plus the overflowing pieces' own tokens."""
@@ -365,7 +378,7 @@ class Encoder:
         content = sum(len(p) - sum(p.special_tokens_mask) for p in pieces)
         return content + self._n_special
 
-    def _find_cuts(self, long: dict[int, str]) -> tuple[dict[int, int], dict[int, int]]:
+    def _find_cuts(self, long: dict[int, str]) -> dict[int, _Cut]:
         """Where to cut each long text so that its kept tokens stay exactly the same.
 
         Why a cut is safe: normalizers and pre-tokenizers decide locally (lowercase, NFD,
@@ -379,15 +392,12 @@ class Encoder:
         grows until the check passes or it reaches the hard bound, where the text is cut
         anyway and a WARNING says so.
 
-        Returns the cut per text (texts that fit a grown window whole are left out) and,
-        for cut texts, the tokens counted within the window (a lower bound).
+        Returns the cut per text; texts that fit a grown window whole are left out.
         """
         keep = self.max_seq_length - self._n_special
         window = CUT_CHARS_PER_TOKEN * self.max_seq_length
         cap = CUT_MAX_CHARS_PER_TOKEN * self.max_seq_length
-        cuts: dict[int, int] = {}
-        counted: dict[int, int] = {}
-        hard = 0
+        cuts: dict[int, _Cut] = {}
         while long:
             index = list(long)
             windows = [long[i][:window] for i in index]
@@ -396,22 +406,21 @@ class Encoder:
             for i, enc in zip(index, encodings, strict=True):
                 complete = _kept_tokens_complete(enc.word_ids, keep)
                 if complete or window >= cap:
-                    hard += not complete
-                    cuts[i], counted[i] = window, len(enc) + self._n_special
+                    cuts[i] = _Cut(window, len(enc) + self._n_special, complete)
                 else:
                     grow[i] = long[i]
             window = min(window * CUT_GROWTH, cap)
             long = {i: t for i, t in grow.items() if len(t) > window}
-        if hard:
+        if hard := sum(not cut.proven for cut in cuts.values()):
             log.warning(
-                "diffcse_runtime: %d text(s) had fewer than %d tokens in their first %d characters "
-                "(very long "
-                "words or whitespace runs); they were cut there before tokenizing",
+                "diffcse_runtime: %d text(s) had fewer than %d tokens in their first %d "
+                "characters (very long words or whitespace runs); they were cut there before "
+                "tokenizing",
                 hard,
                 keep,
                 cap,
             )
-        return cuts, counted
+        return cuts
 
     def _run_batch(self, ids: list[list[int]], lengths: np.ndarray) -> np.ndarray:
         width = int(lengths.max())
