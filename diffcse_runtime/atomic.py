@@ -107,6 +107,16 @@ def _check_parent(path: Path) -> None:
         raise DiffcseError(f"{path}: cannot write it, no permission to write in {parent}")
 
 
+def _named_for_user(exc: OSError, tmp: Path, path: Path) -> OSError:
+    """The same error, naming the user's path instead of the hidden temporary one (a full
+    disk says "out.npy: No space left on device", not ".out.npy.123.x.tmp: ...")."""
+    name = str(exc.filename) if exc.filename is not None else str(tmp)
+    if not name.startswith(str(tmp)) or exc.errno is None:
+        return exc
+    named = str(path) + name[len(str(tmp)) :]
+    return type(exc)(exc.errno, exc.strerror or str(exc), named)
+
+
 # ---------------------------------------------------------------- no-replace rename
 
 
@@ -174,6 +184,10 @@ def atomic_file(path: str | Path, mode: str = "wb", overwrite: bool = True) -> I
             os.replace(tmp, path)
         else:
             rename_noreplace(Path(tmp), path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise _named_for_user(exc, Path(tmp), path) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -252,6 +266,9 @@ def atomic_dir(
             yield tmp
             _fix_modes(tmp)
             _publish(tmp, path, overwrite, marker, what)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _named_for_user(exc, tmp, path) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

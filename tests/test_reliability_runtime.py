@@ -420,3 +420,21 @@ def test_threads_do_not_break_sigterm_handling(tmp_path):
     t.start()
     t.join()
     assert failures == []
+
+
+def test_a_write_error_names_the_users_file(tmp_path):
+    """A full disk (here: a file-size limit) names out.bin, not the hidden temporary."""
+    code = (
+        "import resource, signal, sys\n"
+        "from diffcse_runtime.atomic import atomic_file\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        f"    with atomic_file({str(tmp_path / 'out.bin')!r}) as fh:\n"
+        "        fh.write(b'x' * 100000)\n"
+        "except OSError as exc:\n"
+        "    print(exc.filename, exc.strerror)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.startswith(str(tmp_path / "out.bin") + " "), proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []
