@@ -9,6 +9,7 @@ type that Parquet, Spark, pandas and vector databases all read as "one vector pe
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,16 @@ def _texts(column: Any, name: str) -> list[str]:
     return values
 
 
+def _share_tokenizer_threads(threads: int) -> None:
+    """Inside a Ray actor, give the tokenizers library's Rust pool the actor's share of the
+    cores too (it reads RAYON_NUM_THREADS when first used), as diffcse-embed's workers do;
+    left alone, every actor's pool would start one thread per core of the node."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+
+
 class TextEmbedder:
     """Add an embedding column to each batch: use with `map_batches` and an actor pool.
 
@@ -65,6 +76,7 @@ class TextEmbedder:
         batch_size: int = 64,
         normalize: bool = False,
     ) -> None:
+        _share_tokenizer_threads(intra_op_threads)
         self.encoder = Encoder(model_dir, intra_op_threads=intra_op_threads)
         self.text_column = text_column
         self.output_column = output_column
