@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -113,15 +114,18 @@ class EncoderPool:
                 yield (chunk, *_encode(self._local, chunk, batch_size, normalize))
             return
         pending: deque[tuple[list[str], Future]] = deque()
-        for chunk in chunks:
-            future = self._submit(chunk, batch_size, normalize)
-            pending.append((chunk, future))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * self.processes:
+        try:
+            for chunk in chunks:
+                pending.append((chunk, self._submit(chunk, batch_size, normalize)))
+                if len(pending) >= IN_FLIGHT_PER_WORKER * self.processes:
+                    done_chunk, done = pending.popleft()
+                    yield (done_chunk, *done.result())
+            while pending:
                 done_chunk, done = pending.popleft()
                 yield (done_chunk, *done.result())
-        while pending:
-            done_chunk, done = pending.popleft()
-            yield (done_chunk, *done.result())
+        except BaseException:  # Ctrl-C, SIGTERM, an error, or the caller stopped reading
+            self._abort()
+            raise
 
     def embed(
         self,
@@ -145,10 +149,21 @@ class EncoderPool:
         return self._pool.submit(_worker_encode, self._state, chunk, batch_size, normalize)
 
     def close(self) -> None:
-        """Stop the workers; chunks not yet started are dropped."""
+        """Stop the workers once the chunks they are encoding are done."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+    def _abort(self) -> None:
+        """Stop the workers now: an interrupted job must not wait for chunks it will drop.
+        (`ProcessPoolExecutor` has no public way to end running workers before Python 3.14.)"""
+        if self._pool is None:
+            return
+        workers = getattr(self._pool, "_processes", None) or {}
+        for worker in list(workers.values()):
+            worker.terminate()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
 
     def __enter__(self) -> EncoderPool:
         return self
@@ -185,9 +200,11 @@ def _encoder_from_state(state: dict[str, Any]) -> Encoder:
 
 
 def _init_worker(threads: int) -> None:
-    """Runs first in each worker: the tokenizers library's Rust thread pool gets the
-    worker's share of the cores too (it reads RAYON_NUM_THREADS when first used)."""
+    """Runs first in each worker. The tokenizers library's Rust thread pool gets the
+    worker's share of the cores too (it reads RAYON_NUM_THREADS when first used), and Ctrl-C
+    is left to the parent, which stops the pool, instead of a traceback from every worker."""
     os.environ["RAYON_NUM_THREADS"] = str(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker_encode(

@@ -141,6 +141,17 @@ def test_embed_parallel_two_processes_in_order(tiny_model_dir, encoder):
     np.testing.assert_allclose(np.concatenate([o for _, o in got]), expected, atol=1e-6)
 
 
+def test_abandoned_parallel_job_ends_its_workers(tiny_model_dir):
+    """A caller that stops reading (or Ctrl-C, SIGTERM) ends the workers at once, without
+    waiting for the chunks still queued."""
+    texts = (tiny.corpus(20)[i % 20] for i in range(10**7))  # far more than will be read
+    rows = embed_parallel(tiny_model_dir, texts, processes=2, chunk_size=64)
+    first = [next(rows) for _ in range(100)]
+    assert len(first) == 100 and first[0].shape == (32,)
+    rows.close()
+    assert multiprocessing.active_children() == []
+
+
 def test_embed_cli_processes_match_one_process(tiny_model_dir, tmp_path):
     corpus = tmp_path / "in.txt"
     corpus.write_text("\n".join(TEXTS * 3) + "\n", encoding="utf-8")
