@@ -1,0 +1,348 @@
+"""Serving: diffcse-serve with dynamic batching vs the same server with batching off vs
+offline `Encoder.encode` (the ceiling), at concurrency 1, 8 and 64.
+
+Two `diffcse-serve` processes (same model directory, same onnxruntime threads; one started
+with --no-batching) listen on 127.0.0.1. A load generator in this process (asyncio + httpx,
+one connection per concurrent client, bodies prepared up front, base64 responses as the
+openai client asks for them) keeps `c` requests in flight for a fixed time per cell. Requests
+are 1 STS-B dev sentence or 32 consecutive ones. Offline figures come from an `Encoder` in
+this process: the ceiling is `encode(1024 sentences, batch_size=64)` throughput, and the bare
+latency is one `encode(request texts)` call, the floor for a request at concurrency 1.
+
+Cells run interleaved (each round visits every cell, contenders in rotating order) and the
+table holds medians over rounds; ratios are medians of per-round paired ratios. The load
+generator shares the machine's cores with the server, as a sidecar client would; the offline
+ceiling pays no HTTP, JSON or client cost at all.
+
+Goals (issue 13): at c=64 with 1-sentence requests >= 70% of the offline throughput and
+>= 3x the unbatched server; p99 at c=1 within 2 ms of a bare encode call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import benchlib
+import numpy as np
+
+CONCURRENCY = (1, 8, 64)
+SHAPES = {"1-sentence": 1, "32-sentence": 32}
+SERVERS = {"batched": [], "unbatched": ["--no-batching"]}
+
+
+def start_server(model: Path, port: int, threads: int, extra: list[str]) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "diffcse-serve"
+    cmd = [str(exe), "--model", f"m={model}", "--port", str(port), "--threads", str(threads)]
+    cmd += ["--log-level", "warning", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file(f"serve-{port}"))
+
+
+def start_infinity(args, port: int) -> subprocess.Popen:
+    """infinity-emb's server (its ONNX engine) from its own venv, on the same threads."""
+    exe = args.infinity_venv / "bin" / "infinity_emb"
+    # model id "." run from the model folder: infinity-emb 0.0.78 with optimum 2.1 matches the
+    # ONNX file by bare name and misses it under an absolute path.
+    cmd = [str(exe), "v2", "--model-id", ".", "--engine", "optimum"]
+    cmd += ["--device", "cpu", "--port", str(port), "--url-prefix", "/v1", "--batch-size", "64"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=log_file("infinity"),
+        env=env,
+        cwd=args.infinity_model,
+    )
+
+
+def log_file(name: str):
+    """A server's stderr goes to a file (a full pipe would stall the server)."""
+    import tempfile
+
+    return tempfile.NamedTemporaryFile("w", prefix=f"{name}-", suffix=".log", delete=False)
+
+
+def make_bodies(texts: list[str], model: str) -> dict[str, list[bytes]]:
+    """Request bodies per shape, prepared once so the client spends no time on JSON."""
+    return {
+        shape: [
+            json.dumps({"input": r, "model": model, "encoding_format": "base64"}).encode()
+            for r in requests_of(texts, per)
+        ]
+        for shape, per in SHAPES.items()
+    }
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise benchlib.BenchSkip(f"server exited, see {proc.stderr.name}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise benchlib.BenchSkip(f"diffcse-serve at {url} not ready after {timeout} s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def load(url: str, bodies: list[bytes], per: int, conc: int, seconds: float) -> dict:
+    """Keep `conc` requests in flight for `seconds`; sentences/s and latency percentiles."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    headers = {"content-type": "application/json"}
+    latencies: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(limits=limits, timeout=900) as client:
+        start = time.perf_counter()
+        end = start + seconds
+
+        async def worker(k: int) -> None:
+            nonlocal errors
+            i = k
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(
+                        f"{url}/v1/embeddings", content=bodies[i % len(bodies)], headers=headers
+                    )
+                    errors += r.status_code != 200
+                except httpx.HTTPError:
+                    errors += 1
+                latencies.append(time.perf_counter() - t0)
+                i += conc
+
+        await asyncio.gather(*(worker(k) for k in range(conc)))
+        wall = time.perf_counter() - start
+    return summary(latencies, per, wall, errors)
+
+
+def summary(latencies: list[float], per: int, wall: float, errors: int = 0) -> dict:
+    ms = np.array(latencies) * 1000
+    return {
+        "sent_per_s": len(latencies) * per / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "requests": len(latencies),
+        "errors": errors,
+    }
+
+
+def offline_ceiling(encoder, texts: list[str], seconds: float) -> dict:
+    """encode() over 1024-sentence chunks, batch 64: the throughput no server can beat."""
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        chunk = [texts[(done + k) % len(texts)] for k in range(1024)]
+        encoder.encode(chunk, batch_size=64, normalize=True)
+        done += len(chunk)
+    return {"sent_per_s": done / (time.perf_counter() - start)}
+
+
+def bare_calls(encoder, requests: list[list[str]], per: int, seconds: float) -> dict:
+    """One encode() per request, back to back: the latency floor at concurrency 1."""
+    latencies, start, i = [], time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        encoder.encode(requests[i % len(requests)], batch_size=64, normalize=True)
+        latencies.append(time.perf_counter() - t0)
+        i += 1
+    return summary(latencies, per, time.perf_counter() - start)
+
+
+def requests_of(texts: list[str], per: int) -> list[list[str]]:
+    return [texts[i : i + per] for i in range(0, len(texts) - per + 1, per)]
+
+
+def main() -> None:
+    p = benchlib.parser("serve", __doc__)
+    p.add_argument("--model", type=Path, help="model directory (default: MiniLM fp32 export)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime threads")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=3.0, help="per cell and round")
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--infinity-venv", type=Path, help="venv with infinity-emb: add it")
+    p.add_argument("--infinity-model", type=Path, help="HF folder with an onnx/ export")
+    args = p.parse_args()
+    from diffcse_runtime import Encoder
+
+    if args.model is None:
+        import models
+
+        args.model = models.minilm_variant("fp32")
+    texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
+    servers = dict(SERVERS)
+    bodies = {name: make_bodies(texts, "m") for name in SERVERS}
+    if args.infinity_venv:
+        servers["infinity"] = None
+        bodies["infinity"] = make_bodies(texts, ".")
+    info = benchlib.machine(
+        args.threads,
+        model=str(args.model),
+        seconds=args.seconds,
+        cpu_flags=cpu_flags(),
+        command=" ".join(sys.argv),
+    )
+    print(benchlib.describe(info), flush=True)
+    encoder = Encoder(args.model, intra_op_threads=args.threads)
+    procs, urls = {}, {}
+    try:
+        for name, extra in servers.items():
+            port = free_port()
+            if extra is None:
+                procs[name] = start_infinity(args, port)
+            else:
+                procs[name] = start_server(args.model, port, args.threads, extra)
+            urls[name] = f"http://127.0.0.1:{port}"
+        for name in servers:
+            try:
+                wait_ready(urls[name], procs[name], timeout=300)
+            except benchlib.BenchSkip as exc:
+                if name in SERVERS:
+                    raise
+                print(f"{name}: not measured ({exc})", flush=True)
+                del urls[name]
+                continue
+            asyncio.run(load(urls[name], bodies[name]["32-sentence"], 32, 8, 1.0))  # warm up
+        runs = measure(args, encoder, texts, bodies, urls)
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+    report(args, info, runs)
+
+
+def measure(args, encoder, texts, bodies, urls) -> list[dict]:
+    runs = []
+    for rnd in range(args.rounds):
+        ceiling = offline_ceiling(encoder, texts, args.seconds)
+        runs.append({"round": rnd, "contender": "offline", "shape": "-", "c": "-", **ceiling})
+        for s, (shape, per) in enumerate(SHAPES.items()):
+            reqs = requests_of(texts, per)
+            runs.append(
+                {
+                    "round": rnd,
+                    "contender": "bare encode",
+                    "shape": shape,
+                    "c": 1,
+                    **bare_calls(encoder, reqs, per, args.seconds),
+                }
+            )
+            for k, conc in enumerate(CONCURRENCY):
+                names = list(urls)
+                shift = (rnd + s + k) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    r = asyncio.run(load(urls[name], bodies[name][shape], per, conc, args.seconds))
+                    runs.append({"round": rnd, "contender": name, "shape": shape, "c": conc, **r})
+                    print(
+                        f"round {rnd} {shape:11s} c={conc:<3d} {name:9s} "
+                        f"{r['sent_per_s']:8.1f} sent/s p50 {r['p50_ms']:7.2f} ms "
+                        f"p99 {r['p99_ms']:7.2f} ms",
+                        flush=True,
+                    )
+    return runs
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "?"
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni") if f" {f}" in flags)
+
+
+def cell(runs, contender, shape, conc, key) -> list[float]:
+    return [
+        r[key]
+        for r in runs
+        if r["contender"] == contender and r["shape"] == shape and r["c"] == conc
+    ]
+
+
+def row_of(runs, shape: str, conc: int, names: list[str], ceiling: dict) -> dict:
+    """Medians over rounds of one (request shape, concurrency) cell; ratios paired by round."""
+    med = benchlib.median
+    by = {
+        n: {r["round"]: r for r in runs if (r["contender"], r["shape"], r["c"]) == (n, shape, conc)}
+        for n in names
+    }
+    bare = {r["round"]: r for r in runs if (r["contender"], r["shape"]) == ("bare encode", shape)}
+    rounds = sorted(by["batched"])
+    row = {"request": shape, "c": conc}
+    for n in names:
+        row[f"{n} sent/s"] = med([by[n][i]["sent_per_s"] for i in rounds])
+    for n in names[1:]:
+        row[f"batched/{n}"] = med(
+            [by["batched"][i]["sent_per_s"] / by[n][i]["sent_per_s"] for i in rounds]
+        )
+    row["batched/offline"] = med([by["batched"][i]["sent_per_s"] / ceiling[i] for i in rounds])
+    for n in names:
+        row[f"{n} p50 ms"] = med([by[n][i]["p50_ms"] for i in rounds])
+        row[f"{n} p99 ms"] = med([by[n][i]["p99_ms"] for i in rounds])
+    row["bare p99 ms"] = med([bare[i]["p99_ms"] for i in rounds]) if conc == 1 else None
+    row["p99 - bare ms"] = (
+        med([by["batched"][i]["p99_ms"] - bare[i]["p99_ms"] for i in rounds]) if conc == 1 else None
+    )
+    return row
+
+
+def report(args, info, runs) -> None:
+    med = benchlib.median
+    ceiling = {r["round"]: r["sent_per_s"] for r in runs if r["contender"] == "offline"}
+    names = list(dict.fromkeys(r["contender"] for r in runs if isinstance(r["c"], int)))
+    names.remove("bare encode")
+    rows = []
+    for shape in SHAPES:
+        for conc in CONCURRENCY:
+            rows.append(row_of(runs, shape, conc, names, ceiling))
+    info = benchlib.finish_machine(info)
+    offline = med(list(ceiling.values()))
+    one = next(r for r in rows if r["request"] == "1-sentence" and r["c"] == 64)
+    first = next(r for r in rows if r["request"] == "1-sentence" and r["c"] == 1)
+    goals = {
+        "c64 1-sentence >= 0.70 x offline": (one["batched/offline"], one["batched/offline"] >= 0.7),
+        "c64 1-sentence >= 3x unbatched": (one["batched/unbatched"], one["batched/unbatched"] >= 3),
+        "c1 p99 within 2 ms of bare encode": (first["p99 - bare ms"], first["p99 - bare ms"] <= 2),
+    }
+    columns = list(rows[0])
+    text = [
+        benchlib.describe(info),
+        f"# load at end {info['loadavg_at_end']}",
+        f"offline ceiling (encode, batch 64): {offline:,.0f} sentences/s (median)",
+        benchlib.table(rows, columns),
+    ]
+    text += [f"goal {k}: {v:.2f} -> {'met' if ok else 'MISSED'}" for k, (v, ok) in goals.items()]
+    print("\n".join(text[2:]))
+    benchlib.write_json(
+        args.out,
+        {
+            "machine": info,
+            "rows": rows,
+            "offline_sent_per_s": offline,
+            "goals": goals,
+            "runs": runs,
+        },
+    )
+    args.out.with_suffix(".txt").write_text("\n".join(text) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    benchlib.run_main(main)
