@@ -66,32 +66,29 @@ def setup_logging(quiet: bool = False) -> None:
 def train_cmd(config_path, overrides, resume, overwrite, quiet):
     """Train a DiffCSE sentence encoder; the best model lands in OUTPUT_DIR/best."""
     setup_logging(quiet)
-    try:
-        from diffcse_train import distributed
+    from diffcse_train import distributed
 
-        if distributed.launch_env().rank > 0:  # under torchrun, rank 0 reports for all
-            logging.getLogger("diffcse_train").setLevel(logging.ERROR)
-        from diffcse_train.config import load_config
+    if distributed.launch_env().rank > 0:  # under torchrun, rank 0 reports for all
+        logging.getLogger("diffcse_train").setLevel(logging.ERROR)
+    from diffcse_train.config import load_config
 
-        cfg = load_config(config_path, list(overrides))
-        if resume and overwrite:
-            raise DiffcseError("--resume and --overwrite cannot be used together")
-        from diffcse_train.trainer import train
+    cfg = load_config(config_path, list(overrides))
+    if resume and overwrite:
+        raise DiffcseError("--resume and --overwrite cannot be used together")
+    from diffcse_train.trainer import train
 
-        release_now = bool(cfg.export_dir) and distributed.launch_env().rank == 0
-        if release_now:
-            from diffcse_train.release import check_before_training
+    release_now = bool(cfg.export_dir) and distributed.launch_env().rank == 0
+    if release_now:
+        from diffcse_train.release import check_before_training
 
-            check_before_training(cfg, overwrite or resume)
-        train(cfg, resume=resume, overwrite=overwrite)
-        if release_now:  # export + before/after table, once, after the process group ends
-            from diffcse_train.release import format_rows, release
+        check_before_training(cfg, overwrite or resume)
+    train(cfg, resume=resume, overwrite=overwrite)
+    if release_now:  # export + before/after table, once, after the process group ends
+        from diffcse_train.release import format_rows, release
 
-            rows = release(cfg, overwrite=overwrite or resume)
-            if rows:
-                click.echo("before vs after training:\n" + format_rows(rows))
-    except DiffcseError as exc:  # (friendly_errors also handles Ctrl-C and SIGTERM)
-        raise click.ClickException(str(exc)) from None
+        rows = release(cfg, overwrite=overwrite or resume)
+        if rows:
+            click.echo("before vs after training:\n" + format_rows(rows))
 
 
 _FIT = FitSettings()  # the fit-generator option defaults
