@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -33,7 +32,15 @@ from tqdm.auto import tqdm
 from diffcse_runtime import mteb_compat
 from diffcse_runtime import providers as provider_checks
 from diffcse_runtime.errors import ModelDirError
+from diffcse_runtime.inputs import as_text_list, iter_text_chunks
 from diffcse_runtime.model_dir import MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, load_metadata
+from diffcse_runtime.truncation import (
+    Cut,
+    TokenCounts,
+    TruncationTally,
+    kept_tokens_complete,
+    warn_truncation,
+)
 
 log = logging.getLogger("diffcse_runtime")
 PROGRESS_THRESHOLD = 5000  # show_progress_bar=None shows a bar from this many texts up
@@ -62,107 +69,6 @@ def pick_providers(requested: Sequence[str] | None = None) -> list[str]:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     provider_checks.warn(provider_checks.cpu_only_reason(available))
     return ["CPUExecutionProvider"]
-
-
-def as_text_list(texts: Any) -> tuple[list[str], bool]:
-    """`texts` as a list of str plus whether it was one string; refuse what is not text.
-
-    Bytes are iterable (of ints) and a dict iterates its keys, so both would otherwise be
-    encoded silently and wrongly; a set has no order, so row i could not be matched to a text.
-    """
-    if isinstance(texts, str):
-        return [texts], True
-    _refuse_container(texts)
-    batch = list(texts)
-    for i, text in enumerate(batch):
-        _check_text(text, i)
-    return batch, False
-
-
-def _refuse_container(texts: Any) -> None:
-    if isinstance(texts, bytes | bytearray | memoryview):
-        raise TypeError("texts is bytes, not text: decode it to str first, e.g. data.decode()")
-    if isinstance(texts, Mapping):
-        raise TypeError(
-            "texts is a dict: pass a list of str (a dict would give its keys), "
-            "e.g. list(d.values())"
-        )
-    if isinstance(texts, set | frozenset):
-        raise TypeError("texts is a set, which has no order: pass a list so row i is text i")
-    if not isinstance(texts, Iterable):
-        raise TypeError(f"texts is {type(texts).__name__}: expected str or a list of str")
-
-
-def _check_text(text: Any, i: int) -> None:
-    if isinstance(text, str):
-        return
-    if isinstance(text, bytes | bytearray):
-        raise TypeError(f"texts[{i}] is bytes, not text: decode it to str first")
-    raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
-
-
-class _Cut(NamedTuple):
-    at: int  # characters kept
-    tokens: int  # tokens counted within them, special tokens included
-    proven: bool  # the kept tokens are exactly those of the whole text
-
-
-@dataclass(frozen=True)
-class TokenCounts:
-    """Tokens per text before truncation (special tokens included), in input order.
-
-    `counts[i] > max_seq_length` means text i was truncated. A text longer than the
-    tokenizing window (`windowed[i]`) is counted within that window only, so its count is a
-    lower bound: counting all of a 10 MB line is the work the window exists to avoid.
-    `hard_cut[i]` marks a text cut at the hard bound on characters before its kept tokens
-    could be proven complete (very long words or whitespace runs); the model saw only that
-    prefix, so it counts as truncated too.
-    """
-
-    counts: np.ndarray  # int64 (n,)
-    windowed: np.ndarray  # bool (n,)
-    hard_cut: np.ndarray  # bool (n,)
-    max_seq_length: int
-
-    @property
-    def truncated(self) -> np.ndarray:
-        """Boolean mask: the texts the model saw only a part of."""
-        return (self.counts > self.max_seq_length) | self.hard_cut
-
-    def tally(self) -> TruncationTally:
-        tally = TruncationTally(self.max_seq_length)
-        tally.add(self)
-        return tally
-
-
-@dataclass
-class TruncationTally:
-    """Running totals of truncation over many chunks, for one summary line at the end."""
-
-    max_seq_length: int
-    texts: int = 0
-    truncated: int = 0
-    longest: int = 0
-    longest_is_lower_bound: bool = False
-
-    def add(self, counts: TokenCounts) -> None:
-        self.texts += len(counts.counts)
-        self.truncated += int(counts.truncated.sum())
-        if len(counts.counts) and int(counts.counts.max()) > self.longest:
-            i = int(counts.counts.argmax())
-            self.longest = int(counts.counts[i])
-            self.longest_is_lower_bound = bool(counts.windowed[i])
-
-    def message(self) -> str | None:
-        """One sentence, or None when nothing was truncated."""
-        if not self.truncated:
-            return None
-        bound = "at least " if self.longest_is_lower_bound else ""
-        return (
-            f"{self.truncated} of {self.texts} texts were longer than max_seq_length="
-            f"{self.max_seq_length} tokens and were truncated (longest: {bound}"
-            f"{self.longest} tokens)"
-        )
 
 
 class Encoder:
@@ -303,7 +209,7 @@ class Encoder:
         if normalize:
             _normalize_rows(out)
         if not return_token_counts:
-            _warn_truncation(counts.tally())
+            warn_truncation(counts.tally())
             return out[0] if single else out
         return (out[0], counts) if single else (out, counts)
 
@@ -332,7 +238,7 @@ class Encoder:
             if normalize:
                 _normalize_rows(out)
             yield from out
-        _warn_truncation(tally)
+        warn_truncation(tally)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """An `encode_fn` for `diffcse_runtime.sts.evaluate`."""
@@ -378,7 +284,7 @@ class Encoder:
         content = sum(len(p) - sum(p.special_tokens_mask) for p in pieces)
         return content + self._n_special
 
-    def _find_cuts(self, long: dict[int, str]) -> dict[int, _Cut]:
+    def _find_cuts(self, long: dict[int, str]) -> dict[int, Cut]:
         """Where to cut each long text so that its kept tokens stay exactly the same.
 
         Why a cut is safe: normalizers and pre-tokenizers decide locally (lowercase, NFD,
@@ -397,16 +303,16 @@ class Encoder:
         keep = self.max_seq_length - self._n_special
         window = CUT_CHARS_PER_TOKEN * self.max_seq_length
         cap = CUT_MAX_CHARS_PER_TOKEN * self.max_seq_length
-        cuts: dict[int, _Cut] = {}
+        cuts: dict[int, Cut] = {}
         while long:
             index = list(long)
             windows = [long[i][:window] for i in index]
             encodings = self._untruncated.encode_batch(windows, add_special_tokens=False)
             grow = {}
             for i, enc in zip(index, encodings, strict=True):
-                complete = _kept_tokens_complete(enc.word_ids, keep)
+                complete = kept_tokens_complete(enc.word_ids, keep)
                 if complete or window >= cap:
-                    cuts[i] = _Cut(window, len(enc) + self._n_special, complete)
+                    cuts[i] = Cut(window, len(enc) + self._n_special, complete)
                 else:
                     grow[i] = long[i]
             window = min(window * CUT_GROWTH, cap)
@@ -446,31 +352,6 @@ class Encoder:
         return mteb_compat.pairwise_cosine(a, b)
 
 
-def iter_text_chunks(texts: Iterable[str], chunk_size: int) -> Iterator[list[str]]:
-    """Lists of up to `chunk_size` texts from any iterable, each text type-checked with its
-    position in the whole input, so an error names the item even deep into a generator."""
-    if isinstance(texts, str):
-        texts = [texts]
-    _refuse_container(texts)
-    it = iter(texts)
-    start = 0
-    while chunk := list(itertools.islice(it, chunk_size)):
-        for offset, text in enumerate(chunk):
-            _check_text(text, start + offset)
-        yield chunk
-        start += len(chunk)
-
-
-def _kept_tokens_complete(word_ids: list[int | None], keep: int) -> bool:
-    """True if the first `keep` tokens exist and all come from words before the last one."""
-    if keep < 1:
-        return True
-    if len(word_ids) <= keep:
-        return False
-    kept, last = word_ids[keep - 1], word_ids[-1]
-    return kept is not None and last is not None and kept < last
-
-
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -478,11 +359,6 @@ def _check_batch_size(batch_size: int) -> None:
 
 def _normalize_rows(out: np.ndarray) -> None:
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-
-
-def _warn_truncation(tally: TruncationTally) -> None:
-    if message := tally.message():
-        log.warning("diffcse_runtime: %s", message)
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:

@@ -27,14 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from diffcse_runtime.encoder import (
-    EMBED_CHUNK_SIZE,
-    Encoder,
-    TokenCounts,
-    TruncationTally,
-    iter_text_chunks,
-)
+from diffcse_runtime.encoder import EMBED_CHUNK_SIZE, Encoder
+from diffcse_runtime.inputs import iter_text_chunks
 from diffcse_runtime.model_dir import load_metadata
+from diffcse_runtime.truncation import TokenCounts, TruncationTally
 
 log = logging.getLogger("diffcse_runtime")
 IN_FLIGHT_PER_WORKER = 2  # one chunk encoding, one queued: workers never wait on the parent
