@@ -105,8 +105,7 @@ class Encoder:
         except Exception as exc:  # the tokenizers library raises plain Exception subclasses
             raise ModelDirError(f"{self.path / TOKENIZER_FILE}: cannot be read ({exc})") from None
         self.tokenizer.no_padding()
-        self._untruncated = Tokenizer.from_str(self.tokenizer.to_str())  # for window checks
-        self._untruncated.no_truncation()
+        self._untruncated: Tokenizer | None = None  # for window checks, built on first use
         self.tokenizer.enable_truncation(self.meta.max_seq_length)
         self._n_special = self.tokenizer.num_special_tokens_to_add(False)
         self.session = self._make_session(pick_providers(providers), intra_op_threads)
@@ -307,7 +306,7 @@ class Encoder:
         while long:
             index = list(long)
             windows = [long[i][:window] for i in index]
-            encodings = self._untruncated.encode_batch(windows, add_special_tokens=False)
+            encodings = self._window_tokenizer().encode_batch(windows, add_special_tokens=False)
             grow = {}
             for i, enc in zip(index, encodings, strict=True):
                 complete = kept_tokens_complete(enc.word_ids, keep)
@@ -327,6 +326,14 @@ class Encoder:
                 cap,
             )
         return cuts
+
+    def _window_tokenizer(self) -> Tokenizer:
+        """A copy of the tokenizer without truncation, made only when a long text needs it
+        (it costs a second parse of tokenizer.json, which most short-text jobs never pay)."""
+        if self._untruncated is None:
+            self._untruncated = Tokenizer.from_str(self.tokenizer.to_str())
+            self._untruncated.no_truncation()
+        return self._untruncated
 
     def _run_batch(self, ids: list[list[int]], lengths: np.ndarray) -> np.ndarray:
         width = int(lengths.max())
