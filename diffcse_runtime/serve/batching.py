@@ -228,8 +228,13 @@ class Batcher:
         while start < len(order):
             width = max(1, lengths[order[start]])
             rows = order[start : start + max(1, budget // width)]
-            out[rows] = self.encoder.encode(
-                [texts[k] for k in rows], batch_size=len(rows), normalize=self.settings.normalize
+            # return_token_counts: the server reports truncation per response and in
+            # /metrics, so the encoder's own WARNING per call is not wanted here
+            out[rows], _ = self.encoder.encode(
+                [texts[k] for k in rows],
+                batch_size=len(rows),
+                normalize=self.settings.normalize,
+                return_token_counts=True,
             )
             self._observe(len(rows), len(rows) * width, len({owners[k] for k in rows}))
             start += len(rows)
