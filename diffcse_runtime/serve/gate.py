@@ -113,6 +113,8 @@ class RequestGate:
         path = scope["path"] if scope["path"] in self.paths else "other"
         self.metrics.requests.labels(path, str(status)).inc()
         self.metrics.latency.labels(path).observe(seconds)
+        if not log.isEnabledFor(logging.INFO):
+            return
         entry = {
             "method": scope["method"],
             "path": path,
