@@ -84,7 +84,9 @@ class EncoderPool:
             }
         self._local: Encoder | None = None
         self._pool: ProcessPoolExecutor | None = None
-        if self.processes == 1:
+        if self.processes == 1 and isinstance(model, Encoder) and threads_per_process is None:
+            self._local = model  # the caller's own session: no second copy of the model
+        elif self.processes == 1:
             self._local = _encoder_from_state(self._state)
         else:
             self._pool = ProcessPoolExecutor(
