@@ -139,6 +139,9 @@ def test_embed_parallel_two_processes_in_order(tiny_model_dir, encoder):
         got = [(chunk, out) for chunk, out, _ in pool.map_chunks(chunks)]
     assert [c for c, _ in got] == chunks
     np.testing.assert_allclose(np.concatenate([o for _, o in got]), expected, atol=1e-6)
+    with EncoderPool(encoder, processes=1) as pool:  # in this process, on the caller's session
+        rows = list(pool.embed(iter(TEXTS), chunk_size=9))
+    np.testing.assert_allclose(np.stack(rows), expected, atol=1e-6)
 
 
 def test_abandoned_parallel_job_ends_its_workers(tiny_model_dir):
