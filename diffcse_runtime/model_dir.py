@@ -12,8 +12,8 @@ A model directory is a plain folder:
 Export writes it with `write_metadata`; the runtime reads it with `load_metadata`, which
 refuses a folder that is missing a file, comes from a newer format, has a field of the
 wrong type or range, or whose files do not match the SHA-256s recorded in `files` (every
-file of the folder at export; folders from before `files` record model.onnx only). README.md ("The model directory") documents the same
-fields for users.
+file of the folder at export; folders from before `files` record model.onnx only).
+README.md ("The model directory") documents the same fields for users.
 """
 
 from __future__ import annotations
