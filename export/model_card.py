@@ -140,7 +140,7 @@ def _usage_section(name: str) -> list[str]:
         "## Usage",
         "",
         "```bash",
-        "pip install diffcse",
+        'pip install diffcse   # "diffcse[serve]" for diffcse-serve',
         "```",
         "",
         "```python",
