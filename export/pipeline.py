@@ -118,7 +118,9 @@ def export_model(
     reference, to_export = graph.embedding_modules(ckpt, opts.with_projector)
     with contextlib.ExitStack() as stack:
         staged = {
-            v: stack.enter_context(atomic_dir(t, overwrite=opts.overwrite))
+            v: stack.enter_context(  # marker: what appears meanwhile is replaced only if ours
+                atomic_dir(t, opts.overwrite, marker=METADATA_FILE, what="a model directory")
+            )
             for v, t in targets.items()
         }
         for folder in staged.values():

@@ -107,3 +107,29 @@ def test_nan_weights_are_blamed_on_the_weights_not_the_graph():
     report.numeric = validate.compare(nan, np.ones((4, 8), np.float32))  # only the graph
     (failure,) = validate.gate(report)
     assert "the graph produces NaN" in failure
+
+
+def test_export_overwrite_never_replaces_a_user_folder_that_appeared(
+    tiny_bert, tiny_model_dir, tmp_path, monkeypatch
+):
+    """The start-time check passes (a model dir is there); while the graph is exported the
+    user swaps in a folder of their own: the publish re-checks and refuses it."""
+    from diffcse_export import graph
+    from diffcse_export.cli import main
+
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, out)
+
+    def export_onnx(module, path, example, max_seq_length, opset=graph.OPSET):
+        shutil.copy(tiny_model_dir / "model.onnx", path)  # the real export of the same model
+        shutil.rmtree(out)
+        out.mkdir()
+        (out / "notes.txt").write_text("the user's notes")
+
+    monkeypatch.setattr(graph, "export_onnx", export_onnx)
+    args = [str(tiny_bert), str(out), "--overwrite", "--sts-data", str(tmp_path / "none")]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "not a model directory" in res.output.strip().splitlines()[-1]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
