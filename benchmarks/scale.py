@@ -154,6 +154,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=None, help="fp32 MiniLM model directory")
     p.add_argument("--n", type=int, default=100_000, help="sentences (default 100000)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--ray-idle", type=float, default=0, help="first measure idle Ray's CPU (s)")
     p.add_argument("--only", nargs="*", default=CONTENDERS, choices=CONTENDERS)
     args = p.parse_args()
     model = model_dir(args.model)
@@ -172,6 +173,12 @@ def main() -> None:
     start_local_ray(2, temp_dir=str(work / "ray"))
     quiet_ray_data(False)
     ray_start = time.perf_counter() - started
+    if args.ray_idle:
+        probe = TreeCpu(os.getpid())
+        time.sleep(args.ray_idle)
+        idle = probe.stop() / args.ray_idle
+        info["ray_idle_cpu_per_s"] = idle
+        print(f"local Ray idle (no job): {idle:.3f} CPU-seconds per second")
     times: dict[str, list[float]] = {c: [] for c in args.only}
     cpus: dict[str, list[float]] = {c: [] for c in args.only}
     for r in range(args.rounds):
