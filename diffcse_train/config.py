@@ -98,6 +98,12 @@ class TrainConfig:
     eval_data_dir: str | None = None  # SentEval-layout STS data; STS-B dev picks the best step
     eval_steps: int = 125
     eval_fp32: bool = True  # score STS-B dev in fp32 even when training under autocast
+    # dev tasks scored at each evaluation; the best step maximises their mean Spearman.
+    # STSBenchmark alone is the official protocol; adding SICKRelatedness (its trial split)
+    # guards against a model that only learns STS-B dev
+    eval_tasks: str = "STSBenchmark"
+    # the input model (step 0) competes for best/: a run that never beats it ships it as is
+    keep_initial: bool = False
     save_steps: int = 125  # how often the resumable `last` checkpoint is written
     output_dir: str = ""  # required
     # --- after training (diffcse_train/release.py)
@@ -180,6 +186,12 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
     _check_choice(cfg, "projector", PROJECTORS, where)
     _check_choice(cfg, "pooling", POOLING_CHOICES, where)
     _check_choice(cfg, "projector_init", PROJECTOR_INITS, where)
+    for task in cfg.eval_tasks.split(","):
+        if task.strip() not in ("STSBenchmark", "SICKRelatedness"):
+            raise ConfigError(
+                f"{where}key 'eval_tasks': {task.strip()!r} has no dev split; use "
+                "STSBenchmark and/or SICKRelatedness (comma-separated)"
+            )
     _check_choice(cfg, "condition_on", CONDITIONS, where)
     _check_choice(cfg, "precision", PRECISIONS, where)
     _check_choice(cfg, "device", DEVICES, where)

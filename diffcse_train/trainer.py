@@ -41,7 +41,9 @@ from diffcse_train.generator_fit import ensure_generator
 from diffcse_train.model import DiffCSE, build_model, count_parameters, pool
 
 log = logging.getLogger("diffcse_train")
-EVAL_TASK = "STSBenchmark"
+EVAL_TASK = "STSBenchmark"  # the official protocol's dev task; eval_tasks may add SICK-R
+TASK_KEYS = {"STSBenchmark": "stsb_dev", "SICKRelatedness": "sick_trial"}  # metrics.jsonl
+_FOLDERS = {"STSBenchmark": "STSBenchmark", "SICKRelatedness": "SICK"}  # SentEval folders
 
 
 class TrainingDiverged(DiffcseError):
@@ -223,6 +225,8 @@ class Trainer:
         eval_dtype = None if cfg.eval_fp32 else self.dtype
         self.encode = make_encode_fn(self.model, self.tokenizer, self.device, eval_dtype)
         self.eval_dir = self._find_eval_data()
+        self.eval_tasks = self._present_eval_tasks()
+        self.dev_scores: dict[str, float] = {}
         self._last_dev: float | None = None  # shown in the progress bar
         if not resume:  # only now that the new run could be set up, replace the old one
             distributed.main_only(self._start_output_dir, replaced)
@@ -272,6 +276,18 @@ class Trainer:
             return None
         return Path(data_dir)
 
+    def _present_eval_tasks(self) -> list[str]:
+        """eval_tasks whose dev split exists under eval_dir (STS-B always, checked above)."""
+        wanted = [t.strip() for t in self.cfg.eval_tasks.split(",") if t.strip()]
+        if self.eval_dir is None:
+            return wanted
+        present = [t for t in wanted if sts.find_task_dir(self.eval_dir, _FOLDERS[t])]
+        for task in sorted(set(wanted) - set(present)):
+            log.warning(
+                "eval_tasks: no %s data under %s; selecting without it", task, self.eval_dir
+            )
+        return present or [EVAL_TASK]
+
     # ------------------------------------------------------------ logging
 
     def _write_metrics(self, record: dict) -> None:
@@ -293,11 +309,20 @@ class Trainer:
     # ------------------------------------------------------------ evaluation and saving
 
     def evaluate(self) -> float | None:
-        """STS-B dev Spearman x100 through the runtime's evaluator; None without data."""
+        """The selection score: the mean dev Spearman x100 over `eval_tasks` (STS-B dev alone
+        by default), through the runtime's evaluator; None without data. Each task's score
+        is kept in `self.dev_scores` for the log."""
         if self.eval_dir is None:
             return None
-        result = sts.evaluate(self.encode, self.eval_dir, tasks=[EVAL_TASK], split="dev")
-        return result.scores[EVAL_TASK].spearman
+        result = sts.evaluate(self.encode, self.eval_dir, tasks=self.eval_tasks, split="dev")
+        self.dev_scores = {TASK_KEYS[t]: result.scores[t].spearman for t in self.eval_tasks}
+        return sum(self.dev_scores.values()) / len(self.dev_scores)
+
+    def _describe_scores(self, score: float) -> str:
+        if len(self.dev_scores) == 1:
+            return f"STS-B dev {score:.2f}"
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.dev_scores.items())
+        return f"dev mean {score:.2f} ({parts})"
 
     def _best_metrics(self, score: float | None) -> dict:
         s = self.state
@@ -307,6 +332,9 @@ class Trainer:
             "epoch": epoch,
             "stsb_dev": score,
             "initial_stsb_dev": s.initial_score,
+            **self.dev_scores,  # each eval task's score (stsb_dev again when it is the only one)
+            "dev_score": score,
+            "eval_tasks": self.eval_tasks,
         }
 
     def _evaluate_and_keep_best(self) -> float | None:
@@ -320,8 +348,10 @@ class Trainer:
             checkpoint.save_best(
                 self.best_dir, self.model, self.tokenizer, self.cfg, self._best_metrics(score)
             )
-        self._write_metrics({"kind": "eval", "step": s.step, "stsb_dev": score, "best": improved})
-        log.info("step %d: STS-B dev %.2f%s", s.step, score, " (best so far)" if improved else "")
+        record = {"kind": "eval", "step": s.step, **self.dev_scores, "dev_score": score}
+        self._write_metrics({**record, "best": improved})
+        described = self._describe_scores(score)
+        log.info("step %d: %s%s", s.step, described, " (best so far)" if improved else "")
         return score
 
     def _main_only(self, fn: Callable[[], object]) -> None:
@@ -509,8 +539,16 @@ class Trainer:
     def _initial_evaluation(self) -> None:
         s = self.state
         s.initial_score = self.evaluate()
-        log.info("STS-B dev before training: %.2f", s.initial_score)
-        self._write_metrics({"kind": "eval", "step": 0, "stsb_dev": s.initial_score, "best": False})
+        log.info("before training: %s", self._describe_scores(s.initial_score))
+        keep = self.cfg.keep_initial  # step 0 competes: a run that never beats it ships it
+        if keep:
+            s.best_score, s.best_step = s.initial_score, 0
+            checkpoint.save_best(
+                self.best_dir, self.model, self.tokenizer, self.cfg,
+                self._best_metrics(s.initial_score),
+            )  # fmt: skip
+        record = {"kind": "eval", "step": 0, **self.dev_scores, "dev_score": s.initial_score}
+        self._write_metrics({**record, "best": keep})
 
     def _postfix(self, last: dict) -> dict:
         post = {"loss": f"{last['loss']:.4f}"}
@@ -530,8 +568,10 @@ class Trainer:
         if summary.best_score is not None:
             before = "n/a" if summary.initial_score is None else f"{summary.initial_score:.2f}"
             log.info(
-                "STS-B dev Spearman x100: before training %s, best %.2f at step %d",
-                before, summary.best_score, summary.best_step,
+                "dev Spearman x100 (%s): before training %s, best %.2f at step %d%s",
+                "+".join(self.eval_tasks), before, summary.best_score, summary.best_step,
+                "; no step beat the input model, so best/ is the input model"
+                if summary.best_step == 0 else "",
             )  # fmt: skip
         with atomic_file(self.out / "summary.json", "w") as fh:
             fh.write(json.dumps(asdict(summary), indent=2) + "\n")
