@@ -9,7 +9,8 @@ Three properties make it usable in batch jobs and servers:
 - Work per text is bounded. The tokenizers library tokenizes a whole text before it
   truncates, so one 10 MB line used to cost 1.6 GB and 9 s. A text longer than a window of
   `CUT_CHARS_PER_TOKEN * max_seq_length` characters is cut first, at a point proven not to
-  change the tokens the model keeps (see `Encoder._find_cuts`).
+  change the tokens the model keeps, or, where no proof is found within the hard bound, at
+  that bound with a WARNING (see `Encoder._find_cuts`).
 - Truncation is visible: `encode` logs one WARNING with the count and the longest length,
   or hands the per-text counts back with `return_token_counts=True`.
 - An `Encoder` pickles by path and settings, so multiprocessing, Ray and Spark workers
