@@ -73,16 +73,21 @@ def spec_for(model_dir, inputs, **kw) -> JobSpec:
     return JobSpec(inputs=[str(i) for i in inputs], model_sha256=meta.onnx_sha256, **kw)
 
 
-def test_text_embedder_in_map_batches_equals_encoder(local_ray, deadline, tiny_model_dir, encoder):
+def test_text_embedder_in_map_batches_equals_encoder(
+    local_ray, deadline, tiny_model_dir, encoder, tmp_path
+):
+    """The README's pipeline: read tasks feed a pool of 2 actors at 0.5 CPU each, which
+    leaves the read tasks CPUs to run on (a pool holding both CPUs could starve them)."""
     texts = sentences(300)
-    ds = ray.data.from_items([{"text": t, "n": i} for i, t in enumerate(texts)])
+    pq.write_table(pa.table({"text": texts, "n": list(range(300))}), tmp_path / "docs.parquet")
+    ds = ray.data.read_parquet(str(tmp_path / "docs.parquet"))
     out = ds.map_batches(
         TextEmbedder,
         fn_constructor_kwargs={"model_dir": str(tiny_model_dir)},
         batch_size=64,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=2),
-        num_cpus=1,
+        num_cpus=0.5,
     ).take_all()
     out.sort(key=lambda row: row["n"])
     assert [row["text"] for row in out] == texts
@@ -217,3 +222,10 @@ def test_cli_bad_jsonl_line_is_one_sentence(local_ray, deadline, tiny_model_dir,
     assert res.exit_code == 1
     assert f"{src}:2: expected a JSON object with a text field 'text'" in res.output
     assert "Traceback" not in res.output
+
+
+def test_cli_input_matching_nothing_is_one_sentence(local_ray, tiny_model_dir, tmp_path):
+    pattern = str(tmp_path / "nothing-*.txt")
+    res = CliRunner().invoke(embed_ray, [pattern, str(tmp_path / "o"), "-m", str(tiny_model_dir)])
+    assert res.exit_code == 1
+    assert f"{pattern}: matches no files" in res.output and "Traceback" not in res.output
