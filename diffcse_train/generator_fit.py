@@ -1,22 +1,17 @@
-"""Fit a masked-LM generator on a frozen encoder, for encoders with no released MLM sibling.
+"""Fit a masked-LM generator for an encoder that has no released MLM sibling.
 
-DiffCSE's MLM-replacement edit needs a frozen masked LM with the encoder's vocabulary. Most
-sentence encoders (every sentence-transformers model) ship without one, so this module builds
-one: it loads the encoder as `AutoModelForMaskedLM` (its own architecture's MLM class), keeps
-every encoder weight frozen, and trains only the MLM head (dense + activation + LayerNorm +
-bias; the decoder stays tied to the frozen word embeddings) with standard 15% masking.
-Optionally the top k layers train too. DiffCSE takes G's argmax at every position, not only
-at the masked ones, so a generator that fails to hand back the unmasked tokens marks them
-"replaced" too; the head therefore also learns to reproduce a sample of unmasked tokens
-(`copy_ratio`), and the report gives that copy accuracy beside fill-mask accuracy.
-
-The frozen encoder's forward pass is nearly all of the cost, so each training sentence is
-encoded once (in no-grad mode) and the head learns from the cached hidden states at the
-masked positions: first a closed-form least-squares warm start, then AdamW epochs over the
-cache. (With `unfreeze_top_k`, every epoch re-encodes with gradients instead.)
+DiffCSE's MLM-replacement edit needs a frozen masked LM G with the encoder's vocabulary.
+Most sentence encoders (every sentence-transformers model) ship without one, so this module
+builds one: it loads a copy of the encoder as `AutoModelForMaskedLM` (its own architecture's
+MLM class, with a new head) and trains that copy as a masked LM on unlabelled sentences. G
+is a separate frozen model during DiffCSE training, so nothing keeps its layers equal to the
+encoder's: by default the whole copy trains (mlm_fit.py has the optimisation). DiffCSE takes
+G's argmax at every position, not only at the masked ones, so a G that fails to hand back
+the unmasked tokens marks them "replaced" too: the report gives that copy accuracy beside
+fill-mask accuracy.
 
 The held-out slice is scored before and after, beside the unigram baseline (predicting
-every masked token from the training slice's token frequencies). A head that does not beat
+every masked token from the training slice's token frequencies). A G that does not beat
 that baseline is refused: nothing is written. The saved folder is a normal masked LM
 (config, safetensors, tokenizer, fit_report.json) that is reloaded and checked before it
 appears under its final name.
@@ -46,36 +41,52 @@ from diffcse_runtime.atomic import atomic_dir
 from diffcse_runtime.errors import DataFormatError, DiffcseError
 from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train import builtin
-from diffcse_train.data import epoch_order, load_corpus, mask_tokens, pad_rows, special_mask
+from diffcse_train.data import load_corpus
+from diffcse_train.mlm_fit import (
+    Masking,
+    collect,
+    head_decoder_bias,
+    head_parts,
+    least_squares_start,
+    masked_logits,
+    top_layers,
+    train_head,
+    train_masked_lm,
+    unigram_log_probs,
+)
 
 if TYPE_CHECKING:
     from diffcse_train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "fit_report.json"
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
 class FitSettings:
     """Everything that shapes a fit; the CLI's defaults come from here."""
 
-    max_sentences: int | None = 12_000  # training sentences encoded (the time budget); None = all
-    epochs: int = 4  # AdamW passes after the warm start (measured on MiniLM: 1 -> 4 raised
-    # copy accuracy 72% -> 81% and fill accuracy 8.3% -> 9.0%, for 3 more minutes on 2 cores)
+    # The default trains the whole copy, one pass over the corpus (see mlm_fit.py).
+    max_sentences: int | None = None  # training sentences per epoch; None = all
+    epochs: int = 1
     max_steps: int | None = None  # stop AdamW early; None = all epochs
-    batch_size: int = 128
+    batch_size: int = 64
     max_length: int = 32
-    warm_start: bool = True  # least-squares initialisation of a new head
+    unfreeze_top_k: int | None = None  # encoder layers that train: None = all, 0 = head only
     lr: float = 1e-3  # the head
-    encoder_lr: float = 1e-4  # the unfrozen top layers, if any
-    unfreeze_top_k: int = 0
-    mask_ratio: float = 0.15
+    encoder_lr: float = 1e-4  # the encoder's trainable part
+    precision: str = "auto"  # autocast while training: auto (bf16 where native) | bf16 | fp32
+    warm_start: bool = True  # least-squares initialisation of a new head
+    warm_start_sentences: int = 2_000  # encoded for it when the encoder trains too
+    mask_ratio: float = 0.15  # of the training tokens, BERT's 80/10/10 rule
     # DiffCSE reads G's argmax at every position, so G must also hand back the tokens it was
     # not asked to fill: this fraction of the unmasked tokens is trained to reproduce itself.
-    copy_ratio: float = 0.15
+    copy_ratio: float = 0.1
+    eval_mask_ratio: float = 0.15  # held-out tokens all set to [MASK]: fill-mask accuracy
     eval_fraction: float = 0.02
     min_eval_sentences: int = 300
-    min_accuracy_gain: float = 0.01  # absolute; the head must beat the unigram baseline by this
+    min_accuracy_gain: float = 0.01  # absolute; G must beat the unigram baseline by this
     seed: int = 0
     errors: str = "strict"  # how to decode bad UTF-8 in the corpus: strict | replace
 
@@ -107,6 +118,7 @@ class FitReport:
     seconds: float
     settings: FitSettings
     out: str | None = None
+    cpu_seconds: float | None = None  # this process's CPU time (all threads), for the load
 
     @property
     def improved(self) -> bool:
@@ -221,19 +233,6 @@ def load_encoder_as_mlm(spec: str) -> tuple[nn.Module, bool]:
     return mlm, bool(missing)
 
 
-def top_layers(base: nn.Module, k: int) -> list[nn.Module]:
-    """The encoder's top k transformer layers (its ModuleList of num_hidden_layers blocks)."""
-    if k == 0:
-        return []
-    n = base.config.num_hidden_layers
-    stacks = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if not stacks:
-        raise DiffcseError(f"cannot find the {n} layers of {type(base).__name__} to unfreeze")
-    if not 0 <= k <= n:
-        raise DiffcseError(f"--unfreeze-top-k must be between 0 and {n} (the encoder's layers)")
-    return list(stacks[0][n - k :])
-
-
 # ---------------------------------------------------------------- data
 
 
@@ -257,71 +256,7 @@ def split_corpus(sentences: list[str], s: FitSettings) -> tuple[list[str], list[
     return [sentences[i] for i in order[n_eval:]], [sentences[i] for i in order[:n_eval]]
 
 
-def collate(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id rows into (input_ids, attention_mask)."""
-    ids = pad_rows([torch.tensor(r, dtype=torch.long) for r in rows], pad_id)
-    return ids, pad_rows([torch.ones(len(r), dtype=torch.long) for r in rows], 0)
-
-
-def unigram_log_probs(
-    rows: list[list[int]], vocab_size: int, special_ids: list[int]
-) -> torch.Tensor:
-    """Add-one smoothed log frequencies of the non-special tokens in `rows`."""
-    flat = torch.tensor([t for row in rows for t in row], dtype=torch.long)
-    counts = torch.bincount(flat, minlength=vocab_size)[:vocab_size].double()
-    counts[special_ids] = 0
-    return torch.log((counts + 1) / (counts.sum() + vocab_size)).float()
-
-
-@dataclass
-class Masking:
-    """What masking needs to know about the tokenizer."""
-
-    mask_id: int
-    pad_id: int
-    special_ids: list[int]
-    candidates: torch.Tensor  # non-special ids that random replacements come from
-
-    @classmethod
-    def of(cls, tokenizer) -> Masking:
-        special_ids = sorted(set(tokenizer.all_special_ids))
-        vocab = torch.arange(len(tokenizer))
-        return cls(
-            mask_id=tokenizer.mask_token_id,
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-            special_ids=special_ids,
-            candidates=vocab[~torch.isin(vocab, torch.tensor(special_ids))],
-        )
-
-    def mask(self, rows, ratio, gen, all_to_mask: bool):
-        """(input ids, attention mask, selected positions, original ids at them).
-
-        Training uses BERT's 80/10/10 rule; scoring (`all_to_mask`) replaces every selected
-        token with [MASK], so its accuracy is plain fill-mask accuracy.
-        """
-        ids, attention = collate(rows, self.pad_id)
-        special = special_mask(ids, self.special_ids)
-        masked, selected = mask_tokens(
-            ids, attention, special, ratio, self.mask_id, self.candidates, gen
-        )
-        if all_to_mask:
-            masked = ids.masked_fill(selected, self.mask_id)
-        return masked, attention, selected, ids[selected]
-
-    def unmasked(self, ids, attention, selected) -> torch.Tensor:
-        """Real, non-special tokens that masking left alone: G should return them unchanged."""
-        return attention.bool() & ~selected & ~special_mask(ids, self.special_ids)
-
-
 # ---------------------------------------------------------------- fitting
-
-Batch = tuple[torch.Tensor, torch.Tensor]  # (hidden states at masked positions, their ids)
-
-
-def masked_logits(mlm, head, ids, attention, selected) -> torch.Tensor:
-    """The MLM's logits at the selected positions only: the decoder is the costly part."""
-    hidden = mlm.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
-    return head(hidden[selected])
 
 
 @torch.no_grad()
@@ -358,151 +293,6 @@ def check_head_is_the_model(mlm, head, batch) -> None:
         )
 
 
-def encode(mlm, rows, masking: Masking, s: FitSettings, gen, epoch: int) -> Iterator[Batch]:
-    """Mask (80/10/10) and encode up to `max_sentences` training rows, one batch at a time."""
-    n = len(rows) if s.max_sentences is None else min(len(rows), s.max_sentences)
-    order = epoch_order(len(rows), s.seed, epoch)[:n].tolist()
-    for start in range(0, n, s.batch_size):
-        batch = [rows[i] for i in order[start : start + s.batch_size]]
-        ids, attention, selected, labels = masking.mask(batch, s.mask_ratio, gen, all_to_mask=False)
-        hidden = mlm.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
-        unmasked = masking.unmasked(ids, attention, selected)
-        copy = unmasked & (torch.rand(ids.shape, generator=gen) < s.copy_ratio)
-        yield torch.cat([hidden[selected], hidden[copy]]), torch.cat([labels, ids[copy]])
-
-
-def collect(mlm, rows, masking: Masking, s: FitSettings, gen, progress: bool) -> list[Batch]:
-    """One no-grad pass of the frozen encoder; its outputs feed the warm start and AdamW."""
-    from tqdm.auto import tqdm
-
-    n = len(rows) if s.max_sentences is None else min(len(rows), s.max_sentences)
-    batches = encode(mlm, rows, masking, s, gen, epoch=0)
-    total = math.ceil(n / s.batch_size)
-    with torch.no_grad():
-        return list(tqdm(batches, total=total, desc="encoding", unit="batch", disable=not progress))
-
-
-def head_parts(head: nn.Module, hidden_size: int) -> tuple[nn.Linear, nn.LayerNorm] | None:
-    """(dense, LayerNorm) of a BERT-style head (dense -> activation -> LayerNorm -> decoder)."""
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    norms = [m for m in head.modules() if isinstance(m, nn.LayerNorm)]
-    if len(linears) != 2 or len(norms) != 1:
-        return None
-    if linears[0].weight.shape != (hidden_size, hidden_size):
-        return None
-    return linears[0], norms[0]
-
-
-@torch.no_grad()
-def least_squares_start(head, parts, batches: list[Batch], embeddings, log_probs) -> float:
-    """Initialise a new head in closed form; returns the chosen LayerNorm scale.
-
-    The tied decoder scores token v by the dot product of the head's output with v's
-    embedding, so the head's job is to map a hidden state close to its target's embedding.
-    A ridge regression gives that linear map from the collected features directly, where
-    SGD needs many epochs to find it. The dense layer takes the map, shifted by a constant
-    into the activation's near-linear range (GELU/ReLU then pass it through); LayerNorm
-    normalises it; its scale is picked by log-likelihood on a tenth of the features held
-    in. Scale 0 is a candidate, so the start is never worse there than the unigram bias.
-    """
-    dense, norm = parts
-    x = torch.cat([f for f, _ in batches]).double()
-    y = torch.cat([t for _, t in batches])
-    n_check = max(1, min(len(y) // 10, 2000))
-    x_fit, x_check, y_check = x[n_check:], x[:n_check].float(), y[:n_check]
-    mean = x_fit.mean(0)
-    x_fit = x_fit - mean
-    target = embeddings[y[n_check:]].double()
-    target -= target.mean(1, keepdim=True)  # LayerNorm removes each vector's mean anyway
-    gram = x_fit.T @ x_fit
-    gram += 1e-3 * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype)
-    w = torch.linalg.solve(gram, x_fit.T @ target)  # prediction = (h - mean) @ w
-    k = 1.0 / float((x_fit @ w).std())
-    dense.weight.copy_((k * w).T)
-    dense.bias.copy_(6.0 - k * (mean @ w))  # ~N(6, 1) pre-activations: GELU(z) ~ z
-    norm.bias.zero_()
-    head_bias = head_decoder_bias(head)
-    head_bias.copy_(log_probs)
-    best = (math.inf, 0.0)
-    for scale in [0.0, *torch.logspace(-2, 0.5, 11).tolist()]:
-        norm.weight.fill_(scale)
-        nll = float(nn.functional.cross_entropy(head(x_check), y_check))
-        best = min(best, (nll, scale))
-    norm.weight.fill_(best[1])
-    return best[1]
-
-
-def head_decoder_bias(head: nn.Module) -> torch.Tensor:
-    """The output bias (tied between decoder.bias and the head's own `bias` in transformers)."""
-    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1].bias
-
-
-def prepare_trainable(mlm, head, s: FitSettings) -> list[dict]:
-    """Freeze everything but the head (minus the tied decoder weight) and the top k layers.
-
-    The whole model stays in eval mode: the frozen encoder must not apply dropout, and the
-    generator is used without dropout in DiffCSE anyway.
-    """
-    mlm.eval()
-    mlm.requires_grad_(False)
-    tied = mlm.get_output_embeddings().weight
-    head_params = [p for p in head.parameters() if p is not tied]
-    for p in head_params:
-        p.requires_grad_(True)
-    layers = top_layers(mlm.base_model, s.unfreeze_top_k)
-    layer_params = [p for layer in layers for p in layer.parameters()]
-    for p in layer_params:
-        p.requires_grad_(True)
-    groups = [{"params": head_params, "lr": s.lr}]
-    if layer_params:
-        groups.append({"params": layer_params, "lr": s.encoder_lr})
-    return groups
-
-
-def train_head(
-    mlm, head, cache: list[Batch], rows, masking: Masking, s: FitSettings, gen, progress: bool
-) -> int:
-    """AdamW (linear warm-up and decay) for `epochs` passes; returns the number of steps.
-
-    Frozen encoder: each pass visits the cached batches in a seeded order. With top layers
-    unfrozen, each pass re-encodes fresh masks with gradients through those layers.
-    """
-    from tqdm.auto import tqdm
-
-    groups = prepare_trainable(mlm, head, s)
-    steps = s.epochs * len(cache)
-    if s.max_steps is not None:
-        steps = min(steps, s.max_steps)
-    if steps == 0:
-        return 0
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min((i + 1) / warmup, (steps - i) / max(1, steps - warmup))
-    )
-    bar = tqdm(total=steps, desc="fit-generator", unit="step", disable=not progress)
-    step = 0
-    for epoch in range(s.epochs):
-        if s.unfreeze_top_k:
-            batches = encode(mlm, rows, masking, s, gen, epoch)
-        else:
-            batches = (cache[i] for i in epoch_order(len(cache), s.seed, epoch).tolist())
-        for features, labels in batches:
-            loss = nn.functional.cross_entropy(head(features), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            step += 1
-            if step == steps:
-                bar.close()
-                return steps
-    bar.close()
-    return steps
-
-
 def save_generator(mlm, tokenizer, out: Path, report: FitReport, overwrite: bool, probe) -> None:
     """Write the masked LM, reload it and check it is the model just trained, then publish."""
     from transformers import AutoModelForMaskedLM
@@ -526,6 +316,112 @@ def save_generator(mlm, tokenizer, out: Path, report: FitReport, overwrite: bool
             raise DiffcseError(f"{out}: the reloaded generator predicts differently; not saved")
 
 
+@dataclass
+class Loaded:
+    """The tokenizer, the masked LM (its head new or its own) and the head module."""
+
+    tokenizer: object
+    mlm: nn.Module
+    head: nn.Module
+    head_name: str
+    fresh: bool
+
+
+@dataclass
+class Split:
+    """Token rows to train on, the held-out masked batches and the unigram baseline."""
+
+    rows: list[list[int]]
+    eval_batches: list[tuple]
+    log_probs: torch.Tensor
+    n_train: int
+    n_eval: int
+
+
+def check_settings(s: FitSettings, out, overwrite: bool) -> None:
+    if s.errors not in ERROR_MODES:
+        raise DiffcseError(f"errors must be one of {', '.join(ERROR_MODES)}, got {s.errors!r}")
+    if s.precision not in PRECISIONS:
+        raise DiffcseError(f"precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
+    if out is not None and Path(out).exists() and not overwrite:
+        raise DiffcseError(f"{out} already exists; pass --overwrite to replace it")
+
+
+def load(encoder: str, s: FitSettings) -> Loaded:
+    """The encoder as its architecture's masked LM, checked before any data is read."""
+    from diffcse_train.model import load_tokenizer
+
+    tokenizer = load_tokenizer(encoder, "--encoder")
+    if tokenizer.mask_token_id is None:
+        raise DiffcseError(f"--encoder {encoder}: its tokenizer has no mask token")
+    mlm, fresh = load_encoder_as_mlm(encoder)
+    head_name, head = find_head(mlm)
+    vocab = len(mlm.get_input_embeddings().weight)
+    if len(tokenizer) > vocab:
+        raise DiffcseError(
+            f"--encoder {encoder}: the tokenizer has {len(tokenizer)} tokens but the model "
+            f"only {vocab} embeddings"
+        )
+    top_layers(mlm.base_model, s.unfreeze_top_k)  # a bad k fails now, not after encoding
+    return Loaded(tokenizer, mlm.eval(), head, head_name, fresh)
+
+
+def tokenize_and_split(corpus: str, model: Loaded, masking: Masking, s: FitSettings) -> Split:
+    """Seeded train / held-out split, token rows, fixed held-out masks, unigram frequencies."""
+    train, held_out = split_corpus(read_corpus(corpus, s.errors), s)
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return model.tokenizer(texts, truncation=True, max_length=s.max_length)["input_ids"]
+
+    rows, eval_rows = tokenize(train), tokenize(held_out)
+    vocab = len(model.mlm.get_input_embeddings().weight)
+    log_probs = unigram_log_probs(rows, vocab, masking.special_ids)
+    eval_gen = torch.Generator().manual_seed(s.seed + 1)
+    eval_batches = [
+        masking.mask(eval_rows[i : i + s.batch_size], s.eval_mask_ratio, eval_gen, all_to_mask=True)
+        for i in range(0, len(eval_rows), s.batch_size)
+    ]
+    n_train = min(len(train), s.max_sentences or len(train))
+    return Split(rows, eval_batches, log_probs, n_train, len(held_out))
+
+
+def fit(model: Loaded, data: Split, masking: Masking, s: FitSettings, progress: bool):
+    """Warm-start a new head, then AdamW; returns (warm-start score or None, steps)."""
+    mlm, head = model.mlm, model.head
+    gen = torch.Generator().manual_seed(s.seed)
+    frozen = s.unfreeze_top_k == 0
+    warm_n = data.n_train if frozen else min(data.n_train, s.warm_start_sentences)
+    parts = head_parts(head, mlm.get_input_embeddings().weight.shape[1])
+    warm, cache = None, []
+    if (frozen or (model.fresh and s.warm_start)) and warm_n:
+        cache = collect(mlm, data.rows, masking, s, gen, warm_n, progress)
+    if model.fresh and s.warm_start and parts is not None:
+        embeddings = mlm.get_input_embeddings().weight.detach()
+        least_squares_start(head, parts, cache, embeddings, data.log_probs)
+        warm = score(mlm, head, data.eval_batches, masking)
+        log.info("least-squares start: accuracy %.2f%%", 100 * warm.accuracy)
+    elif model.fresh and s.warm_start:
+        log.info("%s head is not dense -> LayerNorm -> decoder: no warm start", model.head_name)
+    if frozen:
+        steps = train_head(mlm, head, cache, s, progress)
+    else:
+        del cache
+        steps = train_masked_lm(mlm, head, data.rows, masking, s, gen, progress)
+    return warm, steps
+
+
+def refuse_unless_improved(report: FitReport) -> None:
+    after, unigram, s = report.after, report.unigram, report.settings
+    if not report.improved:
+        raise GeneratorRefused(
+            f"the fitted generator is no better than the unigram baseline (accuracy "
+            f"{after.accuracy:.2%} vs {unigram.accuracy:.2%}, needed +{s.min_accuracy_gain:.0%};"
+            f" perplexity {after.perplexity:.1f} vs {unigram.perplexity:.1f}); nothing was "
+            "written. Train on more sentences (--max-sentences) or longer (--epochs)",
+            report,
+        )
+
+
 def fit_generator(
     encoder: str,
     corpus: str,
@@ -534,103 +430,63 @@ def fit_generator(
     overwrite: bool = False,
     progress: bool = True,
 ) -> FitReport:
-    """Fit an MLM head on the frozen `encoder` over `corpus`; save it to `out` if it is good.
+    """Fit a copy of `encoder` as a masked LM over `corpus`; save it to `out` if it is good.
 
-    Raises GeneratorRefused (nothing written) when the head does not beat the unigram
-    baseline. With `out=None` nothing is saved (a dry run that only reports).
+    Raises GeneratorRefused (nothing written) when it does not beat the unigram baseline.
+    With `out=None` nothing is saved (a dry run that only reports).
     """
     s = settings or FitSettings()
-    if s.errors not in ERROR_MODES:
-        raise DiffcseError(f"errors must be one of {', '.join(ERROR_MODES)}, got {s.errors!r}")
-    if out is not None and Path(out).exists() and not overwrite:
-        raise DiffcseError(f"{out} already exists; pass --overwrite to replace it")
-    started = time.perf_counter()
+    check_settings(s, out, overwrite)
+    started, cpu_started = time.perf_counter(), time.process_time()
     torch.manual_seed(s.seed)
-
-    from diffcse_train.model import load_tokenizer
-
-    tokenizer = load_tokenizer(encoder, "--encoder")
-    if tokenizer.mask_token_id is None:
-        raise DiffcseError(f"--encoder {encoder}: its tokenizer has no mask token")
-    mlm, fresh = load_encoder_as_mlm(encoder)
-    head_name, head = find_head(mlm)
-    embeddings = mlm.get_input_embeddings().weight
-    if len(tokenizer) > len(embeddings):
-        raise DiffcseError(
-            f"--encoder {encoder}: the tokenizer has {len(tokenizer)} tokens but the model "
-            f"only {len(embeddings)} embeddings"
-        )
-    masking = Masking.of(tokenizer)
-    top_layers(mlm.base_model, s.unfreeze_top_k)  # a bad k fails now, not after encoding
-
-    train, held_out = split_corpus(read_corpus(corpus, s.errors), s)
-    tokenize = lambda texts: tokenizer(texts, truncation=True, max_length=s.max_length)["input_ids"]  # noqa: E731
-    rows, eval_rows = tokenize(train), tokenize(held_out)
-    log_probs = unigram_log_probs(rows, len(embeddings), masking.special_ids)
-    if fresh:  # start at the unigram baseline rather than at a uniform guess
+    model = load(encoder, s)
+    masking = Masking.of(model.tokenizer)
+    data = tokenize_and_split(corpus, model, masking, s)
+    if model.fresh:  # start at the unigram baseline rather than at a uniform guess
         with torch.no_grad():
-            head_decoder_bias(head).copy_(log_probs)
+            head_decoder_bias(model.head).copy_(data.log_probs)
     log.info(
-        "%s: %s with %s MLM head %r; %d training sentences (%s encoded), %d held out",
-        encoder, type(mlm).__name__, "a new" if fresh else "its existing", head_name,
-        len(train), s.max_sentences or "all", len(held_out),
+        "%s: %s with %s MLM head %r; %d training sentences, %d held out; training %s",
+        encoder, type(model.mlm).__name__, "a new" if model.fresh else "its existing",
+        model.head_name, data.n_train, data.n_eval, _what_trains(s),
     )  # fmt: skip
-
-    eval_gen = torch.Generator().manual_seed(s.seed + 1)
-    eval_batches = [
-        masking.mask(eval_rows[i : i + s.batch_size], s.mask_ratio, eval_gen, all_to_mask=True)
-        for i in range(0, len(eval_rows), s.batch_size)
-    ]
-    mlm.eval()
-    check_head_is_the_model(mlm, head, eval_batches[0])
-    unigram, before = (
-        unigram_score(log_probs, eval_batches),
-        score(mlm, head, eval_batches, masking),
-    )
-
-    gen = torch.Generator().manual_seed(s.seed)
-    cache = collect(mlm, rows, masking, s, gen, progress)
-    warm = None
-    parts = head_parts(head, embeddings.shape[1])
-    if fresh and s.warm_start and parts is not None:
-        least_squares_start(head, parts, cache, embeddings.detach(), log_probs)
-        warm = score(mlm, head, eval_batches, masking)
-        log.info("least-squares start: accuracy %.2f%%", 100 * warm.accuracy)
-    elif fresh and s.warm_start:
-        log.info("%s head is not dense -> LayerNorm -> decoder: no warm start", head_name)
-    steps = train_head(mlm, head, cache, rows, masking, s, gen, progress)
-    trainable = sum(p.numel() for p in mlm.parameters() if p.requires_grad)
-    mlm.eval()
-    mlm.requires_grad_(False)
-    after = score(mlm, head, eval_batches, masking)
+    check_head_is_the_model(model.mlm, model.head, data.eval_batches[0])
+    unigram = unigram_score(data.log_probs, data.eval_batches)
+    before = score(model.mlm, model.head, data.eval_batches, masking)
+    warm, steps = fit(model, data, masking, s, progress)
+    trainable = sum(p.numel() for p in model.mlm.parameters() if p.requires_grad)
+    model.mlm.eval().requires_grad_(False)
     report = FitReport(
         encoder=str(encoder),
         corpus=str(corpus),
-        architecture=type(mlm).__name__,
-        train_sentences=min(len(train), s.max_sentences or len(train)),
-        eval_sentences=len(held_out),
+        architecture=type(model.mlm).__name__,
+        train_sentences=data.n_train,
+        eval_sentences=data.n_eval,
         steps=steps,
         trainable_parameters=trainable,
         unigram=unigram,
         before=before,
         warm_start=warm,
-        after=after,
+        after=score(model.mlm, model.head, data.eval_batches, masking),
         seconds=round(time.perf_counter() - started, 1),
+        cpu_seconds=round(time.process_time() - cpu_started, 1),
         settings=s,
         out=str(out) if out is not None else None,
     )
-    if not report.improved:
-        raise GeneratorRefused(
-            f"the fitted head is no better than the unigram baseline (accuracy {after.accuracy:.2%}"
-            f" vs {unigram.accuracy:.2%}, needed +{s.min_accuracy_gain:.0%}; perplexity "
-            f"{after.perplexity:.1f} vs {unigram.perplexity:.1f}); nothing was written. "
-            "Encode more sentences (--max-sentences), train longer (--epochs) or unfreeze "
-            "top layers (--unfreeze-top-k)",
-            report,
-        )
+    refuse_unless_improved(report)
     if out is not None:
-        save_generator(mlm, tokenizer, Path(out), report, overwrite, eval_batches[0])
+        save_generator(
+            model.mlm, model.tokenizer, Path(out), report, overwrite, data.eval_batches[0]
+        )
     return report
+
+
+def _what_trains(s: FitSettings) -> str:
+    if s.unfreeze_top_k is None:
+        return "the whole model but the (tied) word embeddings"
+    if s.unfreeze_top_k == 0:
+        return "the head only (frozen encoder)"
+    return f"the head and the top {s.unfreeze_top_k} layers"
 
 
 # ---------------------------------------------------------------- the training config's key
@@ -658,7 +514,7 @@ def ensure_generator(cfg: TrainConfig) -> None:
             f"--corpus {cfg.train_file} --out {out}"
         )
     log.info(
-        "fit_generator: %s does not exist; fitting an MLM head on %s first",
+        "fit_generator: %s does not exist; fitting a masked LM on %s first",
         out,
         cfg.model_name_or_path,
     )

@@ -1,4 +1,5 @@
-"""fit-generator: an MLM head trained on a frozen tiny encoder, saved as a normal masked LM."""
+"""fit-generator: a copy of a tiny encoder trained as a masked LM (or only an MLM head on the
+frozen encoder), saved as a normal masked LM folder."""
 
 from __future__ import annotations
 
@@ -19,15 +20,19 @@ from diffcse_train.generator_fit import (  # noqa: E402
     FitSettings,
     GeneratorRefused,
     Masking,
-    collect,
     find_head,
     fit_generator,
     load_encoder_as_mlm,
     score,
-    train_head,
 )
+from diffcse_train.mlm_fit import collect, train_head, train_masked_lm  # noqa: E402
 
-FAST = dict(epochs=2, batch_size=32, max_steps=40, lr=1e-2, min_eval_sentences=100)
+# fp32 on tiny models (bf16 autocast only pays off at real sizes); the CLI fixture keeps
+# the default precision, so the bf16 path runs once.
+FAST = dict(
+    epochs=2, batch_size=32, max_steps=40, lr=1e-2, min_eval_sentences=100, precision="fp32"
+)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CLI_FAST = ["--epochs", "2", "--batch-size", "32", "--max-steps", "40", "--lr", "1e-2"]
 
 
@@ -84,16 +89,19 @@ def test_saved_folder_is_a_complete_masked_lm(fitted, tiny_bert):
     assert report["warm_start"]["perplexity"] < report["before"]["perplexity"]
 
 
-def test_frozen_encoder_weights_are_saved_unchanged(fitted, tiny_bert):
+def test_whole_copy_trains_but_the_word_embeddings(fitted, tiny_bert):
+    """The default fit trains every layer of the copy; the word embeddings (the tied
+    decoder) stay f's."""
     encoder = _state(tiny_bert, transformers.AutoModel)
     saved = _state(fitted, transformers.AutoModelForMaskedLM)
-    compared = 0
-    for name, tensor in encoder.items():
-        if name.startswith("pooler."):
-            continue  # the MLM has no pooler
-        assert torch.equal(saved[f"bert.{name}"], tensor), name
-        compared += 1
-    assert compared > 30
+    changed = {
+        k
+        for k, v in encoder.items()
+        if "pooler" not in k and not torch.equal(saved[f"bert.{k}"], v)
+    }
+    for layer in range(2):
+        assert any(k.startswith(f"encoder.layer.{layer}.") for k in changed), layer
+    assert "embeddings.word_embeddings.weight" not in changed
 
 
 def test_the_trainer_accepts_it_as_a_generator(fitted):
@@ -122,25 +130,33 @@ def test_saved_generator_fills_a_mask(fitted):
     assert tok.decode([predicted]).strip()
 
 
-def test_training_lowers_the_mlm_loss_and_keeps_the_encoder_frozen(tiny_bert, corpus_file):
-    """In memory, AdamW alone (no warm start): only the head moves, never the tied decoder
-    weight, and the held-out loss goes down."""
+def _tiny_rows(tiny_bert):
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_bert)
+    masking = Masking.of(tok)
+    rows = tok(tiny.corpus(1200)[200:], truncation=True, max_length=32)["input_ids"]
+    held_out = masking.mask(
+        tok(tiny.corpus(1200)[:200], max_length=32)["input_ids"],
+        0.15,
+        torch.Generator().manual_seed(5),
+        all_to_mask=True,
+    )
+    return rows, masking, held_out
+
+
+def test_head_only_fit_lowers_the_mlm_loss_and_keeps_the_encoder_frozen(tiny_bert):
+    """unfreeze_top_k=0, in memory, AdamW alone (no warm start): only the head moves, never
+    the tied decoder weight, and the held-out loss goes down."""
     with _quiet():
         mlm, fresh = load_encoder_as_mlm(str(tiny_bert))
     assert fresh
     _, head = find_head(mlm)
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_bert)
-    rows = tok(tiny.corpus(1200)[200:], truncation=True, max_length=32)["input_ids"]
-    masking = Masking.of(tok)
+    rows, masking, held_out = _tiny_rows(tiny_bert)
+    settings = FitSettings(**FAST, unfreeze_top_k=0)
     gen = torch.Generator().manual_seed(5)
-    held_out = masking.mask(
-        tok(tiny.corpus(1200)[:200], max_length=32)["input_ids"], 0.15, gen, all_to_mask=True
-    )
-    settings = FitSettings(**FAST)
-    cache = collect(mlm, rows, masking, settings, gen, progress=False)
+    cache = collect(mlm, rows, masking, settings, gen, len(rows), progress=False)
     before_state = {k: v.clone() for k, v in mlm.state_dict().items()}
     before = score(mlm, head, [held_out], masking)
-    steps = train_head(mlm, head, cache, rows, masking, settings, gen, progress=False)
+    steps = train_head(mlm, head, cache, settings, progress=False)
     after = score(mlm, head, [held_out], masking)
     assert steps == 40
     assert after.perplexity < 0.9 * before.perplexity  # perplexity = exp(mean MLM loss)
@@ -150,6 +166,40 @@ def test_training_lowers_the_mlm_loss_and_keeps_the_encoder_frozen(tiny_bert, co
     assert "cls.predictions.decoder.weight" not in changed
     assert mlm.cls.predictions.decoder.weight is mlm.bert.embeddings.word_embeddings.weight
     assert not mlm.bert.embeddings.word_embeddings.weight.requires_grad
+
+
+def test_whole_model_fit_beats_the_head_only_fit(tiny_bert):
+    """Same data, same steps: training the encoder too fills masks better than the head
+    alone."""
+    rows, masking, held_out = _tiny_rows(tiny_bert)
+    scores = {}
+    for k in (0, None):
+        with _quiet():
+            mlm, _ = load_encoder_as_mlm(str(tiny_bert))
+        _, head = find_head(mlm)
+        settings = FitSettings(**FAST, unfreeze_top_k=k, encoder_lr=3e-3)
+        gen = torch.Generator().manual_seed(5)
+        if k == 0:
+            cache = collect(mlm, rows, masking, settings, gen, len(rows), progress=False)
+            train_head(mlm, head, cache, settings, progress=False)
+        else:
+            assert train_masked_lm(mlm, head, rows, masking, settings, gen, progress=False) == 40
+            assert not mlm.training  # back in eval mode
+        scores[k] = score(mlm, head, [held_out], masking)
+    assert scores[None].accuracy > scores[0].accuracy
+    assert scores[None].perplexity < scores[0].perplexity
+
+
+def test_length_batches_cover_the_sample_once_in_similar_lengths():
+    from diffcse_train.mlm_fit import length_batches
+
+    rows = [[0] * (1 + i % 7) for i in range(100)]
+    settings = FitSettings(batch_size=8)
+    batches = length_batches(rows, 50, settings, epoch=0)
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat)) == 50
+    assert all(max(len(rows[i]) for i in b) - min(len(rows[i]) for i in b) <= 1 for b in batches)
+    assert batches != length_batches(rows, 50, settings, epoch=1)
 
 
 def test_unfreeze_top_k_trains_only_the_top_layers(tiny_bert, corpus_file, tmp_path):
