@@ -197,7 +197,10 @@ def fit_generator_cmd(encoder, corpus, out, all_sentences, overwrite, quiet, **o
         click.echo(exc.report.table(), err=True)
         raise click.ClickException(str(exc)) from None
     click.echo(report.table())
-    click.echo(f"{report.steps} AdamW steps, {report.seconds:.0f} s in all; saved {out}")
+    click.echo(
+        f"{report.steps} AdamW steps, {report.seconds:.0f} s wall, {report.cpu_seconds:.0f} s CPU "
+        f"in all; saved {out}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
