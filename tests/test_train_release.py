@@ -92,3 +92,30 @@ def test_an_existing_export_is_refused_before_training(tiny_bert, data, tmp_path
     assert "already exists" in result.output and "--overwrite" in result.output
     assert not (out / "last").exists()  # refused before any training
     assert (out / "model" / "notes.txt").read_text() == "mine"
+
+
+def test_keep_initial_ships_the_input_when_training_only_hurts(tiny_bert, data, tmp_path):
+    """A learning rate that wrecks the encoder: with keep_initial, best/ is step 0 (the
+    input, unchanged) and the selection used the mean of both dev tasks."""
+    from safetensors.torch import load_file
+
+    from diffcse_train.config import TrainConfig
+    from diffcse_train.trainer import train
+
+    corpus, sts = data
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        model_name_or_path=str(tiny_bert), train_file=str(corpus), output_dir=str(out),
+        eval_data_dir=str(sts), augmentation="replace", lambda_weight=0.1, batch_size=16,
+        max_steps=2, eval_steps=1, save_steps=2, learning_rate=0.5, device="cpu",
+        eval_tasks="STSBenchmark,SICKRelatedness", keep_initial=True,
+    )  # fmt: skip
+    summary = train(cfg)
+    assert summary.best_step == 0
+    metrics = json.loads((out / "best" / "metrics.json").read_text())
+    assert metrics["eval_tasks"] == ["STSBenchmark", "SICKRelatedness"]
+    assert metrics["dev_score"] == pytest.approx((metrics["stsb_dev"] + metrics["sick_trial"]) / 2)
+    source = load_file(str(tiny_bert / "model.safetensors"))
+    best = load_file(str(out / "best" / "model.safetensors"))
+    shared = [k for k in source if k in best]
+    assert shared and all(torch.equal(source[k], best[k]) for k in shared)
