@@ -31,7 +31,7 @@ from pathlib import Path
 import benchlib
 import numpy as np
 
-CONCURRENCY = (1, 8, 64)
+CONCURRENCY = [1, 8, 64]
 SHAPES = {"1-sentence": 1, "32-sentence": 32}
 SERVERS = {"batched": [], "unbatched": ["--no-batching"]}
 
@@ -51,6 +51,7 @@ def start_infinity(args, port: int) -> subprocess.Popen:
     cmd = [str(exe), "v2", "--model-id", ".", "--engine", "optimum"]
     cmd += ["--device", "cpu", "--port", str(port), "--url-prefix", "/v1", "--batch-size", "64"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
+    env.update(INFINITY_ANONYMOUS_USAGE_STATS="0", DO_NOT_TRACK="1")  # no telemetry calls
     return subprocess.Popen(
         cmd,
         stdout=subprocess.DEVNULL,
@@ -177,9 +178,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=3.0, help="per cell and round")
     p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="for the batched server")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="subset of " + ",".join(SHAPES))
+    p.add_argument("--concurrency", default="1,8,64", help="client counts, comma-separated")
     p.add_argument("--infinity-venv", type=Path, help="venv with infinity-emb: add it")
     p.add_argument("--infinity-model", type=Path, help="HF folder with an onnx/ export")
     args = p.parse_args()
+    picked = {k: SHAPES[k] for k in args.shapes.split(",")}  # the module tables, narrowed
+    SHAPES.clear()
+    SHAPES.update(picked)
+    CONCURRENCY[:] = [int(c) for c in args.concurrency.split(",")]
     from diffcse_runtime import Encoder
 
     if args.model is None:
@@ -188,6 +196,11 @@ def main() -> None:
         args.model = models.minilm_variant("fp32")
     texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
     servers = dict(SERVERS)
+    if args.max_batch_tokens:
+        servers["batched"] = ["--max-batch-tokens", str(args.max_batch_tokens)]
+        info_extra = {"batched_max_batch_tokens": args.max_batch_tokens}
+    else:
+        info_extra = {}
     bodies = {name: make_bodies(texts, "m") for name in SERVERS}
     if args.infinity_venv:
         servers["infinity"] = None
@@ -197,6 +210,7 @@ def main() -> None:
         model=str(args.model),
         seconds=args.seconds,
         cpu_flags=cpu_flags(),
+        **info_extra,
         command=" ".join(sys.argv),
     )
     print(benchlib.describe(info), flush=True)
@@ -219,7 +233,7 @@ def main() -> None:
                 print(f"{name}: not measured ({exc})", flush=True)
                 del urls[name]
                 continue
-            asyncio.run(load(urls[name], bodies[name]["32-sentence"], 32, 8, 1.0))  # warm up
+            asyncio.run(load(urls[name], bodies[name]["1-sentence"], 1, 8, 1.0))  # warm up
         runs = measure(args, encoder, texts, bodies, urls)
     finally:
         for proc in procs.values():
