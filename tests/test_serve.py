@@ -138,6 +138,8 @@ def test_32_concurrent_clients_each_get_exactly_their_rows(url, offline):
         metric(after, alone) - metric(before, alone)
     )
     assert merged >= 1, "no session run served more than one request"
+    timed = 'diffcse_batch_duration_seconds_count{model="tiny"}'
+    assert metric(after, timed) == metric(after, runs)  # every run timed
     assert metric(after, 'diffcse_inputs_total{model="tiny"}') >= sum(map(len, requests))
 
 

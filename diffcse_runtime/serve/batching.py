@@ -228,6 +228,7 @@ class Batcher:
         while start < len(order):
             width = max(1, lengths[order[start]])
             rows = order[start : start + max(1, budget // width)]
+            began = time.perf_counter()
             # return_token_counts: the server reports truncation per response and in
             # /metrics, so the encoder's own WARNING per call is not wanted here
             out[rows], _ = self.encoder.encode(
@@ -236,6 +237,7 @@ class Batcher:
                 normalize=self.settings.normalize,
                 return_token_counts=True,
             )
+            self.metrics.batch_seconds.labels(self.name).observe(time.perf_counter() - began)
             self._observe(len(rows), len(rows) * width, len({owners[k] for k in rows}))
             start += len(rows)
         return out

@@ -83,6 +83,13 @@ class ServeMetrics:
             buckets=COUNT_BUCKETS,
             registry=r,
         )
+        self.batch_seconds = Histogram(
+            "diffcse_batch_duration_seconds",
+            "Time of one Encoder.encode call (tokenize + session run), by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.rejected = Counter(
             "diffcse_queue_rejected",
             "Requests refused with 503 because the queue was full.",
