@@ -229,3 +229,11 @@ def test_cli_input_matching_nothing_is_one_sentence(local_ray, tiny_model_dir, t
     res = CliRunner().invoke(embed_ray, [pattern, str(tmp_path / "o"), "-m", str(tiny_model_dir)])
     assert res.exit_code == 1
     assert f"{pattern}: matches no files" in res.output and "Traceback" not in res.output
+
+
+def test_cli_unreadable_parquet_is_one_sentence(local_ray, tiny_model_dir, tmp_path):
+    src = tmp_path / "broken.parquet"
+    src.write_bytes(b"not parquet at all")
+    res = CliRunner().invoke(embed_ray, [str(src), str(tmp_path / "o"), "-m", str(tiny_model_dir)])
+    assert res.exit_code == 1
+    assert f"{src}: not a readable Parquet file" in res.output and "Traceback" not in res.output

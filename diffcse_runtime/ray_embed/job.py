@@ -133,7 +133,12 @@ def plan(spec: JobSpec) -> tuple[list[Shard], dict[str, str]]:
         fs = resolve_fs(uri)[0]
         return plan_file(fs, path, file_format(path, spec.fmt), spec.shard_rows)
 
-    per_file = ray.get([plan_one.remote(uri, path) for path, uri in files])
+    try:
+        per_file = ray.get([plan_one.remote(uri, path) for path, uri in files])
+    except ray.exceptions.RayTaskError as exc:  # a bad file: its one sentence, no traceback
+        if isinstance(exc.cause, DiffcseError):
+            raise DiffcseError(str(exc.cause)) from None
+        raise
     shards = [s for chunk in per_file for s in chunk]
     shards = [Shard(**{**s.to_dict(), "index": i}) for i, s in enumerate(shards)]
     return shards, {path: uri for path, uri in files}
