@@ -237,3 +237,22 @@ def test_cli_unreadable_parquet_is_one_sentence(local_ray, tiny_model_dir, tmp_p
     res = CliRunner().invoke(embed_ray, [str(src), str(tmp_path / "o"), "-m", str(tiny_model_dir)])
     assert res.exit_code == 1
     assert f"{src}: not a readable Parquet file" in res.output and "Traceback" not in res.output
+
+
+def test_cli_without_the_ray_extra_says_what_to_install(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['ray'] = None; "  # as if ray were not installed
+        "from diffcse_runtime.ray_embed.cli import main; main()"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, "in.txt", str(tmp_path / "o"), "-m", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 1
+    assert "needs Ray Data and pyarrow" in res.stderr and 'pip install "diffcse[ray]"' in res.stderr
+    assert "Traceback" not in res.stderr

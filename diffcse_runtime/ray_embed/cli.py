@@ -12,7 +12,7 @@ import click
 
 from diffcse_runtime.errors import DiffcseError, friendly_errors
 from diffcse_runtime.model_dir import load_metadata
-from diffcse_runtime.ray_embed.inputs import FORMATS
+from diffcse_runtime.ray_embed import FORMATS
 from diffcse_runtime.textio import ERROR_MODES
 
 
@@ -155,8 +155,13 @@ def main(
     Rerun the same command after a failure: finished parts are kept and only the missing
     ones are embedded.
     """
-    import ray
-
+    try:
+        import pyarrow  # noqa: F401
+        import ray
+    except ImportError as exc:
+        raise DiffcseError(
+            f'diffcse-embed-ray needs Ray Data and pyarrow ({exc.msg}): pip install "diffcse[ray]"'
+        ) from None
     from diffcse_runtime.ray_embed.job import JobSpec, run_job
 
     if shard_rows < 1 or threads < 1 or batch_size < 1 or (actors is not None and actors < 1):

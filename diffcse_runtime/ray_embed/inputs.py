@@ -19,9 +19,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from diffcse_runtime.errors import DataFormatError
+from diffcse_runtime.ray_embed import FORMATS  # noqa: F401 - re-exported for callers
 from diffcse_runtime.textio import _decode  # one "FILE:LINE: not valid UTF-8" everywhere
 
-FORMATS = ("auto", "text", "jsonl", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 _BLOCK = 8 << 20  # bytes read at a time while indexing line offsets
 
