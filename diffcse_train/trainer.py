@@ -19,26 +19,24 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffcse_runtime import sts
-from diffcse_runtime.atomic import atomic_file
-from diffcse_runtime.checkpoint_files import BEST_SUBDIR
 from diffcse_runtime.errors import DiffcseError
 from diffcse_train import checkpoint, distributed
 from diffcse_train.checkpoint import TrainState
-from diffcse_train.config import TrainConfig, resume_mismatch
+from diffcse_train.config import TrainConfig
 from diffcse_train.data import Collator, epoch_order, load_corpus
 from diffcse_train.generator_fit import ensure_generator
 from diffcse_train.model import DiffCSE, build_model, count_parameters, pool
+from diffcse_train.run_dir import RunDir, jsonable
 
 log = logging.getLogger("diffcse_train")
 EVAL_TASK = "STSBenchmark"  # the official protocol's dev task; eval_tasks may add SICK-R
@@ -159,37 +157,21 @@ def _size(module: torch.nn.Module) -> str:
     return f"{n / 1e6:.1f}M trainable" if n >= 1e6 else f"{n:,} trainable"
 
 
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _check_writable_dir(out: Path) -> None:
-    """output_dir must be a folder we can create and write in, checked before any work."""
-    if out.exists() and not out.is_dir():
-        raise DiffcseError(f"output_dir {out} is a file, not a folder; choose another output_dir")
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise DiffcseError(f"output_dir {out}: {existing} is a file, not a folder")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise DiffcseError(f"output_dir {out}: no permission to write in {existing}")
-
-
 class Trainer:
     """One training run of `cfg`; `run()` trains, evaluates, checkpoints, returns a summary."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.resume = resume
-        self.out = Path(cfg.output_dir)
-        self.best_dir, self.last_dir = self.out / BEST_SUBDIR, self.out / "last"
-        self.metrics_path = self.out / "metrics.jsonl"
+        self.run_dir = RunDir(cfg.output_dir)
+        self.out, self.best_dir, self.last_dir = (
+            self.run_dir.out,
+            self.run_dir.best,
+            self.run_dir.last,
+        )
         self.device = distributed.setup(pick_device(cfg.device))
         world = distributed.world_size()
-        replaced = distributed.main_only(self._check_output_dir, overwrite)
+        replaced = distributed.main_only(self.run_dir.check, cfg, resume, overwrite)
         self.dtype = autocast_dtype(cfg.precision, self.device)
 
         corpus = load_corpus(cfg.train_file, cfg.encoding_errors)
@@ -229,40 +211,12 @@ class Trainer:
         self.dev_scores: dict[str, float] = {}
         self._last_dev: float | None = None  # shown in the progress bar
         if not resume:  # only now that the new run could be set up, replace the old one
-            distributed.main_only(self._start_output_dir, replaced)
+            distributed.main_only(self.run_dir.start, cfg, replaced)
 
     # ------------------------------------------------------------ setup
 
     def _augmentation(self) -> str:
         return self.cfg.augmentation if self.cfg.uses_discriminator else "none"
-
-    def _check_output_dir(self, overwrite: bool) -> list[Path]:
-        """Refuse to clobber an earlier run; return the paths --overwrite will replace."""
-        _check_writable_dir(self.out)
-        if self.resume:
-            if not (self.last_dir / "trainer_state.json").is_file():
-                raise DiffcseError(f"--resume: {self.out} has no last/ checkpoint to resume from")
-            saved = checkpoint.read_last_config(self.last_dir)
-            mismatch = resume_mismatch(saved, self.cfg)
-            if mismatch:
-                raise DiffcseError(f"--resume: the config changed since the checkpoint: {mismatch}")
-            return []
-        ours = (self.best_dir, self.last_dir, self.metrics_path, self.out / "summary.json")
-        ours += (self.out / "scores.json",)  # release.py's before/after table
-        existing = [p for p in ours if p.exists()]
-        if existing and not overwrite:
-            raise DiffcseError(
-                f"output_dir {self.out} already holds a training run ({existing[0].name}); "
-                "pass --resume to continue it or --overwrite to start over"
-            )
-        return existing
-
-    def _start_output_dir(self, replaced: list[Path]) -> None:
-        for path in replaced:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        self.out.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.out / checkpoint.CONFIG_FILE, "w") as fh:
-            fh.write(self.cfg.to_yaml())
 
     def _find_eval_data(self) -> Path | None:
         data_dir = self.cfg.eval_data_dir
@@ -291,20 +245,8 @@ class Trainer:
     # ------------------------------------------------------------ logging
 
     def _write_metrics(self, record: dict) -> None:
-        if not distributed.is_main():
-            return
-        record = {k: _jsonable(v) for k, v in record.items()}
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
-        if not distributed.is_main() or not self.metrics_path.is_file():
-            return
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        with atomic_file(self.metrics_path, "w") as fh:
-            fh.write("".join(ln + "\n" for ln in kept))
+        if distributed.is_main():
+            self.run_dir.append_metrics(record)
 
     # ------------------------------------------------------------ evaluation and saving
 
@@ -432,7 +374,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {k: _jsonable(v) for k, v in logged.items()}
+        return {k: jsonable(v) for k, v in logged.items()}
 
     def _last_step(self) -> int:
         data = json.loads((self.last_dir / "trainer_state.json").read_text())
@@ -481,7 +423,8 @@ class Trainer:
                     f"this run has {distributed.world_size()}; the global batch depends on it, "
                     "so resume with the same torchrun --nnodes x --nproc_per_node"
                 )
-            self._truncate_metrics(s.step)
+            if distributed.is_main():
+                self.run_dir.truncate_metrics(s.step)
             log.info("resuming from %s at step %d of %d", self.last_dir, s.step, s.total_steps)
         self._describe()
         if not self.resume and self.eval_dir is not None:
@@ -573,8 +516,7 @@ class Trainer:
                 "; no step beat the input model, so best/ is the input model"
                 if summary.best_step == 0 else "",
             )  # fmt: skip
-        with atomic_file(self.out / "summary.json", "w") as fh:
-            fh.write(json.dumps(asdict(summary), indent=2) + "\n")
+        self.run_dir.write_summary(summary)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainSummary:

@@ -1,0 +1,103 @@
+"""A training run's output folder: which files are ours, and the logs we append to.
+
+OUTPUT_DIR holds best/, last/, metrics.jsonl, summary.json and scores.json, all written by
+diffcse-train. A new run refuses a folder that already holds a run unless --overwrite, and
+then replaces only those names: anything else a user keeps there survives. --resume checks
+that last/ exists and that the config did not change in a way that changes the math.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from diffcse_runtime.atomic import atomic_file
+from diffcse_runtime.checkpoint_files import BEST_SUBDIR, CONFIG_FILE
+from diffcse_runtime.errors import DiffcseError
+from diffcse_train import checkpoint
+from diffcse_train.config import TrainConfig, resume_mismatch
+
+SUMMARY_FILE = "summary.json"
+SCORES_FILE = "scores.json"  # release.py's before/after table
+
+
+def jsonable(value: Any) -> Any:
+    """A tensor as its number, a non-finite float as null: metrics.jsonl stays valid JSON."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def check_writable_dir(out: Path) -> None:
+    """output_dir must be a folder we can create and write in, checked before any work."""
+    if out.exists() and not out.is_dir():
+        raise DiffcseError(f"output_dir {out} is a file, not a folder; choose another output_dir")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise DiffcseError(f"output_dir {out}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise DiffcseError(f"output_dir {out}: no permission to write in {existing}")
+
+
+class RunDir:
+    """OUTPUT_DIR of one run: its paths, the overwrite/resume rules, metrics and summary."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = Path(out)
+        self.best = self.out / BEST_SUBDIR
+        self.last = self.out / "last"
+        self.metrics = self.out / "metrics.jsonl"
+
+    def ours(self) -> tuple[Path, ...]:
+        """Every name a run writes, the only ones --overwrite replaces."""
+        return (self.best, self.last, self.metrics, self.out / SUMMARY_FILE, self.out / SCORES_FILE)
+
+    def check(self, cfg: TrainConfig, resume: bool, overwrite: bool) -> list[Path]:
+        """Refuse to clobber an earlier run; return the paths --overwrite will replace."""
+        check_writable_dir(self.out)
+        if resume:
+            if not (self.last / "trainer_state.json").is_file():
+                raise DiffcseError(f"--resume: {self.out} has no last/ checkpoint to resume from")
+            mismatch = resume_mismatch(checkpoint.read_last_config(self.last), cfg)
+            if mismatch:
+                raise DiffcseError(f"--resume: the config changed since the checkpoint: {mismatch}")
+            return []
+        existing = [p for p in self.ours() if p.exists()]
+        if existing and not overwrite:
+            raise DiffcseError(
+                f"output_dir {self.out} already holds a training run ({existing[0].name}); "
+                "pass --resume to continue it or --overwrite to start over"
+            )
+        return existing
+
+    def start(self, cfg: TrainConfig, replaced: list[Path]) -> None:
+        """Remove what --overwrite replaces, then record the run's config."""
+        for path in replaced:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.out / CONFIG_FILE, "w") as fh:
+            fh.write(cfg.to_yaml())
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({k: jsonable(v) for k, v in record.items()}) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+        if not self.metrics.is_file():
+            return
+        lines = self.metrics.read_text(encoding="utf-8").splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        with atomic_file(self.metrics, "w") as fh:
+            fh.write("".join(ln + "\n" for ln in kept))
+
+    def write_summary(self, summary: Any) -> None:
+        with atomic_file(self.out / SUMMARY_FILE, "w") as fh:
+            fh.write(json.dumps(asdict(summary), indent=2) + "\n")
