@@ -203,53 +203,53 @@ class Batcher:
         return picked
 
     async def _run(self, batch: list[tuple[_Job, int]]) -> None:
-        """Compute a batch on a worker thread, then give each request its rows."""
+        """Compute a batch on a worker thread. Each run's rows reach their requests as soon
+        as that run ends, so a request never waits for the rest of its batch."""
         loop = asyncio.get_running_loop()
-        texts = [job.texts[i] for job, i in batch]
-        lengths = [job.lengths[i] for job, i in batch]
-        owners = [id(job) for job, _ in batch]
         try:
-            rows = await loop.run_in_executor(self._executor, self._compute, texts, lengths, owners)
-        except Exception as exc:  # onnxruntime failure: every request in the batch fails
+            await loop.run_in_executor(self._executor, self._compute, batch, loop)
+        except Exception as exc:  # onnxruntime failure: the requests not yet answered fail
             for job, _ in batch:
                 if not job.future.done():
                     job.future.set_exception(exc)
-        else:
-            for k, (job, i) in enumerate(batch):
-                job.out[i] = rows[k]
-                job.left -= 1
-                if job.left == 0 and not job.future.done():
-                    job.future.set_result(job.out)
         finally:
             self._idle += 1
             self._wake.set()
 
-    def _compute(self, texts: list[str], lengths: list[int], owners: list[int]) -> np.ndarray:
+    def _deliver(self, part: list[tuple[_Job, int]], rows: np.ndarray) -> None:
+        """On the loop: copy a run's rows to their requests; answer the completed ones."""
+        for (job, i), row in zip(part, rows, strict=True):
+            job.out[i] = row
+            job.left -= 1
+            if job.left == 0 and not job.future.done():
+                job.future.set_result(job.out)
+
+    def _compute(self, batch: list[tuple[_Job, int]], loop: asyncio.AbstractEventLoop) -> None:
         """Worker thread: length-sorted runs of at most max_batch_tokens padded tokens, each
-        text at least MIN_FILL of its run's width."""
+        text at least MIN_FILL of its run's width; each run is handed to the loop at once."""
         budget = self.settings.max_batch_tokens
-        order = sorted(range(len(texts)), key=lambda k: -lengths[k])
-        out = np.empty((len(texts), self.encoder.embedding_dim), dtype=np.float32)
+        lengths = [job.lengths[i] for job, i in batch]
+        order = sorted(range(len(batch)), key=lambda k: -lengths[k])
         start = 0
         while start < len(order):
             width = max(1, lengths[order[start]])
             stop, limit = start + 1, min(len(order), start + max(1, budget // width))
             while stop < limit and lengths[order[stop]] >= MIN_FILL * width:
                 stop += 1
-            rows = order[start:stop]
+            part = [batch[k] for k in order[start:stop]]
             began = time.perf_counter()
             # return_token_counts: the server reports truncation per response and in
             # /metrics, so the encoder's own WARNING per call is not wanted here
-            out[rows], _ = self.encoder.encode(
-                [texts[k] for k in rows],
-                batch_size=len(rows),
+            rows, _ = self.encoder.encode(
+                [job.texts[i] for job, i in part],
+                batch_size=len(part),
                 normalize=self.settings.normalize,
                 return_token_counts=True,
             )
             self.metrics.batch_seconds.labels(self.name).observe(time.perf_counter() - began)
-            self._observe(len(rows), len(rows) * width, len({owners[k] for k in rows}))
-            start += len(rows)
-        return out
+            self._observe(len(part), len(part) * width, len({id(job) for job, _ in part}))
+            loop.call_soon_threadsafe(self._deliver, part, rows)
+            start = stop
 
     def _observe(self, size: int, tokens: int, requests: int) -> None:
         self.metrics.batch_size.labels(self.name).observe(size)
