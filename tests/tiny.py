@@ -81,12 +81,33 @@ def write_overlap_stsb(root: Path, n_sentences: int, seed: int = 9) -> Path:
     return root
 
 
+def _wordpiece_vocab(vocab_size: int, specials: list[str]) -> dict[str, int]:
+    """A WordPiece vocabulary built deterministically from `corpus()`: the special tokens,
+    every character (alone and as a ##continuation), then the most frequent words, ties by
+    spelling. The tokenizers library's WordPiece trainer breaks ties in hash order, so its
+    vocabulary, and with it every tiny model's training curve, changed from run to run."""
+    import collections
+    import re
+
+    words = collections.Counter(
+        w for line in corpus() for w in re.findall(r"[^\W_]+|[^\w\s]|_", line.lower())
+    )
+    chars = sorted({c for w in words for c in w})
+    tokens = [*specials, *chars, *("##" + c for c in chars)]
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(tokens) >= vocab_size:
+            break
+        if word not in tokens:
+            tokens.append(word)
+    return {token: i for i, token in enumerate(tokens)}
+
+
 @functools.cache
 def make_tokenizer(vocab_size: int = 200, style: str = "bert"):
     """A WordPiece (bert) or byte-level BPE (roberta) tokenizer trained on `corpus()`.
 
-    Cached: WordPiece training is not deterministic across calls, and an encoder and its
-    generator built in one session must share one vocabulary.
+    Cached, so an encoder and its generator built in one session share one vocabulary
+    object; the WordPiece vocabulary is also the same in every session (_wordpiece_vocab).
     """
     from tokenizers import (
         Tokenizer,
@@ -100,11 +121,10 @@ def make_tokenizer(vocab_size: int = 200, style: str = "bert"):
 
     if style == "bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        vocab = _wordpiece_vocab(vocab_size, specials)
+        tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
-        tok.train_from_iterator(corpus(), trainer)
         tok.post_processor = processors.BertProcessing(
             ("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]"))
         )
