@@ -122,8 +122,8 @@ def before_after(cfg: TrainConfig, exported: dict[str, Path]) -> list[Row]:
 
 def format_rows(rows: list[Row]) -> str:
     """A plain-text table: model, pooling, one column per task, and the change."""
-    names = [sts.SHORT_NAMES.get(t, t) for t in SCORE_TASKS]
-    head = f"{'model':<18} {'pooling':<8} " + " ".join(f"{n + ' dev':>11}" for n in names)
+    names = {"STSBenchmark": "STS-B dev", "SICKRelatedness": "SICK-R trial"}
+    head = f"{'model':<20} {'pooling':<8} " + " ".join(f"{names[t]:>15}" for t in SCORE_TASKS)
     lines = [head, "-" * len(head)]
     base = rows[0].scores if rows else {}
     for row in rows:
@@ -132,7 +132,7 @@ def format_rows(rows: list[Row]) -> str:
             value = row.scores.get(task)
             delta = "" if row is rows[0] or value is None else f" ({value - base[task]:+.2f})"
             cells.append("n/a" if value is None else f"{value:.2f}{delta}")
-        lines.append(f"{row.name:<18} {row.pooling:<8} " + " ".join(f"{c:>11}" for c in cells))
+        lines.append(f"{row.name:<20} {row.pooling:<8} " + " ".join(f"{c:>15}" for c in cells))
     lines.append("Spearman x100 of cosine, scored by diffcse_runtime.Encoder on the dev splits")
     return "\n".join(lines)
 

@@ -84,8 +84,18 @@ def test_optional_backends_agree_with_exact(backend):
     texts = [str(i) for i in range(300)]
     exact_s, exact_i = Index(emb, texts).search_vectors(queries, 5)
     scores, ids = Index(emb, texts, backend=backend).search_vectors(queries, 5)
-    np.testing.assert_array_equal(ids, exact_i)
-    np.testing.assert_allclose(scores, exact_s, atol=1e-5)
+    if backend == "faiss":  # IndexFlatIP is exact
+        np.testing.assert_array_equal(ids, exact_i)
+        np.testing.assert_allclose(scores, exact_s, atol=1e-5)
+        return
+    # usearch is HNSW, approximate: on 300 random points one of the 20 true neighbours is
+    # missed in ~1 of 8 builds (40 builds measured), so ask for recall, and exact scores
+    found = sum(len(set(a) & set(b)) for a, b in zip(ids.tolist(), exact_i.tolist(), strict=True))
+    assert found >= 18, (ids, exact_i)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    true_scores = np.take_along_axis(q @ unit.T, ids, axis=1)
+    np.testing.assert_allclose(scores, true_scores, atol=1e-5)
 
 
 def test_unknown_backend_is_clear():
