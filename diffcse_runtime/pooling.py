@@ -23,6 +23,7 @@ from diffcse_runtime.errors import ModelDirError
 
 POOLINGS = ("cls", "mean")
 ST_MODULES_FILE = "modules.json"
+ST_CONFIG_FILE = "sentence_bert_config.json"  # holds the model's own max_seq_length
 ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 ST_POOLING = "sentence_transformers.models.Pooling"
 ST_NORMALIZE = "sentence_transformers.models.Normalize"
@@ -107,6 +108,25 @@ def read_source_pooling(folder: str | Path) -> SourcePooling | None:
     return SourcePooling(pooling=pooling, normalize=normalize, declared_in=str(modules_path))
 
 
+def read_st_max_seq_length(folder: str | Path) -> int | None:
+    """The token limit a sentence-transformers folder declares (None when it declares none).
+
+    Texts longer than it were cut during training, so it is part of the native vector.
+    """
+    path = Path(folder) / ST_CONFIG_FILE
+    if not path.is_file():
+        return None
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{path}: not a valid sentence-transformers config (not an object)")
+    value = config.get("max_seq_length")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise ModelDirError(f"{path}: max_seq_length must be an integer >= 2, got {value!r}")
+    return value
+
+
 def resolve_pooling(requested: str, folder: str | Path) -> str:
     """`auto` -> the folder's own pooling (else cls); `cls`/`mean` are returned as given."""
     if requested not in (*POOLINGS, "auto"):
@@ -140,7 +160,7 @@ def write_st_modules(
     _write_json(folder / "1_Pooling" / "config.json", config)
     if max_seq_length:
         _write_json(
-            folder / "sentence_bert_config.json",
+            folder / ST_CONFIG_FILE,
             {"max_seq_length": max_seq_length, "do_lower_case": False},
         )
 

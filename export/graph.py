@@ -39,7 +39,7 @@ from torch import nn
 from diffcse_runtime.checkpoint_files import BEST_SUBDIR, HEAD_FILE, PROJECTOR_FILE, PROJECTORS
 from diffcse_runtime.errors import ModelDirError
 from diffcse_runtime.model_dir import OUTPUT_NAME
-from diffcse_runtime.pooling import POOLINGS, read_source_pooling
+from diffcse_runtime.pooling import POOLINGS, read_source_pooling, read_st_max_seq_length
 
 OPSET = 18
 INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -327,28 +327,15 @@ def resolve_max_seq_length(ckpt: Checkpoint, requested: int | None) -> int:
                 f"in {ckpt.path} can embed"
             )
         return requested
-    native = _st_max_seq_length(ckpt.path)
+    try:
+        native = read_st_max_seq_length(ckpt.path)
+    except ModelDirError as exc:
+        raise ExportError(str(exc)) from None
     if native is not None:  # sentence-transformers' own limit is part of its native vector
         return min(native, positions) if positions is not None else native
     limits = [int(ckpt.tokenizer.model_max_length)] if ckpt.tokenizer.model_max_length < 1e6 else []
     limits += [positions] if positions is not None else []
     return min(limits) if limits else 512
-
-
-def _st_max_seq_length(folder: Path) -> int | None:
-    """max_seq_length of a sentence-transformers folder (sentence_bert_config.json), if any."""
-    path = folder / "sentence_bert_config.json"
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("max_seq_length")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise ExportError(f"{path}: not a valid sentence-transformers config ({exc})") from None
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-        raise ExportError(f"{path}: max_seq_length must be an integer >= 2, got {value!r}")
-    return value
 
 
 def example_inputs(ckpt: Checkpoint, max_seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
