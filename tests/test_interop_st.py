@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import tiny  # noqa: E402
 
 from diffcse_runtime import Encoder  # noqa: E402
-from diffcse_runtime.pooling import read_source_pooling, write_st_modules  # noqa: E402
+from diffcse_runtime.pooling import read_source_pooling  # noqa: E402
 from diffcse_train.config import TrainConfig  # noqa: E402
 from diffcse_train.trainer import Trainer  # noqa: E402
 
@@ -31,9 +31,7 @@ def one_thread(one_torch_thread):
 def mean_source(tiny_bert, tmp_path_factory):
     """tiny_bert declared as a sentence-transformers model: mean pooling + Normalize."""
     folder = tmp_path_factory.mktemp("st_source") / "model"
-    shutil.copytree(tiny_bert, folder)
-    write_st_modules(folder, "mean", 32, normalize=True, max_seq_length=64)
-    return folder
+    return tiny.as_sentence_transformers(tiny_bert, folder, "mean", True, max_seq_length=64)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 
 import pytest
 
@@ -19,7 +18,6 @@ import numpy as np  # noqa: E402
 import tiny  # noqa: E402
 
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
-from diffcse_runtime.pooling import write_st_modules  # noqa: E402
 from diffcse_train.config import TrainConfig  # noqa: E402
 from diffcse_train.data import IGNORE, Collator  # noqa: E402
 from diffcse_train.model import build_model, pool, rtd_loss  # noqa: E402
@@ -35,9 +33,7 @@ def one_thread(one_torch_thread):
 def mean_source(tiny_bert, tmp_path_factory):
     """tiny_bert declared as a sentence-transformers model with mean pooling + Normalize."""
     folder = tmp_path_factory.mktemp("st_mean") / "model"
-    shutil.copytree(tiny_bert, folder)
-    write_st_modules(folder, "mean", 32, normalize=True)
-    return folder
+    return tiny.as_sentence_transformers(tiny_bert, folder, "mean", normalize=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ to replace an export it may not replace, so no training time is lost."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -14,7 +13,6 @@ import tiny  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
-from diffcse_runtime.pooling import write_st_modules  # noqa: E402
 from diffcse_train.cli import train_cmd as main  # noqa: E402
 
 
@@ -43,9 +41,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mean_source(tiny_bert, tmp_path_factory):
     folder = tmp_path_factory.mktemp("mean_source") / "model"
-    shutil.copytree(tiny_bert, folder)
-    write_st_modules(folder, "mean", 32)
-    return folder
+    return tiny.as_sentence_transformers(tiny_bert, folder, "mean")
 
 
 def run(source, data, out, *extra):

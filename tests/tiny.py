@@ -215,3 +215,16 @@ def make_mlm(
     AutoModelForMaskedLM.from_config(config).save_pretrained(out)
     tok.save_pretrained(out)
     return Path(out)
+
+
+def as_sentence_transformers(
+    src: Path, dst: Path, pooling: str, normalize: bool = False, max_seq_length: int = 0
+) -> Path:
+    """A copy of the encoder folder `src` at `dst`, declared a sentence-transformers model."""
+    import shutil
+
+    from diffcse_runtime.pooling import write_st_modules
+
+    shutil.copytree(src, dst)
+    write_st_modules(dst, pooling, 32, normalize=normalize, max_seq_length=max_seq_length)
+    return dst
