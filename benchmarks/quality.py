@@ -24,6 +24,13 @@ CPU uses the small config (batch 32, 40 steps by default: about 20 min on 2 idle
 with CUDA it uses a larger one (batch 64, 500 steps). Everything lands in
 benchmarks/.cache/quality/ (git-ignored).
 
+`--score trainer` scores no export at all: every run evaluates STS-B dev and SICK-R trial
+itself every `--eval-steps` (fp32, through diffcse_runtime.sts, the trainer's own dev
+evaluation) without selecting on them; the row is the last step, and the whole trajectory
+is kept (the initial model is each run's step 0). `--jobs N` trains N runs at once (a GPU
+is mostly idle with one small model), `--deadline S` starts no new run after S seconds, and
+the JSON is rewritten after every finished run, so a run cut short still reports.
+
 Run: .venv/bin/python benchmarks/quality.py [--generator DIR] [--steps N] [--seeds 42,43]
 """
 
@@ -33,7 +40,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import benchlib
@@ -41,6 +50,7 @@ from benchlib import CACHE_DIR, ROOT, BenchSkip, minilm_dir
 from models import export, minilm_variant
 
 RUNS = ("simcse", "diffcse-mlm", "diffcse-replace")
+CONFIG = ROOT / "configs" / "demo_cpu.yaml"
 LAMBDA = 0.005  # the paper's STS setting, for diffcse-mlm and diffcse-replace
 SETTINGS = {  # device -> (batch size, steps, learning rate)
     "cpu": (32, 40, 3e-5),
@@ -60,10 +70,7 @@ def run_overrides(name: str, generator: Path) -> list[str]:
 
 
 def train(name: str, overrides: list[str], out: Path) -> float:
-    exe = Path(sys.executable).parent / "diffcse-train"
-    if not exe.is_file():
-        raise BenchSkip("diffcse-train is not installed (pip install -e '.[train]')")
-    cmd = [str(exe), "--config", str(ROOT / "configs" / "demo_cpu.yaml"), "--overwrite", "--quiet"]
+    cmd = [sys.executable, "-m", "diffcse_train", "--config", str(CONFIG), "--overwrite", "--quiet"]
     for item in [*overrides, f"output_dir={out}"]:
         cmd += ["--set", item]
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
@@ -87,6 +94,26 @@ def rtd_trace(metrics: Path) -> dict:
     first, last = train[0], train[-1]
     keys = ("loss_rtd", "rtd_acc", "rtd_rep_acc", "rtd_fix_acc", "replaced_frac")
     return {f"{k}_first": first.get(k) for k in keys} | {f"{k}_last": last.get(k) for k in keys}
+
+
+def eval_trace(metrics: Path) -> list[dict]:
+    """The trainer's dev evaluations: [{step, stsb_dev, sick_trial}], step 0 first."""
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    keys = ("step", "stsb_dev", "sick_trial")
+    return [{k: r.get(k) for k in keys} for r in rows if r.get("kind") == "eval"]
+
+
+def trainer_scores(trace: list[dict]) -> dict:
+    """The last evaluation is the run's score (no selection); step 0 is the initial model."""
+    if not trace or trace[-1]["step"] == 0:
+        raise RuntimeError("the run logged no evaluation after step 0")
+    first, last = trace[0], trace[-1]
+    out = {"stsb_dev": last["stsb_dev"], "sick_trial": last["sick_trial"]}
+    if first["step"] == 0:
+        out |= {"initial_stsb_dev": first["stsb_dev"], "initial_sick_trial": first["sick_trial"]}
+    return out | {"trace": trace}
 
 
 def torch_encoder(checkpoint: Path):
@@ -145,7 +172,9 @@ def one_run(name: str, seed: int, common: list[str], generator: Path, args, data
     try:
         row["train_s"] = train(name, overrides, out)
         row["best_step"] = best_step(out)
-        if args.score == "torch":
+        if args.score == "trainer":
+            row |= trainer_scores(eval_trace(out / "metrics.jsonl"))
+        elif args.score == "torch":
             row |= score(out / "best", data, with_torch=True)
         else:
             no_sts = args.work / "no-sts"  # export's STS parity is redundant: scored below
@@ -200,7 +229,7 @@ def mean_rows(rows: list[dict], names: list[str]) -> list[dict]:
     return out
 
 
-def main() -> None:
+def arguments():
     p = benchlib.parser("quality", __doc__)
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--runs", default=",".join(RUNS))
@@ -220,12 +249,81 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=CACHE_DIR / "quality")
     p.add_argument(
         "--score",
-        choices=("onnx", "torch"),
+        choices=("onnx", "torch", "trainer"),
         default="onnx",
         help="score each run's best/ exported through the runtime (onnx), or in PyTorch with "
-        "its own pooling (torch: the export parity gate's reference, no export per run)",
+        "its own pooling (torch: the export parity gate's reference, no export per run), or "
+        "read the trainer's own dev evaluations (trainer: every --eval-steps, no export)",
     )
-    args = p.parse_args()
+    p.add_argument("--eval-steps", type=int, default=None, help="with --score trainer")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    p.add_argument("--deadline", type=float, default=None, help="seconds: no new run after")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override"
+    )
+    return p.parse_args()
+
+
+def common_overrides(args, device: str, bs: int, lr: float, data: Path) -> list[str]:
+    """Every run's shared settings: only the objective and the seed differ between rows."""
+    common = [
+        f"max_steps={args.steps}",
+        f"batch_size={bs}",
+        f"learning_rate={lr}",
+        f"save_steps={args.steps}",
+        f"device={device}",
+        "precision=" + (args.precision or ("bf16" if device == "cuda" else "fp32")),
+        "export_dir=null",  # exported and scored below (or read from the trainer's log)
+    ]
+    if args.score == "trainer":  # evaluated along the way, never selected on
+        common += [
+            f"eval_steps={args.eval_steps or args.steps}",
+            f"eval_data_dir={data}",
+            "eval_tasks=STSBenchmark,SICKRelatedness",
+            "keep_initial=false",
+        ]
+    else:  # no selection on STS-B dev: best/ is the last step, scored below
+        common += [f"eval_steps={args.steps}", "eval_data_dir=null"]
+    return common + list(args.set)
+
+
+def run_all(jobs: list[tuple[str, int]], common, generator, args, data, publish) -> list[dict]:
+    """Train (`--jobs` at a time) and score every (name, seed); `publish` sees each new row."""
+    started, rows, lock = time.perf_counter(), [], threading.Lock()
+
+    def work(job: tuple[str, int]) -> dict | None:
+        if args.deadline is not None and time.perf_counter() - started > args.deadline:
+            return None
+        row = one_run(job[0], job[1], common, generator, args, data)
+        with lock:
+            rows.append(row)
+            publish(rows)
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(work, jobs))
+    order = {job: i for i, job in enumerate(jobs)}
+    return sorted(rows, key=lambda r: order[(r["run"], r["seed"])])
+
+
+def initial_row(args, data: Path, rows: list[dict]) -> dict:
+    """The input model's scores: the runs' own step 0 (trainer), or scored here."""
+    if args.score == "trainer":
+        done = [r for r in rows if r.get("initial_stsb_dev") is not None]
+        first = done[0] if done else {}
+        return {
+            "run": "initial",
+            "steps": 0,
+            "stsb_dev": first.get("initial_stsb_dev"),
+            "sick_trial": first.get("initial_sick_trial"),
+        }
+    initial = minilm_variant("fp32") if args.score == "onnx" else minilm_dir()
+    return {"run": "initial", "steps": 0, **score(initial, data, args.score == "torch")}
+
+
+def main() -> None:
+    args = arguments()
     data = benchlib.sts_data_dir(args.data)
     device = benchlib.devices(args.device)[-1]  # the larger config where CUDA exists
     bs, steps, lr = SETTINGS[device]
@@ -241,55 +339,54 @@ def main() -> None:
     fitted_here = not generator.exists() and any(n.startswith("diffcse-mlm") for n in names)
     info = benchlib.machine(threads=len(os.sched_getaffinity(0)), device=device)
     print(benchlib.describe(info))
-    common = [
-        f"max_steps={args.steps}",
-        f"batch_size={bs}",
-        f"learning_rate={lr}",
-        f"eval_steps={args.steps}",
-        f"save_steps={args.steps}",
-        "eval_data_dir=null",  # no selection on STS-B dev: best/ is the last step, scored below
-        f"device={device}",
-        "precision=" + ("bf16" if device == "cuda" else "fp32"),
-        "export_dir=null",  # exported and scored below, fp32 only
-    ]
-    initial = minilm_variant("fp32") if args.score == "onnx" else minilm_dir()
-    rows = [{"run": "initial", "steps": 0, **score(initial, data, args.score == "torch")}]
-    print(f"  initial: {rows[0]}", file=sys.stderr, flush=True)
-    for seed in seeds:
-        rows += [one_run(name, seed, common, generator, args, data) for name in names]
-    init = rows[0]
-    for r in rows[1:]:
-        for key in ("stsb_dev", "sick_trial"):
-            if r.get(key) is not None and init.get(key) is not None:
-                r[f"{key} delta"] = r[key] - init[key]
-    means = mean_rows(rows[1:], names)
-    result = {
-        "benchmark": "quality",
-        "config": {
-            "base": "configs/demo_cpu.yaml",
-            "overrides": common,
-            "seeds": seeds,
-            "score": args.score,
-        },
-        "generator": {
-            "path": str(generator),
-            "fitted_during_this_run": fitted_here,
-            "report": fit_report(generator),
-        },
-        "rows": rows,
-        "means": means,
-        "machine": benchlib.finish_machine(info),
-    }
+    common = common_overrides(args, device, bs, lr, data)
+
+    def result_of(rows: list[dict]) -> dict:
+        init = initial_row(args, data, rows)
+        for r in rows:
+            for key in ("stsb_dev", "sick_trial"):
+                if r.get(key) is not None and init.get(key) is not None:
+                    r[f"{key} delta"] = r[key] - init[key]
+        return {
+            "benchmark": "quality",
+            "config": {
+                "base": str(CONFIG.relative_to(ROOT)),
+                "overrides": common,
+                "seeds": seeds,
+                "score": args.score,
+                "jobs": args.jobs,
+            },
+            "generator": {
+                "path": str(generator),
+                "fitted_during_this_run": fitted_here,
+                "report": fit_report(generator),
+            },
+            "rows": [init, *rows],
+            "means": mean_rows(rows, names),
+            "machine": benchlib.finish_machine(dict(info)),
+        }
+
+    if args.score != "trainer":  # the initial model first, so a broken scorer fails early
+        print(f"  initial: {initial_row(args, data, [])}", file=sys.stderr, flush=True)
+    jobs = [(name, seed) for seed in seeds for name in names]
+    if fitted_here and args.jobs > 1:  # fit the generator once, before parallel runs need it
+        first = next(j for j in jobs if j[0].startswith("diffcse-mlm"))
+        jobs = [first] + [j for j in jobs if j != first]
+        one_run(first[0], first[1], common, generator, args, data)
+    rows = run_all(
+        jobs, common, generator, args, data, lambda r: benchlib.write_json(args.out, result_of(r))
+    )
+    result = result_of(rows)
     cols = ["run", "seed", "steps", "stsb_dev", "stsb_dev delta", "sick_trial"]
     cols += ["sick_trial delta", "rtd_acc_first", "rtd_acc_last", "rtd_rep_acc_last"]
     cols += ["replaced_frac_last", "train_s"]
-    print(benchlib.table(rows, cols))
-    if means:
+    print(benchlib.table(result["rows"], cols))
+    if result["means"]:
         print()
         keys = ["seeds", "stsb_dev", "stsb_dev std", "stsb_dev delta", "stsb_dev vs simcse"]
         keys += ["stsb_dev vs simcse std", "sick_trial", "sick_trial std", "sick_trial delta"]
         keys += ["sick_trial vs simcse", "sick_trial vs simcse std"]
-        print(benchlib.table(means, ["run", *keys]))
+        print(benchlib.table(result["means"], ["run", *keys]))
     for r in rows:
         if r.get("error"):
             print(f"  {r['run']}: {r['error']}")

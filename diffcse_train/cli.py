@@ -172,6 +172,13 @@ _FIT = FitSettings()  # the fit-generator option defaults
 )
 @click.option("--seed", type=int, default=_FIT.seed, show_default=True)
 @click.option(
+    "--device",
+    type=click.Choice(("auto", "cpu", "cuda")),
+    default=_FIT.device,
+    show_default=True,
+    help="Where the model trains; auto takes CUDA where present.",
+)
+@click.option(
     "--errors",
     type=click.Choice(ERROR_MODES),
     default=_FIT.errors,

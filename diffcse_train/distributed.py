@@ -84,6 +84,15 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(world, rank, local)
 
 
+def pick_device(name: str) -> torch.device:
+    """auto | cpu | cuda as a torch device; auto takes CUDA where one is present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DiffcseError("device cuda was requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
 def setup(device: torch.device) -> torch.device:
     """Join the process group when torchrun started several processes; return this rank's
     device (cuda:LOCAL_RANK on GPUs). nccl for CUDA, gloo for CPU."""

@@ -42,13 +42,16 @@ from diffcse_runtime.errors import DataFormatError, DiffcseError
 from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train import builtin
 from diffcse_train.data import load_corpus
+from diffcse_train.distributed import pick_device
 from diffcse_train.mlm_fit import (
     Masking,
     collect,
     head_decoder_bias,
     head_parts,
+    hidden_states,
     least_squares_start,
     masked_logits,
+    model_device,
     top_layers,
     train_head,
     train_masked_lm,
@@ -89,6 +92,7 @@ class FitSettings:
     min_accuracy_gain: float = 0.01  # absolute; G must beat the unigram baseline by this
     seed: int = 0
     errors: str = "strict"  # how to decode bad UTF-8 in the corpus: strict | replace
+    device: str = "auto"  # auto (CUDA where present) | cpu | cuda; masks are drawn on the CPU
 
 
 @dataclass
@@ -262,14 +266,16 @@ def split_corpus(sentences: list[str], s: FitSettings) -> tuple[list[str], list[
 @torch.no_grad()
 def score(mlm, head, eval_batches, masking: Masking) -> MLMScore:
     correct, nll, total, copied, kept = 0, 0.0, 0, 0, 0
+    device = model_device(mlm)
     for ids, attention, selected, labels in eval_batches:
-        hidden = mlm.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
-        logits = head(hidden[selected]).float()
+        hidden = hidden_states(mlm, ids, attention)
+        logits = head(hidden[selected.to(device)]).float()
+        labels = labels.to(device)
         correct += int((logits.argmax(-1) == labels).sum())
         nll += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         total += len(labels)
-        unmasked = masking.unmasked(ids, attention, selected)
-        copied += int((head(hidden[unmasked]).argmax(-1) == ids[unmasked]).sum())
+        unmasked = masking.unmasked(ids, attention, selected).to(device)
+        copied += int((head(hidden[unmasked]).argmax(-1) == ids.to(device)[unmasked]).sum())
         kept += int(unmasked.sum())
     return MLMScore(correct / total, math.exp(nll / total), total, copied / max(kept, 1))
 
@@ -284,7 +290,9 @@ def check_head_is_the_model(mlm, head, batch) -> None:
     """The fast path (head on selected positions) must equal the model's own forward."""
     ids, attention, selected = (t[:8] for t in batch[:3])  # full logits are large: 8 rows
     with torch.no_grad():
-        full = mlm(input_ids=ids, attention_mask=attention).logits[selected]
+        device = model_device(mlm)
+        full = mlm(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+        full = full[selected.to(device)]
         fast = masked_logits(mlm, head, ids, attention, selected)
     if not torch.allclose(full, fast, atol=1e-4, rtol=1e-4):
         raise DiffcseError(
@@ -341,6 +349,9 @@ class Split:
 def check_settings(s: FitSettings, out, overwrite: bool) -> None:
     if s.errors not in ERROR_MODES:
         raise DiffcseError(f"errors must be one of {', '.join(ERROR_MODES)}, got {s.errors!r}")
+    if s.device not in ("auto", "cpu", "cuda"):
+        raise DiffcseError(f"device must be auto, cpu or cuda, got {s.device!r}")
+    pick_device(s.device)  # a missing GPU fails now, before the corpus is read
     if s.precision not in PRECISIONS:
         raise DiffcseError(f"precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
     if out is not None and Path(out).exists() and not overwrite:
@@ -450,12 +461,15 @@ def fit_generator(
         encoder, type(model.mlm).__name__, "a new" if model.fresh else "its existing",
         model.head_name, data.n_train, data.n_eval, _what_trains(s),
     )  # fmt: skip
+    model.mlm.to(pick_device(s.device))
     check_head_is_the_model(model.mlm, model.head, data.eval_batches[0])
     unigram = unigram_score(data.log_probs, data.eval_batches)
     before = score(model.mlm, model.head, data.eval_batches, masking)
     warm, steps = fit(model, data, masking, s, progress)
     trainable = sum(p.numel() for p in model.mlm.parameters() if p.requires_grad)
     model.mlm.eval().requires_grad_(False)
+    after = score(model.mlm, model.head, data.eval_batches, masking)
+    model.mlm.cpu()  # saved and re-checked on the CPU
     report = FitReport(
         encoder=str(encoder),
         corpus=str(corpus),
@@ -467,7 +481,7 @@ def fit_generator(
         unigram=unigram,
         before=before,
         warm_start=warm,
-        after=score(model.mlm, model.head, data.eval_batches, masking),
+        after=after,
         seconds=round(time.perf_counter() - started, 1),
         cpu_seconds=round(time.process_time() - cpu_started, 1),
         settings=s,
@@ -518,6 +532,8 @@ def ensure_generator(cfg: TrainConfig) -> None:
         out,
         cfg.model_name_or_path,
     )
-    settings = FitSettings(errors=cfg.encoding_errors, max_length=cfg.max_seq_length)
+    settings = FitSettings(
+        errors=cfg.encoding_errors, max_length=cfg.max_seq_length, device=cfg.device
+    )
     report = fit_generator(cfg.model_name_or_path, cfg.train_file, out, settings)
     log.info("%s\nsaved the generator to %s (%.0f s)", report.table(), out, report.seconds)

@@ -103,10 +103,23 @@ class Masking:
 # ---------------------------------------------------------------- the model
 
 
+def model_device(mlm: nn.Module) -> torch.device:
+    return next(mlm.parameters()).device
+
+
+def hidden_states(mlm, ids, attention) -> torch.Tensor:
+    """The encoder's last hidden states, on the model's device. Masks are drawn on the CPU
+    (one seeded generator, the same edits on every device) and moved here."""
+    device = model_device(mlm)
+    return mlm.base_model(
+        input_ids=ids.to(device), attention_mask=attention.to(device)
+    ).last_hidden_state
+
+
 def masked_logits(mlm, head, ids, attention, selected) -> torch.Tensor:
     """The MLM's logits at the selected positions only: the decoder is the costly part."""
-    hidden = mlm.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
-    return head(hidden[selected])
+    hidden = hidden_states(mlm, ids, attention)
+    return head(hidden[selected.to(hidden.device)])
 
 
 def top_layers(base: nn.Module, k: int | None) -> list[nn.Module]:
@@ -140,9 +153,10 @@ def encode(mlm, rows, masking: Masking, s: FitSettings, gen, n: int) -> Iterator
     for start in range(0, n, s.batch_size):
         batch = [rows[i] for i in order[start : start + s.batch_size]]
         ids, attention, selected, labels = masking.mask(batch, s.mask_ratio, gen, all_to_mask=False)
-        hidden = mlm.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
+        hidden = hidden_states(mlm, ids, attention)
         copy = copy_positions(masking, ids, attention, selected, s.copy_ratio, gen)
-        yield torch.cat([hidden[selected], hidden[copy]]), torch.cat([labels, ids[copy]])
+        features = torch.cat([hidden[selected.to(hidden.device)], hidden[copy.to(hidden.device)]])
+        yield features, torch.cat([labels, ids[copy]]).to(hidden.device)
 
 
 def collect(
@@ -191,13 +205,15 @@ def least_squares_start(head, parts, batches: list[Batch], embeddings, log_probs
     target = embeddings[y[n_check:]].double()
     target -= target.mean(1, keepdim=True)  # LayerNorm removes each vector's mean anyway
     gram = x_fit.T @ x_fit
-    gram += 1e-3 * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype)
+    gram += (
+        1e-3 * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    )
     w = torch.linalg.solve(gram, x_fit.T @ target)  # prediction = (h - mean) @ w
     k = 1.0 / float((x_fit @ w).std())
     dense.weight.copy_((k * w).T)
     dense.bias.copy_(6.0 - k * (mean @ w))  # ~N(6, 1) pre-activations: GELU(z) ~ z
     norm.bias.zero_()
-    head_decoder_bias(head).copy_(log_probs)
+    head_decoder_bias(head).copy_(log_probs.to(head_decoder_bias(head).device))
     best = (math.inf, 0.0)
     for scale in [0.0, *torch.logspace(-2, 0.5, 11).tolist()]:
         norm.weight.fill_(scale)
@@ -294,13 +310,15 @@ def length_batches(rows: list[list[int]], n: int, s: FitSettings, epoch: int) ->
     return batches
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """bf16 where the CPU computes it natively (AVX512-BF16/AMX; ~1.8x faster on 2 cores),
-    else fp32. `precision` is auto | bf16 | fp32."""
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the device computes it natively (CUDA with bf16; a CPU with
+    AVX512-BF16/AMX: ~1.8x faster on 2 cores), else fp32. `precision` is auto | bf16 | fp32."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
     return torch.bfloat16 if native else None
 
@@ -313,7 +331,8 @@ def train_masked_lm(mlm, head, rows, masking: Masking, s: FitSettings, gen, prog
     """
     groups = trainable_groups(mlm, head, s)
     n = len(rows) if s.max_sentences is None else min(len(rows), s.max_sentences)
-    dtype = autocast_dtype(s.precision)
+    device = model_device(mlm)
+    dtype = autocast_dtype(s.precision, device)
     batches = (
         [rows[i] for i in batch] for e in range(s.epochs) for batch in length_batches(rows, n, s, e)
     )
@@ -325,9 +344,9 @@ def train_masked_lm(mlm, head, rows, masking: Masking, s: FitSettings, gen, prog
         trained = selected | copy_positions(
             masking, originals, attention, selected, s.copy_ratio, gen
         )
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = masked_logits(mlm, head, ids, attention, trained)
-        return nn.functional.cross_entropy(logits.float(), originals[trained])
+        return nn.functional.cross_entropy(logits.float(), originals[trained].to(device))
 
     mlm.train()
     try:

@@ -60,14 +60,6 @@ class TrainSummary:
     output_dir: str
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DiffcseError("device cuda was requested but no CUDA GPU is available")
-    return torch.device(name)
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. fp16 autocast is only offered on CUDA."""
     if precision == "fp32":
@@ -169,7 +161,7 @@ class Trainer:
             self.run_dir.best,
             self.run_dir.last,
         )
-        self.device = distributed.setup(pick_device(cfg.device))
+        self.device = distributed.setup(distributed.pick_device(cfg.device))
         world = distributed.world_size()
         replaced = distributed.main_only(self.run_dir.check, cfg, resume, overwrite)
         self.dtype = autocast_dtype(cfg.precision, self.device)

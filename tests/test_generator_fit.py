@@ -290,6 +290,18 @@ def test_bad_inputs_fail_clearly_before_training(tiny_bert, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "exists", "small.txt"]
 
 
+def test_cuda_without_a_gpu_is_refused_early(tiny_bert, corpus_file, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gen"
+    args = ["--encoder", str(tiny_bert), "--corpus", str(corpus_file), "--out", str(out)]
+    result = CliRunner().invoke(fit_generator_cmd, [*args, "--device", "cuda", "--quiet"])
+    assert result.exit_code == 1
+    assert "device cuda was requested but no CUDA GPU is available" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
 def test_untied_decoder_is_refused(tiny_bert, tmp_path):
     from transformers import AutoConfig, AutoModel
 
