@@ -203,7 +203,8 @@ def _build(name: str, fp32: Path, staged: dict[str, Path], ckpt: graph.Checkpoin
     if name == "fp32":
         return {}
     if name == "int8":
-        variants.quantize_int8(fp32, dst, exclude=graph.head_nodes(fp32))
+        tokenizer = staged["fp32"] / TOKENIZER_FILE  # calibration text, see variants
+        variants.quantize_int8(fp32, dst, graph.head_nodes(fp32), tokenizer)
         return {}
     if name == "optimized":
         return variants.optimize(fp32, dst, ckpt.num_heads, ckpt.hidden_size)

@@ -20,7 +20,11 @@ from diffcse_export import ExportOptions, export_model  # noqa: E402
 from diffcse_export.cls_layer import CLS_PRUNED, prunable  # noqa: E402
 from diffcse_export.graph import SentenceEmbedding, head_nodes, load_checkpoint  # noqa: E402
 from diffcse_export.validate import compare, gate, onnx_outputs, parity_inputs  # noqa: E402
-from diffcse_export.variants import FUSED_OPS, op_counts  # noqa: E402
+from diffcse_export.variants import (  # noqa: E402
+    FUSED_OPS,
+    op_counts,
+    smooth_layernorm_inputs,
+)
 from export_helpers import make_checkpoint, make_sts_dir, scale_last_weight  # noqa: E402
 
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
@@ -230,6 +234,9 @@ def test_int8_variant_quantizes_matmuls_and_reports_its_sts_delta(projector_expo
     counts = op_counts(int8)
     assert counts.get("MatMulInteger") == 12  # 6 weight MatMuls per layer x 2 layers
     assert counts.get("DynamicQuantizeLinear", 0) > 0
+    # LayerNorm outputs read by MatMuls are rescaled first (variants.smooth_layernorm_inputs)
+    graph_nodes = onnx.load(str(int8)).graph.node
+    assert any(n.op_type == "Mul" and n.name.endswith("_smooth") for n in graph_nodes)
     # the folded projector stays float32 (see diffcse_export.variants)
     assert len(head_nodes(out / "model.onnx")) == 5
     nodes = [n.op_type for n in onnx.load(str(int8)).graph.node]
@@ -237,6 +244,26 @@ def test_int8_variant_quantizes_matmuls_and_reports_its_sts_delta(projector_expo
     report = reports["int8"]
     assert report.numeric["min_cosine"] >= 0.98
     assert report.sts["delta"] == pytest.approx(report.sts["onnx"] - report.sts["pytorch"])
+
+
+def test_int8_smoothing_keeps_the_fp32_function_and_moves_scale_into_weights(
+    tiny_model_dir, tmp_path
+):
+    """x W == (x / s)(diag(s) W): the rescaled graph computes what the export did."""
+    src, tokenizer = tiny_model_dir / "model.onnx", tiny_model_dir / "tokenizer.json"
+    dst = tmp_path / "smoothed.onnx"
+    # [CLS] graph, 2 layers: layer 0's QKV and FFN input, layer 1's K/V input (its [CLS]-only
+    # query and FFN read a slice of the LayerNorm output, so they stay as they are)
+    assert smooth_layernorm_inputs(src, dst, tokenizer) == 3
+    meta = load_metadata(tiny_model_dir)
+    feed = parity_inputs(tokenizer, meta.max_seq_length, meta.pad_token_id)
+    before, _ = onnx_outputs(src, feed)
+    after, _ = onnx_outputs(dst, feed)
+    assert np.abs(after - before).max() < 1e-5
+    model = onnx.load(str(dst))
+    inverse = [i for i in model.graph.initializer if i.name.endswith("_smooth_inv")]
+    assert len(inverse) == 3
+    assert all(np.ptp(onnx.numpy_helper.to_array(i)) > 0 for i in inverse)  # not all ones
 
 
 def test_fp16_variant_stores_half_weights_and_keeps_float32_io(projector_export):
