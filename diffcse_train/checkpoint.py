@@ -77,6 +77,7 @@ class TrainState:
     best_score: float | None = None
     best_step: int | None = None
     initial_score: float | None = None
+    initial_scores: dict[str, float] | None = None  # each eval task's score before training
     world_size: int = 1  # processes that wrote it; the global batch is batch_size x this
 
 

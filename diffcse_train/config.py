@@ -104,6 +104,9 @@ class TrainConfig:
     eval_tasks: str = "STSBenchmark"
     # the input model (step 0) competes for best/: a run that never beats it ships it as is
     keep_initial: bool = False
+    # with keep_initial: a step replaces the input model only if it beats it on EVERY eval
+    # task (then the best mean decides), so best/ is never worse than the input on any of them
+    gain_on_every_task: bool = False
     save_steps: int = 125  # how often the resumable `last` checkpoint is written
     output_dir: str = ""  # required
     # --- after training (diffcse_train/release.py)
@@ -221,6 +224,11 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
         raise ConfigError(
             f"{where}augmentation {cfg.augmentation!r} needs generator_name_or_path "
             "(a masked LM with the encoder's vocabulary); 'replace' and 'delete' need none"
+        )
+    if cfg.gain_on_every_task and not cfg.keep_initial:
+        raise ConfigError(
+            f"{where}gain_on_every_task: true needs keep_initial: true (the input model is "
+            "what every task must beat, and it is best/ until a step does)"
         )
     builtin_generator = (cfg.generator_name_or_path or "").startswith("builtin:")
     if cfg.fit_generator and cfg.needs_generator and builtin_generator:

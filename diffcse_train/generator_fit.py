@@ -78,7 +78,7 @@ class FitSettings:
     max_length: int = 32
     unfreeze_top_k: int | None = None  # encoder layers that train: None = all, 0 = head only
     lr: float = 1e-3  # the head
-    encoder_lr: float = 1e-4  # the encoder's trainable part
+    encoder_lr: float = 3e-4  # the encoder's trainable part (1e-4: 27.6% fill; 3e-4: 30.6%)
     precision: str = "auto"  # autocast while training: auto (bf16 where native) | bf16 | fp32
     warm_start: bool = True  # least-squares initialisation of a new head
     warm_start_sentences: int = 2_000  # encoded for it when the encoder trains too

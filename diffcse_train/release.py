@@ -134,7 +134,30 @@ def format_rows(rows: list[Row]) -> str:
             cells.append("n/a" if value is None else f"{value:.2f}{delta}")
         lines.append(f"{row.name:<20} {row.pooling:<8} " + " ".join(f"{c:>15}" for c in cells))
     lines.append("Spearman x100 of cosine, scored by diffcse_runtime.Encoder on the dev splits")
+    if len(rows) > 1:
+        lines.append(verdict(rows[0], rows[1]))
     return "\n".join(lines)
+
+
+def verdict(before: Row, after: Row) -> str:
+    """One sentence on the promise: better on every dev set, unchanged, or worse where."""
+    names = {"STSBenchmark": "STS-B dev", "SICKRelatedness": "SICK-R trial"}
+    pairs = [
+        (names[t], after.scores[t] - before.scores[t])
+        for t in SCORE_TASKS
+        if after.scores.get(t) is not None and before.scores.get(t) is not None
+    ]
+    if not pairs:
+        return "no dev set was scored, so nothing is claimed"
+    if all(abs(d) < 0.005 for _, d in pairs):
+        return (
+            "the trained model scores as the input model: no evaluated step beat the input on "
+            "every dev set, so the input was shipped unchanged (see metrics.jsonl)"
+        )
+    worse = [f"{n} ({d:+.2f})" for n, d in pairs if d < 0]
+    if worse:
+        return "the trained model is BELOW the input model on " + ", ".join(worse)
+    return "the trained model beats the input model on every dev set"
 
 
 def release(cfg: TrainConfig, overwrite: bool = False) -> list[Row]:

@@ -276,17 +276,28 @@ class Trainer:
         if score is None:
             return None
         s = self.state
-        improved = s.best_score is None or score > s.best_score
+        eligible = self._beats_input_on_every_task()
+        improved = eligible and (s.best_score is None or score > s.best_score)
         if improved:
             s.best_score, s.best_step = score, s.step
             checkpoint.save_best(
                 self.best_dir, self.model, self.tokenizer, self.cfg, self._best_metrics(score)
             )
         record = {"kind": "eval", "step": s.step, **self.dev_scores, "dev_score": score}
-        self._write_metrics({**record, "best": improved})
+        self._write_metrics({**record, "best": improved, "eligible": eligible})
         described = self._describe_scores(score)
-        log.info("step %d: %s%s", s.step, described, " (best so far)" if improved else "")
+        note = " (best so far)" if improved else ""
+        if not eligible:
+            note = " (not above the input model on every dev task)"
+        log.info("step %d: %s%s", s.step, described, note)
         return score
+
+    def _beats_input_on_every_task(self) -> bool:
+        """gain_on_every_task: only a step above the input model on each dev task may ship."""
+        initial = self.state.initial_scores
+        if not self.cfg.gain_on_every_task or not initial:
+            return True
+        return all(self.dev_scores[k] > initial[k] for k in initial)
 
     def _main_only(self, fn: Callable[[], object]) -> None:
         """Run `fn` (evaluation, saving) on rank 0 while the others wait; then every rank
@@ -474,6 +485,7 @@ class Trainer:
     def _initial_evaluation(self) -> None:
         s = self.state
         s.initial_score = self.evaluate()
+        s.initial_scores = dict(self.dev_scores)
         log.info("before training: %s", self._describe_scores(s.initial_score))
         keep = self.cfg.keep_initial  # step 0 competes: a run that never beats it ships it
         if keep:
@@ -505,7 +517,11 @@ class Trainer:
             log.info(
                 "dev Spearman x100 (%s): before training %s, best %.2f at step %d%s",
                 "+".join(self.eval_tasks), before, summary.best_score, summary.best_step,
-                "; no step beat the input model, so best/ is the input model"
+                (
+                    "; no step beat the input model on every dev task, so best/ is the input "
+                    "model" if self.cfg.gain_on_every_task
+                    else "; no step beat the input model, so best/ is the input model"
+                )
                 if summary.best_step == 0 else "",
             )  # fmt: skip
         self.run_dir.write_summary(summary)

@@ -90,6 +90,48 @@ def test_an_existing_export_is_refused_before_training(tiny_bert, data, tmp_path
     assert (out / "model" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("every_task, best_step", [(False, 1), (True, 2)])
+def test_gain_on_every_task_keeps_a_step_that_is_worse_on_one_task(
+    tiny_bert, data, tmp_path, monkeypatch, every_task, best_step
+):
+    """Scripted dev scores: step 1 has the best mean but falls on SICK-R; step 2 gains a
+    little on both. The mean alone picks step 1; gain_on_every_task picks step 2."""
+    from diffcse_train.config import TrainConfig
+    from diffcse_train.trainer import Trainer, train
+
+    scripted = iter([(80.0, 70.0), (85.0, 69.0), (80.5, 70.5)])  # steps 0, 1, 2
+
+    def evaluate(self):
+        stsb, sick = next(scripted)
+        self.dev_scores = {"stsb_dev": stsb, "sick_trial": sick}
+        return (stsb + sick) / 2
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    corpus, sts = data
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        model_name_or_path=str(tiny_bert), train_file=str(corpus), output_dir=str(out),
+        eval_data_dir=str(sts), augmentation="replace", batch_size=16, max_steps=2,
+        eval_steps=1, save_steps=2, device="cpu", eval_tasks="STSBenchmark,SICKRelatedness",
+        keep_initial=True, gain_on_every_task=every_task,
+    )  # fmt: skip
+    assert train(cfg).best_step == best_step
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r.get("eligible", True) for r in evals[1:]] == [not every_task, True]
+    assert json.loads((out / "best" / "metrics.json").read_text())["step"] == best_step
+
+
+def test_gain_on_every_task_needs_keep_initial():
+    from diffcse_train.config import ConfigError, TrainConfig, validate
+
+    cfg = TrainConfig(
+        model_name_or_path="m", train_file="t", output_dir="o", gain_on_every_task=True
+    )
+    with pytest.raises(ConfigError, match="gain_on_every_task: true needs keep_initial: true"):
+        validate(cfg)
+
+
 def test_keep_initial_ships_the_input_when_training_only_hurts(tiny_bert, data, tmp_path):
     """A learning rate that wrecks the encoder: with keep_initial, best/ is step 0 (the
     input, unchanged) and the selection used the mean of both dev tasks."""
@@ -115,3 +157,18 @@ def test_keep_initial_ships_the_input_when_training_only_hurts(tiny_bert, data, 
     best = load_file(str(out / "best" / "model.safetensors"))
     shared = [k for k in source if k in best]
     assert shared and all(torch.equal(source[k], best[k]) for k in shared)
+
+
+def test_the_table_says_whether_the_promise_holds():
+    from diffcse_train.release import Row, format_rows
+
+    def row(name, stsb, sick):
+        return Row(name, "mean", "", {"STSBenchmark": stsb, "SICKRelatedness": sick})
+
+    start = row("input model", 86.72, 79.80)
+    better = format_rows([start, row("trained (fp32)", 86.90, 79.85)])
+    assert better.endswith("the trained model beats the input model on every dev set")
+    same = format_rows([start, row("trained (fp32)", 86.72, 79.80)])
+    assert "the input was shipped unchanged" in same.splitlines()[-1]
+    worse = format_rows([start, row("trained (fp32)", 87.10, 79.51)])
+    assert worse.splitlines()[-1].endswith("BELOW the input model on SICK-R trial (-0.29)")
