@@ -4,10 +4,12 @@ offline `Encoder.encode` (the ceiling), at concurrency 1, 8 and 64.
 Two `diffcse-serve` processes (same model directory, same onnxruntime threads; one started
 with --no-batching) listen on 127.0.0.1. A load generator in this process (asyncio + httpx,
 one connection per concurrent client, bodies prepared up front, base64 responses as the
-openai client asks for them) keeps `c` requests in flight for a fixed time per cell. Requests
-are 1 STS-B dev sentence or 32 consecutive ones. Offline figures come from an `Encoder` in
-this process: the ceiling is `encode(1024 sentences, batch_size=64)` throughput, and the bare
-latency is one `encode(request texts)` call, the floor for a request at concurrency 1.
+openai client asks for them; or `--client wrk`, the same requests from wrk, a C load
+generator that leaves the 2 cores to the server) keeps `c` requests in flight for a fixed
+time per cell. Requests are 1 STS-B dev sentence or 32 consecutive ones. Offline figures
+come from an `Encoder` in this process: the ceiling is `encode(1024 sentences,
+batch_size=64)` throughput, and the bare latency is one `encode(request texts)` call, the
+floor for a request at concurrency 1.
 
 Cells run interleaved (each round visits every cell, contenders in rotating order) and the
 table holds medians over rounds; ratios are medians of per-round paired ratios. The load
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -135,6 +138,30 @@ async def load(url: str, bodies: list[bytes], per: int, conc: int, seconds: floa
     return summary(latencies, per, wall, errors)
 
 
+def wrk_load(url: str, bodies: list[bytes], per: int, conc: int, seconds: float) -> dict:
+    """The same load from wrk (C, one thread): on 2 cores a Python client would take CPU the
+    server needs, which a client on another machine would not."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("wb", suffix=".jsonl") as fh:
+        fh.write(b"\n".join(bodies) + b"\n")
+        fh.flush()
+        cmd = ["wrk", "-t1", f"-c{conc}", f"-d{max(1, round(seconds))}s", "--timeout", "60s"]
+        cmd += ["-s", str(Path(__file__).with_name("serve_wrk.lua")), url]
+        env = dict(os.environ, WRK_BODIES=fh.name)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("WRK "))
+    r = json.loads(line[4:])
+    wall = r["duration_us"] / 1e6
+    return {
+        "sent_per_s": r["requests"] * per / wall,
+        "p50_ms": r["p50_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "requests": r["requests"],
+        "errors": r["errors"],
+    }
+
+
 def summary(latencies: list[float], per: int, wall: float, errors: int = 0) -> dict:
     ms = np.array(latencies) * 1000
     return {
@@ -183,7 +210,15 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,8,64", help="client counts, comma-separated")
     p.add_argument("--infinity-venv", type=Path, help="venv with infinity-emb: add it")
     p.add_argument("--infinity-model", type=Path, help="HF folder with an onnx/ export")
+    p.add_argument(
+        "--client",
+        choices=("httpx", "wrk"),
+        default="httpx",
+        help="load generator: httpx in this process (asyncio), or wrk (C; apt install wrk)",
+    )
     args = p.parse_args()
+    if args.client == "wrk" and shutil.which("wrk") is None:
+        raise benchlib.BenchSkip("--client wrk: wrk is not installed (apt-get install wrk)")
     picked = {k: SHAPES[k] for k in args.shapes.split(",")}  # the module tables, narrowed
     SHAPES.clear()
     SHAPES.update(picked)
@@ -262,7 +297,12 @@ def measure(args, encoder, texts, bodies, urls) -> list[dict]:
                 names = list(urls)
                 shift = (rnd + s + k) % len(names)
                 for name in names[shift:] + names[:shift]:
-                    r = asyncio.run(load(urls[name], bodies[name][shape], per, conc, args.seconds))
+                    if args.client == "wrk":
+                        r = wrk_load(urls[name], bodies[name][shape], per, conc, args.seconds)
+                    else:
+                        r = asyncio.run(
+                            load(urls[name], bodies[name][shape], per, conc, args.seconds)
+                        )
                     runs.append({"round": rnd, "contender": name, "shape": shape, "c": conc, **r})
                     print(
                         f"round {rnd} {shape:11s} c={conc:<3d} {name:9s} "
