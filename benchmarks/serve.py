@@ -150,6 +150,7 @@ def wrk_load(url: str, bodies: list[bytes], per: int, conc: int, seconds: float)
         cmd += ["-s", str(Path(__file__).with_name("serve_wrk.lua")), url]
         env = dict(os.environ, WRK_BODIES=fh.name)
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    drain(url)
     line = next(x for x in out.splitlines() if x.startswith("WRK "))
     r = json.loads(line[4:])
     wall = r["duration_us"] / 1e6
@@ -160,6 +161,23 @@ def wrk_load(url: str, bodies: list[bytes], per: int, conc: int, seconds: float)
         "requests": r["requests"],
         "errors": r["errors"],
     }
+
+
+def drain(url: str, timeout: float = 120) -> None:
+    """wrk stops with requests still in flight, and the server finishes them: wait until it
+    has (diffcse-serve's in-flight gauge is 0), so the next cell starts on an idle server."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(f"{url}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return
+        gauge = [x for x in text.splitlines() if x.startswith("diffcse_requests_in_flight ")]
+        if not gauge or float(gauge[0].split()[1]) == 0:
+            return
+        time.sleep(0.05)
 
 
 def summary(latencies: list[float], per: int, wall: float, errors: int = 0) -> dict:
@@ -249,7 +267,7 @@ def main() -> None:
         command=" ".join(sys.argv),
     )
     print(benchlib.describe(info), flush=True)
-    encoder = Encoder(args.model, intra_op_threads=args.threads)
+    encoder = Encoder(args.model, intra_op_threads=args.threads, spin=False)  # as the servers
     procs, urls = {}, {}
     try:
         for name, extra in servers.items():

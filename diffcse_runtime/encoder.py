@@ -86,6 +86,7 @@ class Encoder:
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         verify_hash: bool = True,
+        spin: bool = True,
     ) -> None:
         if intra_op_threads is not None and (
             not isinstance(intra_op_threads, int) or intra_op_threads < 0
@@ -99,6 +100,7 @@ class Encoder:
             "providers": list(providers) if providers else None,
             "intra_op_threads": intra_op_threads,
             "verify_hash": verify_hash,
+            "spin": spin,
         }
         self.meta = load_metadata(self.path, verify_hash=verify_hash)
         try:
@@ -117,6 +119,8 @@ class Encoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if not self._settings["spin"]:  # idle pool threads sleep instead of busy-waiting
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         disabled = []
         if providers[0] == "CPUExecutionProvider":
             disabled = CPU_DISABLED_FUSIONS.get(self.meta.variant, [])
@@ -153,6 +157,7 @@ class Encoder:
             providers=state["providers"],
             intra_op_threads=state["intra_op_threads"],
             verify_hash=state["verify_hash"],
+            spin=state.get("spin", True),
         )
         if state["onnx_sha256"] != self.meta.onnx_sha256:
             raise ModelDirError(

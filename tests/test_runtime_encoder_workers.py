@@ -75,6 +75,16 @@ def test_pickles_by_path_and_settings(encoder):
     np.testing.assert_array_equal(clone.encode(TEXTS), encoder.encode(TEXTS))
 
 
+def test_spin_off_sleeps_idle_threads_and_survives_pickling(encoder):
+    """diffcse-serve turns spinning off; the setting reaches the session and a worker."""
+    key = "session.intra_op.allow_spinning"
+    quiet = Encoder(encoder.path, spin=False)
+    assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
+    clone = pickle.loads(pickle.dumps(quiet))
+    assert clone.session.get_session_options().get_session_config_entry(key) == "0"
+    np.testing.assert_allclose(clone.encode(TEXTS), encoder.encode(TEXTS), atol=1e-6)
+
+
 def test_unpickling_refuses_a_changed_model(encoder):
     state = {**encoder.__getstate__(), "onnx_sha256": "0" * 64}
     with pytest.raises(ModelDirError, match="different model than the Encoder that was pickled"):

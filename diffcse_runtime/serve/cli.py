@@ -83,6 +83,13 @@ def parse_models(specs: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads per model.")
 @click.option("--workers", default=1, type=click.IntRange(min=1), help="Batches run at once.")
 @click.option(
+    "--spin/--no-spin",
+    default=False,
+    help="Let onnxruntime's idle threads busy-wait between runs. Off by default: the threads "
+    "share the cores with the event loop, and spinning cost c=64 throughput (1.22x vs 1.38x "
+    "the unbatched server) and c=1 p99 latency (+2.0 vs +0.1 ms over a bare encode) on 2 cores.",
+)
+@click.option(
     "--truncate", is_flag=True, help="Cut inputs over the token limit instead of refusing them."
 )
 @click.option(
@@ -111,6 +118,7 @@ def serve(
     max_queue: int,
     threads: int | None,
     workers: int,
+    spin: bool,
     truncate: bool,
     normalize: bool,
     graceful_timeout: float,
@@ -129,7 +137,7 @@ def serve(
         raise DiffcseError("--api-key: an API key must not be empty")
     logging.basicConfig(level=log_level.upper(), format="%(message)s")
     encoders = {
-        name: Encoder(path, intra_op_threads=threads)
+        name: Encoder(path, intra_op_threads=threads, spin=spin)
         for name, path in parse_models(model_specs).items()
     }
     batch = BatchSettings(
