@@ -19,6 +19,12 @@ class DiffcseError(Exception):
     """A problem with user input, reported with the file, line or key that caused it."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception message, for a one-sentence error."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class ModelDirError(DiffcseError):
     """A model directory is missing a file, is from a newer format, or fails its hash check."""
 

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.errors import DiffcseError, first_line
 
 T = TypeVar("T")
 TIMEOUT = datetime.timedelta(minutes=30)  # rank 0 may evaluate or save while the others wait
@@ -107,7 +107,7 @@ def setup(device: torch.device) -> torch.device:
             backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None
         )
     except (ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DistributedError(f"cannot start the {backend} process group ({first})") from None
     _owned_group = True
     return device

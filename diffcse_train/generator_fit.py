@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from diffcse_runtime.atomic import atomic_dir
-from diffcse_runtime.errors import DataFormatError, DiffcseError
+from diffcse_runtime.errors import DataFormatError, DiffcseError, first_line
 from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train import builtin
 from diffcse_train.data import load_corpus
@@ -215,7 +215,7 @@ def load_encoder_as_mlm(spec: str) -> tuple[nn.Module, bool]:
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DiffcseError(
             f"--encoder {spec}: cannot load a Hugging Face model ({first})"
         ) from None

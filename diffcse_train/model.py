@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
-from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.errors import DiffcseError, first_line
 from diffcse_runtime.pooling import read_source_pooling, resolve_pooling
 from diffcse_train import builtin, distributed
 from diffcse_train.config import TrainConfig
@@ -302,7 +302,7 @@ def _load(kind: str, spec: str, key: str):
             f"{key} {spec}: a .safetensors weight file is corrupt or truncated ({exc})"
         ) from None
     except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DiffcseError(f"{key} {spec}: cannot load a Hugging Face model ({first})") from None
 
 
@@ -312,7 +312,7 @@ def load_tokenizer(spec: str, key: str = "model_name_or_path"):
     try:
         return AutoTokenizer.from_pretrained(str(_local_or_hub(spec, key)))
     except Exception as exc:  # tokenizers' Rust errors are plain Exception, no narrower type
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DiffcseError(f"{key} {spec}: cannot load its tokenizer ({first})") from None
 
 

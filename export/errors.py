@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.errors import DiffcseError, first_line
+
+__all__ = ["ExportError", "ValidationError", "first_line"]
 
 
 class ExportError(DiffcseError):
@@ -20,9 +22,3 @@ class ValidationError(ExportError):
     def __init__(self, message: str, reports: list[Any]) -> None:
         super().__init__(message)
         self.reports = reports
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of a library's exception message, for a one-sentence error."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
