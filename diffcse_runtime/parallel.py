@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from diffcse_runtime.encoder import EMBED_CHUNK_SIZE, Encoder
+from diffcse_runtime.errors import signals_deferred
 from diffcse_runtime.inputs import iter_text_chunks
 from diffcse_runtime.model_dir import load_metadata
 from diffcse_runtime.truncation import TokenCounts, TruncationTally
@@ -144,7 +145,8 @@ class EncoderPool:
 
     def _submit(self, chunk: list[str], batch_size: int, normalize: bool) -> Future:
         assert self._pool is not None
-        return self._pool.submit(_worker_encode, self._state, chunk, batch_size, normalize)
+        with signals_deferred():  # a submit may spawn a worker: never leave one half-started
+            return self._pool.submit(_worker_encode, self._state, chunk, batch_size, normalize)
 
     def close(self) -> None:
         """Stop the workers once the chunks they are encoding are done."""

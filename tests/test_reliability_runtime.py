@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -420,6 +421,22 @@ def test_threads_do_not_break_sigterm_handling(tmp_path):
     t.start()
     t.join()
     assert failures == []
+
+
+def test_signals_deferred_holds_sigterm_until_the_block_ends():
+    """A SIGTERM that arrives while a worker is being spawned is raised after the spawn, so
+    the half-started worker never sees its parent vanish (its EOFError traceback)."""
+    from diffcse_runtime.errors import Terminated, signals_deferred, sigterm_as_interrupt
+
+    finished, before = [], signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now; it only recorded the signal
+            finished.append(True)
+        finished.append("not reached")  # pragma: no cover - Terminated is raised above
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGTERM) == before  # every handler is put back
 
 
 def test_a_write_error_names_the_users_file(tmp_path):

@@ -1,6 +1,6 @@
 """Print the tables of benchmarks/README.md ("Quality on a GPU") from the device results.
 
-    python benchmarks/gpu/summarize.py benchmarks/results/gpu
+python benchmarks/gpu/summarize.py benchmarks/results/gpu
 """
 
 from __future__ import annotations
