@@ -1,4 +1,4 @@
-"""Print the tables of benchmarks/README.md ("Quality on a GPU") from the device results.
+"""Print the table of benchmarks/README.md ("The method's effect on a GPU") from results.
 
 python benchmarks/gpu/summarize.py benchmarks/results/gpu
 """
