@@ -126,7 +126,11 @@ def test_gain_on_every_task_needs_keep_initial():
     from diffcse_train.config import ConfigError, TrainConfig, validate
 
     cfg = TrainConfig(
-        model_name_or_path="m", train_file="t", output_dir="o", gain_on_every_task=True
+        model_name_or_path="m",
+        train_file="t",
+        output_dir="o",
+        augmentation="replace",
+        gain_on_every_task=True,
     )
     with pytest.raises(ConfigError, match="gain_on_every_task: true needs keep_initial: true"):
         validate(cfg)
