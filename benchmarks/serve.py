@@ -39,9 +39,10 @@ SHAPES = {"1-sentence": 1, "32-sentence": 32}
 SERVERS = {"batched": [], "unbatched": ["--no-batching"]}
 
 
-def start_server(model: Path, port: int, threads: int, extra: list[str]) -> subprocess.Popen:
+def start_server(model: Path, port: int, layout: list[str], extra: list[str]) -> subprocess.Popen:
+    """diffcse-serve on 127.0.0.1; `layout` is its --threads/--workers (empty: its defaults)."""
     exe = Path(sys.executable).parent / "diffcse-serve"
-    cmd = [str(exe), "--model", f"m={model}", "--port", str(port), "--threads", str(threads)]
+    cmd = [str(exe), "--model", f"m={model}", "--port", str(port), *layout]
     cmd += ["--log-level", "warning", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file(f"serve-{port}"))
 
@@ -53,7 +54,8 @@ def start_infinity(args, port: int) -> subprocess.Popen:
     # ONNX file by bare name and misses it under an absolute path.
     cmd = [str(exe), "v2", "--model-id", ".", "--engine", "optimum"]
     cmd += ["--device", "cpu", "--port", str(port), "--url-prefix", "/v1", "--batch-size", "64"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
+    threads = args.threads or len(os.sched_getaffinity(0))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     env.update(INFINITY_ANONYMOUS_USAGE_STATS="0", DO_NOT_TRACK="1")  # no telemetry calls
     return subprocess.Popen(
         cmd,
@@ -219,7 +221,10 @@ def requests_of(texts: list[str], per: int) -> list[list[str]]:
 def main() -> None:
     p = benchlib.parser("serve", __doc__)
     p.add_argument("--model", type=Path, help="model directory (default: MiniLM fp32 export)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime threads")
+    p.add_argument(
+        "--threads", type=int, default=None, help="threads per run (default: the server's)"
+    )
+    p.add_argument("--workers", type=int, default=None, help="runs at once (default: the server's)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=3.0, help="per cell and round")
     p.add_argument("--data", type=Path, default=None)
@@ -258,8 +263,11 @@ def main() -> None:
     if args.infinity_venv:
         servers["infinity"] = None
         bodies["infinity"] = make_bodies(texts, ".")
+    cores = len(os.sched_getaffinity(0))
+    layout = [f"--{k}={v}" for k, v in (("threads", args.threads), ("workers", args.workers)) if v]
     info = benchlib.machine(
-        args.threads,
+        cores,
+        server_layout=" ".join(layout) or "diffcse-serve's default",
         model=str(args.model),
         seconds=args.seconds,
         cpu_flags=cpu_flags(),
@@ -267,7 +275,8 @@ def main() -> None:
         command=" ".join(sys.argv),
     )
     print(benchlib.describe(info), flush=True)
-    encoder = Encoder(args.model, intra_op_threads=args.threads, spin=False)  # as the servers
+    # the ceiling: one Encoder with every core, as a batch job would run it
+    encoder = Encoder(args.model, intra_op_threads=cores, spin=False)
     procs, urls = {}, {}
     try:
         for name, extra in servers.items():
@@ -275,7 +284,7 @@ def main() -> None:
             if extra is None:
                 procs[name] = start_infinity(args, port)
             else:
-                procs[name] = start_server(args.model, port, args.threads, extra)
+                procs[name] = start_server(args.model, port, layout, extra)
             urls[name] = f"http://127.0.0.1:{port}"
         for name in servers:
             try:

@@ -78,3 +78,13 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
     assert r.exit_code == 2 and "--max-queue" in r.output
     r = runner.invoke(serve, ["--model", f"a={tiny_model_dir}", "--model", f"a={tiny_model_dir}"])
     assert r.exit_code == 2 and "two models are named 'a'" in r.output
+
+
+def test_default_layout_is_one_run_on_every_core(monkeypatch):
+    from diffcse_runtime.serve import cli
+
+    monkeypatch.setattr(cli, "usable_cpus", lambda: 4)
+    assert cli.worker_layout(None, None) == (1, 4)  # the measured default (latency)
+    assert cli.worker_layout(None, 2) == (2, 2)  # threads given: runs fill the cores
+    assert cli.worker_layout(2, None) == (2, 2)  # workers given: the cores are shared out
+    assert cli.worker_layout(3, 3) == (3, 3)  # both given: as asked
