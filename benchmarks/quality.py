@@ -83,12 +83,17 @@ def train(name: str, overrides: list[str], out: Path) -> float:
     return time.perf_counter() - t0
 
 
+def records(metrics: Path, kind: str) -> list[dict]:
+    """The run's metrics.jsonl records of one kind ("train" or "eval"), in order."""
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    return [r for r in rows if r.get("kind") == kind]
+
+
 def rtd_trace(metrics: Path) -> dict:
     """RTD loss/accuracy at the first and last train records (None for SimCSE)."""
-    if not metrics.is_file():
-        return {}
-    train = [json.loads(x) for x in metrics.read_text().splitlines() if '"train"' in x]
-    train = [r for r in train if r.get("kind") == "train" and r.get("rtd_acc") is not None]
+    train = [r for r in records(metrics, "train") if r.get("rtd_acc") is not None]
     if not train:
         return {}
     first, last = train[0], train[-1]
@@ -98,11 +103,8 @@ def rtd_trace(metrics: Path) -> dict:
 
 def eval_trace(metrics: Path) -> list[dict]:
     """The trainer's dev evaluations: [{step, stsb_dev, sick_trial}], step 0 first."""
-    if not metrics.is_file():
-        return []
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     keys = ("step", "stsb_dev", "sick_trial")
-    return [{k: r.get(k) for k in keys} for r in rows if r.get("kind") == "eval"]
+    return [{k: r.get(k) for k in keys} for r in records(metrics, "eval")]
 
 
 def trainer_scores(trace: list[dict]) -> dict:
@@ -341,8 +343,11 @@ def main() -> None:
     print(benchlib.describe(info))
     common = common_overrides(args, device, bs, lr, data)
 
+    # exported and scored once (onnx, torch); with the trainer, each run's own step 0
+    scored = initial_row(args, data, []) if args.score != "trainer" else None
+
     def result_of(rows: list[dict]) -> dict:
-        init = initial_row(args, data, rows)
+        init = dict(scored) if scored else initial_row(args, data, rows)
         for r in rows:
             for key in ("stsb_dev", "sick_trial"):
                 if r.get(key) is not None and init.get(key) is not None:
@@ -367,7 +372,7 @@ def main() -> None:
         }
 
     if args.score != "trainer":  # the initial model first, so a broken scorer fails early
-        print(f"  initial: {initial_row(args, data, [])}", file=sys.stderr, flush=True)
+        print(f"  initial: {scored}", file=sys.stderr, flush=True)
     jobs = [(name, seed) for seed in seeds for name in names]
     if fitted_here and args.jobs > 1:  # fit the generator once, before parallel runs need it
         first = next(j for j in jobs if j[0].startswith("diffcse-mlm"))
