@@ -29,6 +29,7 @@ from diffcse_train.config import TrainConfig
 
 log = logging.getLogger("diffcse_train")
 SCORE_TASKS = ("STSBenchmark", "SICKRelatedness")  # dev split: STS-B dev, SICK-R trial
+TASK_NAMES = {"STSBenchmark": "STS-B dev", "SICKRelatedness": "SICK-R trial"}
 SCORES_FILE = "scores.json"
 
 
@@ -122,8 +123,7 @@ def before_after(cfg: TrainConfig, exported: dict[str, Path]) -> list[Row]:
 
 def format_rows(rows: list[Row]) -> str:
     """A plain-text table: model, pooling, one column per task, and the change."""
-    names = {"STSBenchmark": "STS-B dev", "SICKRelatedness": "SICK-R trial"}
-    head = f"{'model':<20} {'pooling':<8} " + " ".join(f"{names[t]:>15}" for t in SCORE_TASKS)
+    head = f"{'model':<20} {'pooling':<8} " + " ".join(f"{TASK_NAMES[t]:>15}" for t in SCORE_TASKS)
     lines = [head, "-" * len(head)]
     base = rows[0].scores if rows else {}
     for row in rows:
@@ -141,9 +141,8 @@ def format_rows(rows: list[Row]) -> str:
 
 def verdict(before: Row, after: Row) -> str:
     """One sentence on the promise: better on every dev set, unchanged, or worse where."""
-    names = {"STSBenchmark": "STS-B dev", "SICKRelatedness": "SICK-R trial"}
     pairs = [
-        (names[t], after.scores[t] - before.scores[t])
+        (TASK_NAMES[t], after.scores[t] - before.scores[t])
         for t in SCORE_TASKS
         if after.scores.get(t) is not None and before.scores.get(t) is not None
     ]

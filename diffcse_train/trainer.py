@@ -514,14 +514,11 @@ class Trainer:
         )  # fmt: skip
         if summary.best_score is not None:
             before = "n/a" if summary.initial_score is None else f"{summary.initial_score:.2f}"
+            every = " on every dev task" if self.cfg.gain_on_every_task else ""
             log.info(
                 "dev Spearman x100 (%s): before training %s, best %.2f at step %d%s",
                 "+".join(self.eval_tasks), before, summary.best_score, summary.best_step,
-                (
-                    "; no step beat the input model on every dev task, so best/ is the input "
-                    "model" if self.cfg.gain_on_every_task
-                    else "; no step beat the input model, so best/ is the input model"
-                )
+                f"; no step beat the input model{every}, so best/ is the input model"
                 if summary.best_step == 0 else "",
             )  # fmt: skip
         self.run_dir.write_summary(summary)
