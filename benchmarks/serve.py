@@ -34,6 +34,8 @@ from pathlib import Path
 import benchlib
 import numpy as np
 
+from diffcse_runtime.parallel import usable_cpus
+
 CONCURRENCY = [1, 8, 64]
 SHAPES = {"1-sentence": 1, "32-sentence": 32}
 SERVERS = {"batched": [], "unbatched": ["--no-batching"]}
@@ -54,7 +56,7 @@ def start_infinity(args, port: int) -> subprocess.Popen:
     # ONNX file by bare name and misses it under an absolute path.
     cmd = [str(exe), "v2", "--model-id", ".", "--engine", "optimum"]
     cmd += ["--device", "cpu", "--port", str(port), "--url-prefix", "/v1", "--batch-size", "64"]
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or usable_cpus()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     env.update(INFINITY_ANONYMOUS_USAGE_STATS="0", DO_NOT_TRACK="1")  # no telemetry calls
     return subprocess.Popen(
@@ -263,7 +265,7 @@ def main() -> None:
     if args.infinity_venv:
         servers["infinity"] = None
         bodies["infinity"] = make_bodies(texts, ".")
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cpus()
     layout = [f"--{k}={v}" for k, v in (("threads", args.threads), ("workers", args.workers)) if v]
     info = benchlib.machine(
         cores,
