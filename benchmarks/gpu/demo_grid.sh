@@ -5,18 +5,8 @@
 # 3e-4). Same packing and output as quality.sh; .gpu/indomain.txt holds the unlabelled
 # sentences of STS-B train and SICK train (no scores) for the in-domain variant.
 set -u
-RES=/tmp/gpu-results; rm -rf "$RES"; mkdir -p "$RES"
-DEST=${OUT:-$PWD/gpu-out}; mkdir -p "$DEST"
-trap 'tar -czf "$DEST/results.tar.gz" -C "$RES" . ; cp "$RES"/*.json "$DEST"/ 2>/dev/null' EXIT
-OUT=$RES
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
-PY=${PY:-python3}; DEV=${DEV:-cuda}
-START=$(date +%s); BUDGET=${BUDGET:-300}
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-mkdir -p /tmp/pp && ln -sfn "$PWD/export" /tmp/pp/diffcse_export
-export PYTHONPATH="$PWD:/tmp/pp"
-$PY benchmarks/gpu/pack.py unpack .gpu /tmp/minilm || exit 1
-CORPUS=.gpu/wiki_en.txt
+BUDGET=${BUDGET:-300}; THREADS=1
+source "$(dirname "$0")/session.sh"
 $PY -m diffcse_train fit-generator --encoder /tmp/minilm --corpus $CORPUS --out /tmp/gen \
   --device $DEV --quiet --encoder-lr 3e-4 > "$OUT/gen.log" 2>&1 || { tail -n 30 "$OUT/gen.log"; exit 1; }
 tail -n 8 "$OUT/gen.log"

@@ -5,26 +5,12 @@
 # device: `bash benchmarks/gpu/quality.sh` with .gpu carried.
 # QUICK=1 shrinks every budget to a few steps: the CPU check of this script before a call.
 set -u
-# everything is written under $RES, packed into $OUT/results.tar.gz at exit (a device call
-# returns at most 8 files)
-RES=/tmp/gpu-results; rm -rf "$RES"; mkdir -p "$RES"
-DEST=${OUT:-$PWD/gpu-out}; mkdir -p "$DEST"
-trap 'tar -czf "$DEST/results.tar.gz" -C "$RES" . ; cp "$RES"/*.json "$DEST"/ 2>/dev/null' EXIT
-OUT=$RES
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
-PY=${PY:-python3}
-DEV=${DEV:-cuda}
-START=$(date +%s); BUDGET=${BUDGET:-540}
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-# the checkout as installed packages, without pip: diffcse_export is the export/ folder
-mkdir -p /tmp/pp && ln -sfn "$PWD/export" /tmp/pp/diffcse_export
-export PYTHONPATH="$PWD:/tmp/pp"
+BUDGET=${BUDGET:-540}; THREADS=2
+source "$(dirname "$0")/session.sh"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
   nproc; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
-$PY benchmarks/gpu/pack.py unpack .gpu /tmp/minilm || exit 1
-CORPUS=.gpu/wiki_en.txt
 if [ "${QUICK:-0}" = 1 ]; then GSTEPS="--max-steps 0 --min-accuracy-gain 0"; S1=4; E1=2; S2=4; E2=2; else GSTEPS=""; S1=553; E1=50; S2=100; E2=25; fi
 
 # 0. smoke: a few steps of each generator-free objective on the device, to fail in a minute
