@@ -8,15 +8,17 @@ the next run (continuous batching: no added latency when the server is idle).
 A batch is filled round-robin over the waiting requests in arrival order, each taking at
 most a quantum of tokens per round (deficit round-robin). Small requests therefore finish
 in the next run even behind a 2048-text request, while a request alone still gets whole
-batches. The worker sorts the batch by token length and cuts it into runs of at most
-`max_batch_tokens` padded tokens, so a short sentence never pays for a long one's padding.
-Each request gets exactly its own rows back, in its input order.
+batches. The worker sorts the batch by token length and cuts it into the runs that cost
+least (`run_plan`: padding against the fixed price of a run, measured at start-up), none
+over `max_batch_tokens` padded tokens. Each request gets exactly its own rows back, in its
+input order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,13 +28,11 @@ import numpy as np
 
 from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.serve.metrics import ServeMetrics
+from diffcse_runtime.serve.run_plan import measure_overhead, plan_runs
+
+log = logging.getLogger("diffcse_runtime.serve")
 
 QUANTUM_SHARE = 4  # a request takes at most max_batch_tokens / 4 tokens per round
-# A text joins a run only if it fills at least half of the run's width. Measured on a busy
-# 2-core machine (benchmarks/README.md, "Serving"): merged runs of 2-3 texts of random
-# lengths cost 24 ms per text against 15 ms alone, the padding outweighing the per-run
-# saving; with this cut, a run never spends more than half of a text's tokens on padding.
-MIN_FILL = 0.5
 
 
 class QueueFull(Exception):
@@ -49,6 +49,8 @@ class BatchSettings:
     workers: int = 1
     normalize: bool = True
     merge: bool = True
+    # the fixed price of a run in token-times (run_plan); None: measured at start-up
+    run_overhead_tokens: float | None = None
 
 
 @dataclass(eq=False)
@@ -86,6 +88,7 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._scheduler: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
+        self.run_overhead = settings.run_overhead_tokens
 
     # ------------------------------------------------------------ lifecycle
 
@@ -94,6 +97,12 @@ class Batcher:
         self._executor = ThreadPoolExecutor(
             max_workers=self.settings.workers, thread_name_prefix=f"diffcse-{self.name}"
         )
+        if self.run_overhead is None:  # on a worker thread: the runs it prices run there
+            loop = asyncio.get_running_loop()
+            self.run_overhead = await loop.run_in_executor(
+                self._executor, measure_overhead, self.encoder, self.settings.normalize
+            )
+            log.info('{"model":"%s","run_overhead_tokens":%.1f}', self.name, self.run_overhead)
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     async def stop(self) -> None:
@@ -225,18 +234,13 @@ class Batcher:
                 job.future.set_result(job.out)
 
     def _compute(self, batch: list[tuple[_Job, int]], loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: length-sorted runs of at most max_batch_tokens padded tokens, each
-        text at least MIN_FILL of its run's width; each run is handed to the loop at once."""
+        """Worker thread: the batch sorted by length and cut into the cheapest runs
+        (`plan_runs`); each run's rows are handed to the loop as soon as it ends."""
         budget = self.settings.max_batch_tokens
-        lengths = [job.lengths[i] for job, i in batch]
-        order = sorted(range(len(batch)), key=lambda k: -lengths[k])
-        start = 0
-        while start < len(order):
-            width = max(1, lengths[order[start]])
-            stop, limit = start + 1, min(len(order), start + max(1, budget // width))
-            while stop < limit and lengths[order[stop]] >= MIN_FILL * width:
-                stop += 1
-            part = [batch[k] for k in order[start:stop]]
+        order = sorted(batch, key=lambda item: -item[0].lengths[item[1]])
+        lengths = [job.lengths[i] for job, i in order]
+        for start, stop in plan_runs(lengths, budget, self.run_overhead or 0.0):
+            part = order[start:stop]
             began = time.perf_counter()
             # return_token_counts: the server reports truncation per response and in
             # /metrics, so the encoder's own WARNING per call is not wanted here
@@ -247,9 +251,9 @@ class Batcher:
                 return_token_counts=True,
             )
             self.metrics.batch_seconds.labels(self.name).observe(time.perf_counter() - began)
+            width = max(1, lengths[start])
             self._observe(len(part), len(part) * width, len({id(job) for job, _ in part}))
             loop.call_soon_threadsafe(self._deliver, part, rows)
-            start = stop
 
     def _observe(self, size: int, tokens: int, requests: int) -> None:
         self.metrics.batch_size.labels(self.name).observe(size)
