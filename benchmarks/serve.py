@@ -44,7 +44,9 @@ SERVERS = {"batched": [], "unbatched": ["--no-batching"]}
 def start_server(model: Path, port: int, layout: list[str], extra: list[str]) -> subprocess.Popen:
     """diffcse-serve on 127.0.0.1; `layout` is its --threads/--workers (empty: its defaults)."""
     exe = Path(sys.executable).parent / "diffcse-serve"
-    cmd = [str(exe), "--model", f"m={model}", "--port", str(port), *layout]
+    # a source checkout on PYTHONPATH (the device machine's serve.sh) has no console script
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "diffcse_runtime.serve.cli"]
+    cmd = [*launcher, "--model", f"m={model}", "--port", str(port), *layout]
     cmd += ["--log-level", "warning", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file(f"serve-{port}"))
 
