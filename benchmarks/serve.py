@@ -48,7 +48,10 @@ def start_server(model: Path, port: int, layout: list[str], extra: list[str]) ->
     launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "diffcse_runtime.serve.cli"]
     cmd = [*launcher, "--model", f"m={model}", "--port", str(port), *layout]
     cmd += ["--log-level", "warning", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file(f"serve-{port}"))
+    log = log_file(f"serve-{port}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    proc.log_path = log.name  # Popen.stderr is None when it writes to a file
+    return proc
 
 
 def start_infinity(args, port: int) -> subprocess.Popen:
@@ -61,13 +64,12 @@ def start_infinity(args, port: int) -> subprocess.Popen:
     threads = args.threads or usable_cpus()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     env.update(INFINITY_ANONYMOUS_USAGE_STATS="0", DO_NOT_TRACK="1")  # no telemetry calls
-    return subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=log_file("infinity"),
-        env=env,
-        cwd=args.infinity_model,
+    log = log_file("infinity")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=args.infinity_model
     )
+    proc.log_path = log.name
+    return proc
 
 
 def log_file(name: str):
@@ -94,7 +96,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise benchlib.BenchSkip(f"server exited, see {proc.stderr.name}")
+            raise benchlib.BenchSkip(f"server exited, see {proc.log_path}")
         try:
             if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
                 return

@@ -5,7 +5,7 @@
 set -u
 RES=/tmp/serve-results; rm -rf "$RES"; mkdir -p "$RES"
 DEST=${OUT:-$PWD/gpu-out}; mkdir -p "$DEST"
-trap 'tar -czf "$DEST/results.tar.gz" -C "$RES" . ; cp "$RES"/*.json "$RES"/*.txt "$DEST"/ 2>/dev/null' EXIT
+trap 'cp /tmp/serve-[0-9]*.log "$RES"/ 2>/dev/null; tar -czf "$DEST/results.tar.gz" -C "$RES" . ; cp "$RES"/*.json "$RES"/*.txt "$DEST"/ 2>/dev/null' EXIT
 PY=${PY:-python3}
 W=/tmp/serve-wheels
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 WHEELS = ["fastapi", "starlette", "uvicorn", "pydantic", "pydantic-core", "httptools"]
-WHEELS += ["annotated-types", "typing-inspection", "annotated-doc"]
+WHEELS += ["annotated-types", "typing-inspection", "annotated-doc", "opentelemetry-api"]
 SKELETON, HALF = "model.skeleton.onnx", "weights.fp16.npz"
 
 
