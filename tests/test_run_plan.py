@@ -101,3 +101,33 @@ def test_the_batcher_prices_runs_at_start_unless_told(tiny_model_dir):
     measured = asyncio.run(started(BatchSettings()))
     assert measured is not None and 0.0 <= measured <= 4 * encoder.max_seq_length
     assert asyncio.run(started(BatchSettings(run_overhead_tokens=7.5))) == 7.5
+
+
+def test_idle_workers_share_the_waiting_requests(tiny_model_dir):
+    """Four lone requests and four idle workers: four runs of one text, not one of four;
+    one worker: one merged run."""
+    import asyncio
+
+    from diffcse_runtime.serve.batching import Batcher, BatchSettings
+    from diffcse_runtime.serve.metrics import ServeMetrics
+
+    encoder = Encoder(tiny_model_dir, intra_op_threads=1)
+
+    async def runs(workers: int) -> list[float]:
+        metrics = ServeMetrics()
+        settings = BatchSettings(workers=workers, run_overhead_tokens=1000.0)
+        batcher = Batcher("m", encoder, settings, metrics)
+        await batcher.start()
+        n = len(encoder.tokenizer.encode("a b c d").ids)
+        rows = await asyncio.gather(*(batcher.embed(["a b c d"], [n]) for _ in range(4)))
+        await batcher.stop()
+        assert all(r.shape == (1, encoder.embedding_dim) for r in rows)
+        sample = metrics.registry.get_sample_value
+        labels = {"model": "m"}
+        return [
+            sample("diffcse_batch_size_sum", labels),
+            sample("diffcse_batch_size_count", labels),
+        ]
+
+    assert asyncio.run(runs(4)) == [4.0, 4]  # 4 texts in 4 runs
+    assert asyncio.run(runs(1)) == [4.0, 1]  # 4 texts in 1 run

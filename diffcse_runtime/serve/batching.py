@@ -165,7 +165,7 @@ class Batcher:
                         await asyncio.wait_for(self._wake.wait(), delay)
                     self._wake.clear()
                     continue
-                batch = self._take_batch()
+                batch = self._take_batch(self._share())
                 self._idle -= 1
                 task = asyncio.get_running_loop().create_task(self._run(batch))
                 self._running.add(task)
@@ -176,14 +176,25 @@ class Batcher:
         wait = self.settings.max_wait_s
         if wait <= 0:
             return 0.0
-        tokens = sum(sum(j.lengths[i] for i in j.order[j.next :]) for j in self._jobs)
-        if tokens >= self.settings.max_batch_tokens:
+        if self._waiting_tokens() >= self.settings.max_batch_tokens:
             return 0.0
         return max(0.0, self._jobs[0].enqueued + wait - time.monotonic())
 
-    def _take_batch(self) -> list[tuple[_Job, int]]:
-        """Up to max_batch_tokens real tokens, round-robin over requests in arrival order."""
+    def _waiting_tokens(self) -> int:
+        return sum(sum(j.lengths[i] for i in j.order[j.next :]) for j in self._jobs)
+
+    def _share(self) -> int:
+        """Tokens for the next batch: what waits, up to max_batch_tokens, for the last idle
+        worker; with several idle, an equal share each. Without the share, 8 lone requests
+        on 8 idle workers went to one worker as one batch while 7 sat idle (16 cores, c=8:
+        0.70x the unbatched server; benchmarks/README.md, "Serving on 16 cores")."""
         budget = self.settings.max_batch_tokens
+        if self._idle > 1 and self.settings.merge:
+            budget = min(budget, -(-self._waiting_tokens() // self._idle))
+        return max(1, budget)
+
+    def _take_batch(self, budget: int) -> list[tuple[_Job, int]]:
+        """Up to `budget` real tokens, round-robin over requests in arrival order."""
         jobs = list(self._jobs) if self.settings.merge else [self._jobs[0]]
         quantum = max(1, budget // QUANTUM_SHARE) if len(jobs) > 1 else budget
         picked: list[tuple[_Job, int]] = []
