@@ -80,11 +80,13 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
     assert r.exit_code == 2 and "two models are named 'a'" in r.output
 
 
-def test_default_layout_is_one_run_on_every_core(monkeypatch):
+def test_default_layout_is_runs_of_up_to_four_threads_filling_the_cores(monkeypatch):
     from diffcse_runtime.serve import cli
 
+    for cores, default in ((1, (1, 1)), (2, (1, 2)), (4, (1, 4)), (6, (2, 3)), (16, (4, 4))):
+        monkeypatch.setattr(cli, "usable_cpus", lambda cores=cores: cores)
+        assert cli.worker_layout(None, None) == default  # the measured default
     monkeypatch.setattr(cli, "usable_cpus", lambda: 4)
-    assert cli.worker_layout(None, None) == (1, 4)  # the measured default (latency)
-    assert cli.worker_layout(None, 2) == (2, 2)  # threads given: runs fill the cores
-    assert cli.worker_layout(2, None) == (2, 2)  # workers given: the cores are shared out
+    assert cli.worker_layout(None, 1) == (4, 1)  # threads given: runs fill the cores
+    assert cli.worker_layout(1, None) == (1, 4)  # workers given: the cores are shared out
     assert cli.worker_layout(3, 3) == (3, 3)  # both given: as asked

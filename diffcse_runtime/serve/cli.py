@@ -20,6 +20,8 @@ from diffcse_runtime.parallel import usable_cpus
 from diffcse_runtime.serve.app import ServeSettings, create_app
 from diffcse_runtime.serve.batching import BatchSettings
 
+THREADS_PER_RUN = 4  # the default's upper bound; see worker_layout
+
 
 def parse_models(specs: tuple[str, ...]) -> dict[str, Path]:
     """`NAME=DIR` or `DIR` (named after its folder) -> {name: dir}; names must be unique."""
@@ -39,15 +41,20 @@ def parse_models(specs: tuple[str, ...]) -> dict[str, Path]:
 
 
 def worker_layout(workers: int | None, threads: int | None) -> tuple[int, int]:
-    """(workers, threads per run): by default one run at a time on every usable core.
+    """(workers, threads per run): by default runs of up to THREADS_PER_RUN threads filling
+    the cores.
 
-    Measured on 2 cores (benchmarks/README.md, "Serving on a quiet machine"): two 1-thread
-    workers served 1.02-1.08x more sentences/s at 64 clients, but a lone request ran on one
-    thread (p50 6.4 vs 4.6 ms), so the default favours latency; --workers N opts in.
+    Measured with wrk, 1-sentence requests (benchmarks/README.md, "Serving on 16 cores"): a
+    small batch does not spread over many threads. On 16 cores one 16-thread run served 527
+    sentences/s at 64 clients, four 4-thread runs 895-1,097 and eight 2-thread runs
+    1,132-1,308, while a lone request took p99 6.0, 6.6-7.0 and 7.6-8.1 ms. Four threads
+    keep a lone request within 2 ms of a bare all-core encode and still double throughput;
+    on 2 cores it is one 2-thread run, which beat two 1-thread runs on a lone request (p50
+    4.9 vs 6.1 ms).
     """
     cores = usable_cpus()
     if workers is None:
-        workers = max(1, cores // threads) if threads else 1
+        workers = max(1, cores // threads if threads else -(-cores // THREADS_PER_RUN))
     if threads is None:
         threads = max(1, cores // workers)
     return workers, threads
@@ -106,9 +113,10 @@ def worker_layout(workers: int | None, threads: int | None) -> tuple[int, int]:
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Batches run at once (threads sharing each model's session). Default 1 with every "
-    "core as its threads; on 2 cores '--workers 2' (one thread each) gave 1.02-1.08x the "
-    "throughput at c=64 but +1.7 ms p50 for a lone request.",
+    help="Batches run at once (threads sharing each model's session). Default: runs of up to "
+    "4 threads filling the cores (1 run on 2 cores, 4 on 16, where that served 1.7-2.1x the "
+    "sentences/s of one 16-thread run). More, smaller runs: more throughput under load, "
+    "slower lone requests.",
 )
 @click.option(
     "--spin/--no-spin",
