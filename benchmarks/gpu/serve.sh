@@ -18,11 +18,12 @@ $PY benchmarks/gpu/serve_pack.py unpack .serve /tmp/minilm-onnx || exit 1
 grep -o -w -E 'avx2|avx512f|avx512_vnni|amx_tile' /proc/cpuinfo | sort | uniq -c >> "$RES/machine.txt"
 CLIENT=wrk; wrk --version >/dev/null 2>&1 || [ $? -eq 1 ] || CLIENT=httpx  # wrk -v exits 1
 echo "client: $CLIENT" | tee -a "$RES/machine.txt"
-ROUNDS=3; SECS=4; LROUNDS=2; LSECS=6
+ROUNDS=${ROUNDS:-3}; SECS=${SECS:-4}; LROUNDS=2; LSECS=6  # LAYOUTS=none: serve.py only
 [ "${QUICK:-0}" = 1 ] && { ROUNDS=1; SECS=1; LROUNDS=1; LSECS=1; }
 timeout 260 $PY benchmarks/serve.py --model /tmp/minilm-onnx --data .serve/sts --client $CLIENT \
   --shapes 1-sentence --rounds $ROUNDS --seconds $SECS --out "$RES/serve-cores.json" 2>&1 | tail -12
 C=$(nproc)
+[ "${LAYOUTS:-}" = none ] && exit 0
 timeout 220 $PY benchmarks/serve_layout.py --model /tmp/minilm-onnx --data .serve/sts \
   --layouts "${LAYOUTS:-1x$C,2x$((C / 2)),4x$((C / 4)),8x$((C / 8))}" --rounds $LROUNDS --seconds $LSECS \
   --out "$RES/serve-layout-cores.json" 2>&1 | tail -8
