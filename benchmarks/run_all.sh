@@ -8,7 +8,7 @@ PY=.venv/bin/python
 mkdir -p benchmarks/results
 [ -x benchmarks/.venv-st-onnx/bin/python ] || bash benchmarks/setup_st_onnx_venv.sh
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(encode profile_encoder cold_start footprint train_step retrieval_scale quality)
+[ ${#names[@]} -gt 0 ] || names=(encode profile_encoder cold_start footprint train_step retrieval_scale quality run_plan serve serve_layout)
 for name in "${names[@]}"; do
   echo "== $name (load: $(cut -d' ' -f1-3 /proc/loadavg))"
   "$PY" "benchmarks/$name.py" 2>"benchmarks/results/$name.log" | tee "benchmarks/results/$name.txt"

@@ -7,6 +7,7 @@ each in a fresh diffcse-serve, interleaved rounds of wrk load with 1-sentence re
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -30,13 +31,19 @@ def layouts_of(spec: str, cores: int) -> dict[str, list[str]]:
 
 def main() -> None:
     p = benchlib.parser("serve_layout", __doc__)
-    p.add_argument("--model", type=Path, default=benchlib.ROOT / "runs" / "demo_cpu" / "model")
+    p.add_argument("--model", type=Path, help="model directory (default: MiniLM fp32 export)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--layouts", default="1x2,2x1", help="WORKERSxTHREADS, comma-separated")
     p.add_argument("--data", type=Path, default=None, help="STS data folder (SentEval layout)")
     args = p.parse_args()
+    if shutil.which("wrk") is None:
+        raise benchlib.BenchSkip("wrk is not installed (apt-get install wrk)")
+    if args.model is None:
+        import models
+
+        args.model = models.minilm_variant("fp32")
     texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
     bodies = serve.make_bodies(texts, "m")["1-sentence"]
     cores = usable_cpus()
