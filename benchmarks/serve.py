@@ -106,6 +106,24 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     raise benchlib.BenchSkip(f"diffcse-serve at {url} not ready after {timeout} s")
 
 
+def parity(url: str, model: str, texts: list[str], encoder, n: int = 32) -> float:
+    """Min cosine between a server's embeddings of `n` sentences and `encoder.encode`: a
+    contender is timed only if it computes the same vectors (an export can be silently
+    wrong), and the figure goes into the JSON."""
+    import httpx
+
+    body = {"input": texts[:n], "model": model, "encoding_format": "float"}
+    got = httpx.post(f"{url}/v1/embeddings", json=body, timeout=120).json()
+    rows = np.array([d["embedding"] for d in sorted(got["data"], key=lambda d: d["index"])])
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    want = encoder.encode(texts[:n], normalize=True)
+    cosine = float((rows * want).sum(axis=1).min())
+    print(f"{url}: min cosine vs Encoder.encode over {n} sentences {cosine:.6f}", flush=True)
+    if cosine < 0.999:
+        raise benchlib.BenchSkip(f"{url} computes different embeddings (min cosine {cosine:.4f})")
+    return cosine
+
+
 def free_port() -> int:
     import socket
 
@@ -266,9 +284,11 @@ def main() -> None:
     else:
         info_extra = {}
     bodies = {name: make_bodies(texts, "m") for name in SERVERS}
+    model_names = dict.fromkeys(SERVERS, "m")
     if args.infinity_venv:
         servers["infinity"] = None
         bodies["infinity"] = make_bodies(texts, ".")
+        model_names["infinity"] = "."
     cores = usable_cpus()
     layout = [f"--{k}={v}" for k, v in (("threads", args.threads), ("workers", args.workers)) if v]
     info = benchlib.machine(
@@ -302,6 +322,9 @@ def main() -> None:
                 del urls[name]
                 continue
             asyncio.run(load(urls[name], bodies[name]["1-sentence"], 1, 8, 1.0))  # warm up
+            info[f"{name}_min_cosine_vs_encode"] = parity(
+                urls[name], model_names[name], texts, encoder
+            )
         runs = measure(args, encoder, texts, bodies, urls)
     finally:
         for proc in procs.values():
