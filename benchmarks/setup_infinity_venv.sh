@@ -22,7 +22,9 @@ SRC=$(.venv/bin/python -c "import sys; sys.path.insert(0, 'benchmarks'); import 
 "$VENV/bin/pip" install -q "onnxruntime==$ORT_VERSION" "transformers==4.57.6" \
   "optimum-onnx[onnxruntime]==0.1.0" "infinity-emb[server,optimum]==0.0.78"
 rm -rf "$MODEL"
-"$VENV/bin/optimum-cli" export onnx --model "$SRC" --task feature-extraction "$MODEL/onnx"
-cp "$SRC"/*.json "$SRC"/*.txt "$MODEL"/ 2>/dev/null || true
+# model.onnx at the folder's top: infinity-emb 0.0.78 asks optimum for "onnx/model.onnx" when
+# it sits in onnx/, and optimum 2.1 then matches file names only and finds nothing
+"$VENV/bin/optimum-cli" export onnx --model "$SRC" --task feature-extraction "$MODEL"
+cp -n "$SRC"/*.json "$SRC"/*.txt "$MODEL"/ 2>/dev/null || true
 [ -d "$SRC/1_Pooling" ] && cp -r "$SRC/1_Pooling" "$MODEL"/
 "$VENV/bin/python" -c "import infinity_emb, optimum.onnxruntime; print('infinity venv ready:', infinity_emb.__version__)"
