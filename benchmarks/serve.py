@@ -326,7 +326,8 @@ def main() -> None:
                 del urls[name]
                 continue
             info[f"{name}_min_cosine_vs_encode"] = cosine
-            asyncio.run(load(urls[name], bodies[name]["1-sentence"], 1, 8, 1.0))  # warm up
+            warm = next(iter(SHAPES))  # --shapes may leave out 1-sentence
+            asyncio.run(load(urls[name], bodies[name][warm], SHAPES[warm], 8, 1.0))
         runs = measure(args, encoder, texts, bodies, urls)
     finally:
         for proc in procs.values():
