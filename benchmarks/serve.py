@@ -167,7 +167,9 @@ async def load(url: str, bodies: list[bytes], per: int, conc: int, seconds: floa
     return summary(latencies, per, wall, errors)
 
 
-def wrk_load(url: str, bodies: list[bytes], per: int, conc: int, seconds: float) -> dict:
+def wrk_load(
+    url: str, bodies: list[bytes], per: int, conc: int, seconds: float, pid: int | None = None
+) -> dict:
     """The same load from wrk (C, one thread): on 2 cores a Python client would take CPU the
     server needs, which a client on another machine would not."""
     import tempfile
@@ -179,7 +181,7 @@ def wrk_load(url: str, bodies: list[bytes], per: int, conc: int, seconds: float)
         cmd += ["-s", str(Path(__file__).with_name("serve_wrk.lua")), url]
         env = dict(os.environ, WRK_BODIES=fh.name)
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-    drain(url)
+    drain(url, pid)
     line = next(x for x in out.splitlines() if x.startswith("WRK "))
     r = json.loads(line[4:])
     wall = r["duration_us"] / 1e6
@@ -192,9 +194,12 @@ def wrk_load(url: str, bodies: list[bytes], per: int, conc: int, seconds: float)
     }
 
 
-def drain(url: str, timeout: float = 120) -> None:
+def drain(url: str, pid: int | None = None, timeout: float = 120) -> None:
     """wrk stops with requests still in flight, and the server finishes them: wait until it
-    has (diffcse-serve's in-flight gauge is 0), so the next cell starts on an idle server."""
+    has, so the next cell starts on an idle machine. diffcse-serve says so (its in-flight
+    gauge is 0); for a peer without that gauge, wait until its process `pid` stops using
+    CPU (under 10% of a core over 0.2 s): infinity-emb, undrained, kept computing through
+    the next contender's cell and cut it by a third."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -202,11 +207,29 @@ def drain(url: str, timeout: float = 120) -> None:
         try:
             text = httpx.get(f"{url}/metrics", timeout=5).text
         except httpx.HTTPError:
-            return
+            text = ""
         gauge = [x for x in text.splitlines() if x.startswith("diffcse_requests_in_flight ")]
-        if not gauge or float(gauge[0].split()[1]) == 0:
+        if gauge:
+            if float(gauge[0].split()[1]) == 0:
+                return
+            time.sleep(0.05)
+        elif pid is None or cpu_seconds_over(pid, 0.2) < 0.02:
             return
-        time.sleep(0.05)
+
+
+def cpu_seconds_over(pid: int, seconds: float) -> float:
+    """CPU seconds process `pid` (all its threads) used during the next `seconds`."""
+
+    def used() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    try:
+        before = used()
+        time.sleep(seconds)
+        return used() - before
+    except OSError:  # the process is gone
+        return 0.0
 
 
 def summary(latencies: list[float], per: int, wall: float, errors: int = 0) -> dict:
@@ -328,7 +351,8 @@ def main() -> None:
             info[f"{name}_min_cosine_vs_encode"] = cosine
             warm = next(iter(SHAPES))  # --shapes may leave out 1-sentence
             asyncio.run(load(urls[name], bodies[name][warm], SHAPES[warm], 8, 1.0))
-        runs = measure(args, encoder, texts, bodies, urls)
+        pids = {name: proc.pid for name, proc in procs.items()}
+        runs = measure(args, encoder, texts, bodies, urls, pids)
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -336,7 +360,7 @@ def main() -> None:
     report(args, info, runs)
 
 
-def measure(args, encoder, texts, bodies, urls) -> list[dict]:
+def measure(args, encoder, texts, bodies, urls, pids) -> list[dict]:
     runs = []
     for rnd in range(args.rounds):
         ceiling = offline_ceiling(encoder, texts, args.seconds)
@@ -357,7 +381,9 @@ def measure(args, encoder, texts, bodies, urls) -> list[dict]:
                 shift = (rnd + s + k) % len(names)
                 for name in names[shift:] + names[:shift]:
                     if args.client == "wrk":
-                        r = wrk_load(urls[name], bodies[name][shape], per, conc, args.seconds)
+                        r = wrk_load(
+                            urls[name], bodies[name][shape], per, conc, args.seconds, pids[name]
+                        )
                     else:
                         r = asyncio.run(
                             load(urls[name], bodies[name][shape], per, conc, args.seconds)
