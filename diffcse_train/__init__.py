@@ -1,3 +1,40 @@
-"""diffcse_train: DiffCSE training with PyTorch and transformers."""
+"""diffcse_train: DiffCSE training with PyTorch and transformers.
+
+The public surface, importable from the package itself:
+
+    from diffcse_train import TrainConfig, train            # diffcse-train fit
+    from diffcse_train import FitSettings, fit_generator    # diffcse-train fit-generator
+    from diffcse_train import DiffCSE                       # the objective, one nn.Module
+
+Names are loaded on first use (PEP 562), so `import diffcse_train` stays cheap and does not
+import torch until one of them is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_HOME = {
+    "TrainConfig": "config",
+    "train": "trainer",
+    "TrainSummary": "trainer",
+    "FitSettings": "generator_fit",
+    "fit_generator": "generator_fit",
+    "DiffCSE": "model",
+}
+__all__ = ["__version__", *_HOME]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'diffcse_train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"diffcse_train.{_HOME[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))
