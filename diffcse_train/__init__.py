@@ -2,7 +2,8 @@
 
 The public surface, importable from the package itself:
 
-    from diffcse_train import TrainConfig, train            # diffcse-train fit
+    from diffcse_train import load_config, train            # diffcse-train (fit)
+    from diffcse_train import TrainConfig                   # the typed, strict config
     from diffcse_train import FitSettings, fit_generator    # diffcse-train fit-generator
     from diffcse_train import DiffCSE                       # the objective, one nn.Module
 
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 _HOME = {
     "TrainConfig": "config",
+    "load_config": "config",
     "train": "trainer",
     "TrainSummary": "trainer",
     "FitSettings": "generator_fit",

@@ -15,6 +15,7 @@ def test_package_import_is_cheap_and_names_load_on_use():
         "from diffcse_train import TrainConfig, train, FitSettings, fit_generator, DiffCSE\n"
         "from diffcse_train import config, trainer, generator_fit, model\n"
         "assert TrainConfig is config.TrainConfig and train is trainer.train\n"
+        "assert diffcse_train.load_config is config.load_config\n"
         "assert FitSettings is generator_fit.FitSettings\n"
         "assert fit_generator is generator_fit.fit_generator and DiffCSE is model.DiffCSE\n"
         "assert set(diffcse_train.__all__) <= set(dir(diffcse_train))\n"
