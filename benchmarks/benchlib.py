@@ -59,6 +59,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> list[str]:
+    """The vector extensions that change onnxruntime's speed (AVX2 vs AVX-512 VNNI vs AMX):
+    machines here differ in them, so every figure records them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    return [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
+
+
 def library_versions(names: Iterable[str] = VERSIONED) -> dict[str, str]:
     """Installed versions, read from package metadata (nothing is imported)."""
     out = {}
@@ -95,6 +108,7 @@ def machine(threads: Sequence[int] | int | None = None, **extra: Any) -> dict[st
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)),
+        "cpu_flags": cpu_flags(),
         "threads_used": threads,
         "gpu": gpu_name(),
         "python": platform.python_version(),
@@ -114,7 +128,8 @@ def describe(info: dict[str, Any]) -> str:
     v = info.get("versions", {})
     libs = ", ".join(f"{k} {v[k]}" for k in v)
     return (
-        f"# {info['date']} | {info['cpu']} | {info['cores_usable']}/{info['cores']} cores | "
+        f"# {info['date']} | {info['cpu']} ({' '.join(info.get('cpu_flags', [])) or '?'}) | "
+        f"{info['cores_usable']}/{info['cores']} cores | "
         f"threads {info['threads_used']} | GPU {info['gpu'] or 'none'} | "
         f"load {' '.join(map(str, info['loadavg_at_start']))}\n# {libs}"
     )

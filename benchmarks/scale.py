@@ -159,7 +159,6 @@ def main() -> None:
     args = p.parse_args()
     model = model_dir(args.model)
     info = benchlib.machine(threads=2, sentences=args.n, rounds=args.rounds, model=str(model))
-    info["cpu_flags"] = cpu_flags()
     print(benchlib.describe(info))
     print(f"# {' '.join(sys.argv)}")
     work = Path(tempfile.mkdtemp(prefix="scale-"))
@@ -203,12 +202,6 @@ def main() -> None:
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
     report(args, info, times, cpus, ray_start)
-
-
-def cpu_flags() -> list[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if "flags" in ln), [])
-    return [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
 
 
 def report(args, info: dict, times: dict, cpus: dict, ray_start: float) -> None:

@@ -322,7 +322,6 @@ def main() -> None:
         server_layout=" ".join(layout) or "diffcse-serve's default",
         model=str(args.model),
         seconds=args.seconds,
-        cpu_flags=cpu_flags(),
         **info_extra,
         command=" ".join(sys.argv),
     )
@@ -396,15 +395,6 @@ def measure(args, encoder, texts, bodies, urls, pids) -> list[dict]:
                         flush=True,
                     )
     return runs
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "?"
-    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni") if f" {f}" in flags)
 
 
 def cell(runs, contender, shape, conc, key) -> list[float]:

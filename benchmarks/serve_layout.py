@@ -49,7 +49,6 @@ def main() -> None:
     cores = usable_cpus()
     layouts = layouts_of(args.layouts, cores)
     info = benchlib.machine(cores, model=str(args.model), command=" ".join(sys.argv))
-    info["cpu_flags"] = serve.cpu_flags()
     print(benchlib.describe(info), flush=True)
     results: dict[str, list[dict]] = {name: [] for name in layouts}
     names = list(layouts)
