@@ -72,6 +72,16 @@ def cpu_flags() -> list[str]:
     return [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
 
 
+def proc_stat(pid: int | str) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds user + system over all its threads) of a live process, from
+    /proc; None once it has gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def library_versions(names: Iterable[str] = VERSIONED) -> dict[str, str]:
     """Installed versions, read from package metadata (nothing is imported)."""
     out = {}

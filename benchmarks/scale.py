@@ -32,7 +32,6 @@ from pathlib import Path
 import benchlib
 
 ROOT = benchlib.ROOT
-TICKS = os.sysconf("SC_CLK_TCK")
 CONTENDERS = ["embed 1p x 1t", "embed 1p x 2t", "embed 2p x 1t", "ray 1a x 1t", "ray 2a x 1t"]
 
 
@@ -69,16 +68,10 @@ class TreeCpu:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _stat(pid: str) -> tuple[int, float] | None:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS
-
     def _snapshot(self) -> dict[int, float]:
-        stats = {int(p): st for p in os.listdir("/proc") if p.isdigit() and (st := self._stat(p))}
+        stats = {
+            int(p): st for p in os.listdir("/proc") if p.isdigit() and (st := benchlib.proc_stat(p))
+        }
         tree, grew = {self.root}, True
         while grew:
             new = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree

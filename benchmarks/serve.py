@@ -218,18 +218,12 @@ def drain(url: str, pid: int | None = None, timeout: float = 120) -> None:
 
 
 def cpu_seconds_over(pid: int, seconds: float) -> float:
-    """CPU seconds process `pid` (all its threads) used during the next `seconds`."""
-
-    def used() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    try:
-        before = used()
-        time.sleep(seconds)
-        return used() - before
-    except OSError:  # the process is gone
-        return 0.0
+    """CPU seconds process `pid` (all its threads) used during the next `seconds` (0 if it
+    is gone)."""
+    before = benchlib.proc_stat(pid)
+    time.sleep(seconds)
+    after = benchlib.proc_stat(pid)
+    return after[1] - before[1] if before and after else 0.0
 
 
 def summary(latencies: list[float], per: int, wall: float, errors: int = 0) -> dict:
