@@ -16,6 +16,7 @@ import click
 
 from diffcse_runtime.errors import DiffcseError, friendly_errors
 from diffcse_runtime.textio import ERROR_MODES
+from diffcse_train.config import DEVICES
 from diffcse_train.generator_fit import PRECISIONS, FitSettings, GeneratorRefused, fit_generator
 
 FIT_GENERATOR = "fit-generator"
@@ -173,7 +174,7 @@ _FIT = FitSettings()  # the fit-generator option defaults
 @click.option("--seed", type=int, default=_FIT.seed, show_default=True)
 @click.option(
     "--device",
-    type=click.Choice(("auto", "cpu", "cuda")),
+    type=click.Choice(DEVICES),
     default=_FIT.device,
     show_default=True,
     help="Where the model trains; auto takes CUDA where present.",

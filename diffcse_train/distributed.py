@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from diffcse_runtime.errors import DiffcseError, first_line
+from diffcse_train.config import DEVICES
 
 T = TypeVar("T")
 TIMEOUT = datetime.timedelta(minutes=30)  # rank 0 may evaluate or save while the others wait
@@ -86,6 +87,8 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
 
 def pick_device(name: str) -> torch.device:
     """auto | cpu | cuda as a torch device; auto takes CUDA where one is present."""
+    if name not in DEVICES:
+        raise DiffcseError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
