@@ -213,7 +213,8 @@ def least_squares_start(head, parts, batches: list[Batch], embeddings, log_probs
     dense.weight.copy_((k * w).T)
     dense.bias.copy_(6.0 - k * (mean @ w))  # ~N(6, 1) pre-activations: GELU(z) ~ z
     norm.bias.zero_()
-    head_decoder_bias(head).copy_(log_probs.to(head_decoder_bias(head).device))
+    bias = head_decoder_bias(head)
+    bias.copy_(log_probs.to(bias.device))
     best = (math.inf, 0.0)
     for scale in [0.0, *torch.logspace(-2, 0.5, 11).tolist()]:
         norm.weight.fill_(scale)

@@ -152,7 +152,8 @@ def smooth_layernorm_inputs(
         if node.input[0] in ln_outputs:
             readers.setdefault(node.input[0], []).append(node)
     if readers:
-        taps = onnx.load(str(src))
+        taps = onnx.ModelProto()  # a copy that outputs the LayerNorms, not a second load
+        taps.CopyFrom(model)
         taps.graph.ClearField("output")
         taps.graph.output.extend(helper.make_empty_tensor_value_info(x) for x in readers)
         session = ort.InferenceSession(taps.SerializeToString(), providers=["CPUExecutionProvider"])
