@@ -372,3 +372,11 @@ def test_fit_generator_key_refuses_what_it_cannot_do(tiny_bert, corpus_file, tmp
     with pytest.raises(DiffcseError, match="fit it once before starting torchrun"):
         ensure_generator(cfg)
     assert not (tmp_path / "g").exists()
+
+
+def test_an_unknown_device_name_is_one_sentence():
+    from diffcse_runtime.errors import DiffcseError
+    from diffcse_train.distributed import pick_device
+
+    with pytest.raises(DiffcseError, match="device must be one of auto, cpu, cuda, got 'gpu'"):
+        pick_device("gpu")
