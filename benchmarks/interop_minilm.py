@@ -29,7 +29,6 @@ STS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sts"
 
 def export_minilm() -> Path:
     from diffcse_export import ExportOptions, export_model
-
     from diffcse_train import builtin
 
     out = Path(tempfile.mkdtemp()) / "minilm"

@@ -68,8 +68,9 @@ def test_tokenizer_files_make_autotokenizer_match_our_encoder(exported):
 
 
 def test_source_tokenizer_files_are_kept_with_our_limit(tiny_bert, tmp_path):
-    from diffcse_export.tokenizer_files import tokenizer_config
     from transformers import AutoTokenizer
+
+    from diffcse_export.tokenizer_files import tokenizer_config
 
     source = tmp_path / "src"
     source.mkdir()

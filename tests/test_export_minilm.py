@@ -11,7 +11,6 @@ import pytest
 pytest.importorskip("torch")
 
 from diffcse_export import ExportOptions, export_model  # noqa: E402
-
 from diffcse_runtime import load_metadata  # noqa: E402
 from diffcse_runtime.errors import DiffcseError  # noqa: E402
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("diffcse_runtime", "diffcse_train", "export")
+PACKAGES = ("diffcse_runtime", "diffcse_train", "diffcse_export")
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_
 PY=${PY:-python3}; DEV=${DEV:-cuda}
 START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-# the checkout as installed packages, without pip: diffcse_export is the export/ folder
-mkdir -p /tmp/pp && ln -sfn "$PWD/export" /tmp/pp/diffcse_export
-export PYTHONPATH="$PWD:/tmp/pp"
+# the checkout as installed packages, without pip
+export PYTHONPATH="$PWD"
 CORPUS=.gpu/wiki_en.txt
 $PY benchmarks/gpu/pack.py unpack .gpu /tmp/minilm || exit 1

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from diffcse_export.cls_layer import ClsStates, prunable
 from diffcse_export.errors import ExportError, first_line
 from diffcse_export.fold import build_projector, fold_projector
-from torch import nn
-
 from diffcse_runtime.checkpoint_files import BEST_SUBDIR, HEAD_FILE, PROJECTOR_FILE, PROJECTORS
 from diffcse_runtime.errors import ModelDirError
 from diffcse_runtime.model_dir import OUTPUT_NAME

@@ -10,11 +10,11 @@ import logging
 from pathlib import Path
 
 import click
+
 from diffcse_export.errors import ExportError, ValidationError
 from diffcse_export.pipeline import ExportOptions, export_model, target_dirs
 from diffcse_export.validate import format_table
 from diffcse_export.variants import VARIANTS
-
 from diffcse_runtime.errors import friendly_errors
 
 DEFAULT_STS_DATA = "../shared/data/sts"

@@ -22,7 +22,6 @@ from diffcse_export.errors import ExportError, ValidationError, first_line
 from diffcse_export.model_card import write_model_cards
 from diffcse_export.tokenizer_files import write_tokenizer_files
 from diffcse_export.validate import Thresholds, VariantReport
-
 from diffcse_runtime.atomic import atomic_dir
 from diffcse_runtime.model_dir import (
     METADATA_FILE,

@@ -19,7 +19,6 @@ from dataclasses import fields
 from pathlib import Path
 
 from diffcse_export.validate import VariantReport, format_table
-
 from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.model_dir import ModelMeta, load_metadata
 
