@@ -55,7 +55,8 @@ def truncate_dims(vectors: np.ndarray, dim: int, normalize: bool) -> np.ndarray:
 def check_precision(precision: object) -> str:
     """`precision` if it is one sentence-transformers names, else one sentence listing them."""
     if precision not in PRECISIONS:
-        raise ConventionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        names = ", ".join(PRECISIONS)
+        raise ConventionError(f"precision must be one of {names}, got {precision!r}")
     return str(precision)
 
 
