@@ -29,7 +29,7 @@ STS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sts"
 
 def export_minilm() -> Path:
     from diffcse_export import ExportOptions, export_model
-    from diffcse_train import builtin
+    from diffcse_runtime import builtin
 
     out = Path(tempfile.mkdtemp()) / "minilm"
     start = time.perf_counter()
@@ -72,7 +72,7 @@ def check_sentence_transformers(ours: np.ndarray, texts: list[str]) -> None:
     import sentence_transformers
     from sentence_transformers import SentenceTransformer
 
-    from diffcse_train import builtin
+    from diffcse_runtime import builtin
 
     source = str(builtin.model_path("builtin:all-MiniLM-L6-v2"))
     theirs = SentenceTransformer(source, device="cpu").encode(texts)

@@ -36,7 +36,7 @@ CONTENDERS = ["embed 1p x 1t", "embed 1p x 2t", "embed 2p x 1t", "ray 1a x 1t", 
 
 
 def sentences(n: int) -> list[str]:
-    from diffcse_train.builtin import corpus_sentences
+    from diffcse_runtime.builtin import corpus_sentences
 
     base = corpus_sentences("builtin:wiki_en")
     return [base[i % len(base)] for i in range(n)]

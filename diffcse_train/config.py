@@ -7,7 +7,7 @@ or out of range is a `ConfigError` naming the key (and the file), never a silent
 Paths in the config are used as given, so relative ones are relative to the directory the
 command runs in. `model_name_or_path`, `generator_name_or_path` and
 `discriminator_name_or_path` accept `builtin:all-MiniLM-L6-v2`; `train_file` accepts
-`builtin:wiki_en` (see diffcse_train.builtin).
+`builtin:wiki_en` (see diffcse_runtime.builtin).
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from diffcse_runtime import builtin
 from diffcse_runtime.errors import DataFormatError
 from diffcse_runtime.textio import iter_lines
-from diffcse_train import builtin
 
 IGNORE = -100  # label of positions the RTD loss skips (padding)
 

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from diffcse_runtime import builtin
 from diffcse_runtime.atomic import atomic_dir
 from diffcse_runtime.errors import DataFormatError, DiffcseError, first_line
 from diffcse_runtime.textio import ERROR_MODES
-from diffcse_train import builtin
 from diffcse_train.data import load_corpus
 from diffcse_train.distributed import pick_device
 from diffcse_train.mlm_fit import (

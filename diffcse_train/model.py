@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
+from diffcse_runtime import builtin
 from diffcse_runtime.errors import DiffcseError, first_line
 from diffcse_runtime.pooling import read_source_pooling, resolve_pooling
-from diffcse_train import builtin, distributed
+from diffcse_train import distributed
 from diffcse_train.config import TrainConfig
 from diffcse_train.data import IGNORE
 

@@ -20,11 +20,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffcse_runtime import sts
+from diffcse_runtime import builtin, sts
 from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.errors import DiffcseError
-from diffcse_train import builtin
 from diffcse_train.config import TrainConfig
 
 log = logging.getLogger("diffcse_train")

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffcse_runtime import builtin
 from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.pooling import write_st_modules
-from diffcse_train import builtin
 
 ST_CONFIG_FILE = "config_sentence_transformers.json"
 ST_BERT_CONFIG = "sentence_bert_config.json"

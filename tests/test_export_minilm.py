@@ -17,7 +17,7 @@ from diffcse_runtime.errors import DiffcseError  # noqa: E402
 
 @pytest.fixture(scope="module")
 def minilm():
-    from diffcse_train.builtin import model_path
+    from diffcse_runtime.builtin import model_path
 
     try:
         return model_path("builtin:all-MiniLM-L6-v2")

