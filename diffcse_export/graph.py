@@ -37,9 +37,10 @@ from diffcse_export.cls_layer import ClsStates, prunable
 from diffcse_export.errors import ExportError, first_line
 from diffcse_export.fold import build_projector, fold_projector
 from diffcse_runtime.checkpoint_files import BEST_SUBDIR, HEAD_FILE, PROJECTOR_FILE, PROJECTORS
-from diffcse_runtime.errors import ModelDirError
+from diffcse_runtime.errors import DiffcseError, ModelDirError
 from diffcse_runtime.model_dir import OUTPUT_NAME
 from diffcse_runtime.pooling import POOLINGS, read_source_pooling, read_st_max_seq_length
+from diffcse_runtime.remote_code import refuse_custom_code
 
 OPSET = 18
 INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -153,19 +154,23 @@ def load_checkpoint(path: str | Path, pooling: str = "auto") -> Checkpoint:
     from transformers import AutoModel, AutoTokenizer
 
     folder = resolve_checkpoint(path)
+    try:
+        refuse_custom_code(folder)
+    except DiffcseError as exc:
+        raise ExportError(str(exc)) from None
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ExportError(
             f"{folder}: the tokenizer is missing (none of {', '.join(TOKENIZER_FILES)}); "
             "save the tokenizer the encoder was trained with into this folder"
         )
     try:
-        encoder = AutoModel.from_pretrained(str(folder)).eval()
+        encoder = AutoModel.from_pretrained(str(folder), trust_remote_code=False).eval()
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
         raise ExportError(
             f"{folder}: transformers cannot load the encoder ({first_line(exc)})"
         ) from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as exc:
         raise ExportError(
             f"{folder}: transformers cannot load the tokenizer ({first_line(exc)})"

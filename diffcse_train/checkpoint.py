@@ -62,6 +62,7 @@ from safetensors.torch import load_file, save_file
 from diffcse_runtime.atomic import atomic_dir
 from diffcse_runtime.checkpoint_files import CONFIG_FILE, HEAD_FILE, PROJECTOR_FILE
 from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.remote_code import refuse_custom_code
 from diffcse_train.config import TrainConfig
 from diffcse_train.st_files import write_sentence_transformers_files
 
@@ -119,8 +120,9 @@ def load_best(folder: str | Path):
     if not head_path.is_file():
         raise DiffcseError(f"{folder}: no {HEAD_FILE}; not a diffcse-train checkpoint")
     head = json.loads(head_path.read_text(encoding="utf-8"))
-    encoder = AutoModel.from_pretrained(str(folder))
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    refuse_custom_code(folder)
+    encoder = AutoModel.from_pretrained(str(folder), trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     projector = build_projector(head["projector"], head["hidden_size"])
     if head["projector"] != "none":
         projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))

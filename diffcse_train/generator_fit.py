@@ -40,6 +40,7 @@ from torch import nn
 from diffcse_runtime import builtin
 from diffcse_runtime.atomic import atomic_dir
 from diffcse_runtime.errors import DataFormatError, DiffcseError, first_line
+from diffcse_runtime.remote_code import refuse_custom_code
 from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train.data import load_corpus
 from diffcse_train.distributed import pick_device
@@ -212,8 +213,9 @@ def load_encoder_as_mlm(spec: str) -> tuple[nn.Module, bool]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     path = builtin.model_path(spec)
+    refuse_custom_code(path, "--encoder")
     try:
-        config = AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         first = first_line(exc)
         raise DiffcseError(
@@ -225,7 +227,9 @@ def load_encoder_as_mlm(spec: str) -> tuple[nn.Module, bool]:
             f"{config.model_type!r}, so no generator can be fitted on it"
         )
     with _quiet_transformers():
-        mlm, info = AutoModelForMaskedLM.from_pretrained(str(path), output_loading_info=True)
+        mlm, info = AutoModelForMaskedLM.from_pretrained(
+            str(path), output_loading_info=True, trust_remote_code=False
+        )
     head_name, _ = find_head(mlm)
     missing = sorted(info["missing_keys"])
     not_head = [k for k in missing if not k.startswith(head_name + ".")]
@@ -312,7 +316,9 @@ def save_generator(mlm, tokenizer, out: Path, report: FitReport, overwrite: bool
         tokenizer.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         with _quiet_transformers():
-            loaded, info = AutoModelForMaskedLM.from_pretrained(str(tmp), output_loading_info=True)
+            loaded, info = AutoModelForMaskedLM.from_pretrained(
+                str(tmp), output_loading_info=True, trust_remote_code=False
+            )
         if verify_pretrained_weights(loaded, info, str(tmp)) == 0:
             raise DiffcseError(f"{out}: no weights were written; not saved")
         _, loaded_head = find_head(loaded)  # also checks the decoder is still tied

@@ -37,6 +37,7 @@ from torch import nn
 from diffcse_runtime import builtin
 from diffcse_runtime.errors import DiffcseError, first_line
 from diffcse_runtime.pooling import read_source_pooling, resolve_pooling
+from diffcse_runtime.remote_code import refuse_custom_code
 from diffcse_train import distributed
 from diffcse_train.config import TrainConfig
 from diffcse_train.data import IGNORE
@@ -282,6 +283,7 @@ def _local_or_hub(spec: str, key: str) -> Path:
     looks_local = str(spec).startswith(("/", ".", "~")) or Path(spec).suffix in (".yaml", ".txt")
     if looks_local and not path.exists():
         raise DiffcseError(f"{key} {spec}: no such folder")
+    refuse_custom_code(path, key)
     return path
 
 
@@ -292,7 +294,7 @@ def _load(kind: str, spec: str, key: str):
     path = _local_or_hub(spec, key)
     cls = AutoModelForMaskedLM if kind == "mlm" else AutoModel
     try:
-        return cls.from_pretrained(str(path), output_loading_info=True)
+        return cls.from_pretrained(str(path), output_loading_info=True, trust_remote_code=False)
     except pickle.UnpicklingError:
         raise DiffcseError(
             f"{key} {spec}: its .bin weights hold pickled objects other than tensors, which "
@@ -311,7 +313,7 @@ def load_tokenizer(spec: str, key: str = "model_name_or_path"):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(_local_or_hub(spec, key)))
+        return AutoTokenizer.from_pretrained(str(_local_or_hub(spec, key)), trust_remote_code=False)
     except Exception as exc:  # tokenizers' Rust errors are plain Exception, no narrower type
         first = first_line(exc)
         raise DiffcseError(f"{key} {spec}: cannot load its tokenizer ({first})") from None
