@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -101,3 +107,116 @@ def test_optional_backends_agree_with_exact(backend):
 def test_unknown_backend_is_clear():
     with pytest.raises(DiffcseError, match="unknown search backend"):
         Index(np.eye(2), ["a", "b"], backend="annoy")
+
+
+# ---------------------------------------------------------------- issue 23: 12, 15, 16
+
+
+def _tampered_index(tmp_path, rows=(1915, 4234), n=6000, dim=384):
+    """A saved n x dim index with `rows` set to NaN in place: the file keeps its size, and
+    at 1.5 KB a row, rows 1915 and 4234 lie outside the first and last MB the sample hash
+    covers, so the cheap checksum cannot see the change."""
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    Index(emb, [f"t{i}" for i in range(n)]).save(tmp_path / "idx")
+    mm = np.load(tmp_path / "idx" / "embeddings.npy", mmap_mode="r+")
+    for r in rows:
+        assert retrieval.SAMPLE_BYTES < 128 + r * dim * 4 < mm.nbytes - retrieval.SAMPLE_BYTES
+        mm[r] = np.nan
+    mm.flush()
+    del mm
+    return tmp_path / "idx", unit_rows(emb)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "faiss", "usearch"])
+def test_nan_rows_outside_the_sample_are_refused_at_load(tmp_path, backend):
+    pytest.importorskip(backend) if backend != "numpy" else None
+    path, unit = _tampered_index(tmp_path)
+    with pytest.raises(DiffcseError, match=r"embeddings.npy: row 1915 holds NaN"):
+        Index.load(path, backend=backend).search_vectors(unit[1915], 3)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "usearch"])
+def test_approximate_index_refuses_non_finite_rows_when_built(backend):
+    """An Index made in memory from rows it trusts (normalized=True) is checked when the
+    faiss/usearch structure is built: those libraries drop a NaN row silently."""
+    pytest.importorskip(backend)
+    rng = np.random.default_rng(4)
+    emb = unit_rows(rng.normal(size=(500, 16)))
+    emb[321, 5] = np.inf
+    index = Index(emb, [str(i) for i in range(500)], backend=backend, normalized=True)
+    with pytest.raises(DiffcseError, match="row 321 holds NaN or infinite values"):
+        index.search_vectors(emb[0], 3)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "faiss", "usearch"])
+def test_one_query_gives_one_row_of_hits(backend):
+    pytest.importorskip(backend) if backend != "numpy" else None
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(60, 8))
+    index = Index(emb, [str(i) for i in range(60)], backend=backend)
+    for query in (emb[7], emb[7:8]):
+        scores, ids = index.search_vectors(query, 3)
+        assert scores.shape == ids.shape == (1, 3)
+        assert ids[0, 0] == 7
+    scores, ids = index.search_vectors(emb[7], 1)
+    assert ids.tolist() == [[7]]
+
+
+def test_search_cli_usearch_with_one_query(tiny_model_dir, tmp_path):
+    pytest.importorskip("usearch")
+    from click.testing import CliRunner
+
+    from diffcse_runtime.cli import search
+
+    src = tmp_path / "docs.txt"
+    src.write_text("a man is playing a guitar .\na cat is eating an apple .\ntwo dogs .\n")
+    idx = tmp_path / "idx"
+    args = ["--index", str(idx), "--build", str(src), "-m", str(tiny_model_dir)]
+    res = CliRunner().invoke(
+        search, [*args, "--backend", "usearch", "-k", "1", "--json", "two dogs ."]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["text"] == "two dogs ."
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (real ENOSPC) where we may mount one; else a file-size limit in the
+    child (real EFBIG from the kernel), so the test runs without root too."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        == 0
+    )
+    yield mnt, mounted
+    if mounted:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_search_build_on_a_full_disk_names_the_file(tiny_model_dir, tmp_path, small_disk):
+    mnt, mounted = small_disk
+    src = tmp_path / "docs.txt"
+    src.write_text("".join(f"sentence number {i} about a cat .\n" for i in range(900)))
+
+    def limit():  # without the tmpfs: the kernel refuses writes past 64 KiB (EFBIG)
+        if not mounted:
+            import resource
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    code = "from diffcse_runtime.cli import search as m; m()"
+    res = subprocess.run(
+        [sys.executable, "-c", code, "--index", str(mnt / "idx"), "--build", str(src),
+         "-m", str(tiny_model_dir)],
+        capture_output=True, text=True, timeout=120, preexec_fn=limit,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert f"{mnt / 'idx' / 'embeddings.npy'}: cannot write it" in res.stderr, res.stderr
+    assert not (mnt / "idx").exists() and os.listdir(mnt) == []
