@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffcse_runtime.bounds import bounded, check_bounds
 from diffcse_runtime.checkpoint_files import PROJECTORS
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.pooling import POOLINGS
@@ -66,11 +67,14 @@ class TrainConfig:
     # --- data
     train_file: str = ""  # one sentence per line (UTF-8), or builtin:wiki_en; required
     encoding_errors: str = "strict"  # "replace" decodes bad UTF-8 bytes as U+FFFD
-    max_seq_length: int = 32
+    max_seq_length: int = bounded(32, ge=1)
     # --- objective
-    lambda_weight: float = 0.005  # weight of the replaced-token-detection loss; 0 = SimCSE
-    mask_ratio: float = 0.30  # fraction of non-special tokens edited per sentence
-    temperature: float = 0.05
+    # weight of the replaced-token-detection loss; 0 = SimCSE
+    lambda_weight: float = bounded(0.005, ge=0)
+    # fraction of non-special tokens edited per sentence
+    mask_ratio: float = bounded(0.30, gt=0, lt=1)
+    # cosines lie in [-1, 1]: above 1 the logits span less than 2 and the loss barely moves
+    temperature: float = bounded(0.05, gt=0, le=1)
     augmentation: str = "mlm"  # mlm | replace | insert | delete | none
     projector: str = "batchnorm"  # batchnorm | tanh | none
     # the sentence vector f gives: cls (the paper) | mean (masked mean over real tokens) |
@@ -84,19 +88,22 @@ class TrainConfig:
     rtd_loss_over_padding: bool = True  # RTD loss averages over padding too, as label "kept"
     gather_negatives: bool = True  # under torchrun: every rank's sentences are negatives
     # --- optimisation
-    batch_size: int = 64  # per process: under torchrun the global batch is batch_size x WORLD_SIZE
-    learning_rate: float = 7e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    epochs: int = 2
-    max_steps: int | None = None  # stop (and end the linear decay) after this many steps
+    # per process (>= 2: in-batch negatives); under torchrun the global batch is
+    # batch_size x WORLD_SIZE
+    batch_size: int = bounded(64, ge=2)
+    learning_rate: float = bounded(7e-6, gt=0, le=1)
+    weight_decay: float = bounded(0.0, ge=0, le=1)  # AdamW's decoupled decay
+    warmup_steps: int = bounded(0, ge=0)
+    max_grad_norm: float = bounded(1.0, ge=0)  # 0 disables clipping
+    epochs: int = bounded(2, ge=1)
+    # stop (and end the linear decay) after this many steps
+    max_steps: int | None = bounded(None, ge=1)
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 42
+    seed: int = bounded(42, ge=0, lt=2**32)
     # --- evaluation and checkpoints
     eval_data_dir: str | None = None  # SentEval-layout STS data; STS-B dev picks the best step
-    eval_steps: int = 125
+    eval_steps: int = bounded(125, ge=1)
     eval_fp32: bool = True  # score STS-B dev in fp32 even when training under autocast
     # dev tasks scored at each evaluation; the best step maximises their mean Spearman.
     # STSBenchmark alone is the official protocol; adding SICKRelatedness (its trial split)
@@ -107,7 +114,7 @@ class TrainConfig:
     # with keep_initial: a step replaces the input model only if it beats it on EVERY eval
     # task (then the best mean decides), so best/ is never worse than the input on any of them
     gain_on_every_task: bool = False
-    save_steps: int = 125  # how often the resumable `last` checkpoint is written
+    save_steps: int = bounded(125, ge=1)  # how often the resumable `last` checkpoint is written
     output_dir: str = ""  # required
     # --- after training (diffcse_train/release.py)
     # export best/ here (fp32) and beside it (OUT-int8, ...), then print the before/after
@@ -115,7 +122,7 @@ class TrainConfig:
     export_dir: str | None = None
     export_variants: str = "int8"  # comma-separated extra variants: optimized, int8, fp16
     # --- testing aid
-    crash_at_step: int | None = None  # the process SIGKILLs itself after this step
+    crash_at_step: int | None = bounded(None, ge=1)  # the process SIGKILLs itself after this step
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,7 +188,16 @@ def _check_choice(cfg: TrainConfig, name: str, choices: tuple[str, ...], where: 
 
 
 def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
-    """Range and consistency checks; `where` prefixes messages (e.g. the config file)."""
+    """Range and consistency checks; `where` prefixes messages (e.g. the config file).
+
+    Every numeric key's range is declared beside the key (`bounded`) and checked first, so
+    NaN, infinities and out-of-range values never reach the consistency checks below (NaN
+    compares false with everything: `lambda_weight: nan` would read as "no D").
+    """
+    try:
+        check_bounds(cfg, lambda name: f"{where}key {name!r}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     for key in ("model_name_or_path", "train_file", "output_dir"):
         if not getattr(cfg, key):
             raise ConfigError(f"{where}key {key!r} is required")
@@ -199,27 +215,11 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
     _check_choice(cfg, "precision", PRECISIONS, where)
     _check_choice(cfg, "device", DEVICES, where)
     _check_choice(cfg, "encoding_errors", ENCODING_ERRORS, where)
-    positive = ("max_seq_length", "epochs", "eval_steps", "save_steps", "learning_rate")
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{where}key {key!r} must be positive, got {getattr(cfg, key)}")
-    if cfg.temperature <= 0:
-        raise ConfigError(f"{where}key 'temperature' must be positive, got {cfg.temperature}")
-    for key in ("lambda_weight", "weight_decay", "warmup_steps", "max_grad_norm"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{where}key {key!r} must not be negative, got {getattr(cfg, key)}")
-    if cfg.batch_size < 2:
-        raise ConfigError(f"{where}key 'batch_size' must be at least 2 (in-batch negatives)")
-    if cfg.max_steps is not None and cfg.max_steps <= 0:
-        raise ConfigError(f"{where}key 'max_steps' must be positive or null")
-    if cfg.lambda_weight > 0:
-        if cfg.augmentation == "none":
-            raise ConfigError(
-                f"{where}lambda_weight > 0 needs an augmentation for the discriminator "
-                "(mlm, replace, insert or delete); set lambda_weight: 0 for plain SimCSE"
-            )
-        if not 0 < cfg.mask_ratio < 1:
-            raise ConfigError(f"{where}key 'mask_ratio' must be between 0 and 1 (exclusive)")
+    if cfg.lambda_weight > 0 and cfg.augmentation == "none":
+        raise ConfigError(
+            f"{where}lambda_weight > 0 needs an augmentation for the discriminator "
+            "(mlm, replace, insert or delete); set lambda_weight: 0 for plain SimCSE"
+        )
     if cfg.needs_generator and not cfg.generator_name_or_path:
         raise ConfigError(
             f"{where}augmentation {cfg.augmentation!r} needs generator_name_or_path "

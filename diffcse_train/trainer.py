@@ -32,7 +32,7 @@ from diffcse_runtime import sts
 from diffcse_runtime.errors import DiffcseError
 from diffcse_train import checkpoint, distributed
 from diffcse_train.checkpoint import TrainState
-from diffcse_train.config import TrainConfig
+from diffcse_train.config import TrainConfig, validate
 from diffcse_train.data import Collator, epoch_order, load_corpus
 from diffcse_train.generator_fit import ensure_generator
 from diffcse_train.model import DiffCSE, build_model, count_parameters, pool
@@ -528,7 +528,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Tr
     """Train `cfg` end to end (the library entry point behind `diffcse-train`).
 
     Under torchrun every process calls this; it joins and finally leaves the process group.
+    A config built in code is checked as a config file is (ranges, consistency) first.
     """
+    validate(cfg)
     try:
         summary = Trainer(cfg, resume=resume, overwrite=overwrite).run()
     except BaseException:

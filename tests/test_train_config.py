@@ -110,8 +110,8 @@ def test_set_overrides_are_typed_and_checked(tmp_path):
     ("extra", "message"),
     [
         ("augmentation: shuffle\n", "'augmentation' must be one of"),
-        ("mask_ratio: 1.5\n", "'mask_ratio' must be between 0 and 1"),
-        ("batch_size: 1\n", "at least 2"),
+        ("mask_ratio: 1.5\n", "'mask_ratio' must be a finite number > 0 and < 1"),
+        ("batch_size: 1\n", "'batch_size' must be an integer >= 2"),
         ("generator_name_or_path: null\n", "augmentation 'mlm' needs generator_name_or_path"),
         ("augmentation: none\n", "lambda_weight > 0 needs an augmentation"),
     ],
@@ -192,3 +192,86 @@ def test_fit_generator_subcommand_dispatches(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         main(["fit-generator", "a", "b"])
     assert exc.value.code == 0 and seen["args"] == ("a", "b")
+
+
+# ---------------------------------------------------------------- numeric ranges (issue 23, 14)
+
+NUMERIC_KEYS = [
+    name
+    for name, hint in __import__("typing").get_type_hints(TrainConfig).items()
+    if int in getattr(hint, "__args__", (hint,)) or float in getattr(hint, "__args__", (hint,))
+]
+NOT_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+def test_every_numeric_key_declares_its_range():
+    from diffcse_runtime.bounds import field_bound
+
+    assert {"learning_rate", "temperature", "lambda_weight", "seed"} <= set(NUMERIC_KEYS)
+    assert [k for k in NUMERIC_KEYS if field_bound(TrainConfig, k) is None] == []
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS)
+@pytest.mark.parametrize("raw", ["nan", ".nan", "inf", "-.inf", "-1", "1e400"])
+def test_non_finite_or_negative_set_values_are_refused_naming_the_key(tmp_path, key, raw):
+    path = write(tmp_path / "c.yaml", BASE)
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(path, [f"{key}={raw}"])
+
+
+@pytest.mark.parametrize("text", ["temperature: .inf\n", "lambda_weight: .nan\n"])
+def test_non_finite_file_values_name_the_file_and_key(tmp_path, text):
+    path = write(tmp_path / "c.yaml", BASE + text)
+    key = text.split(":")[0]
+    with pytest.raises(ConfigError, match=f"c.yaml: key '{key}' must be a finite number"):
+        load_config(path)
+
+
+def test_ranges_hold_for_any_value(tmp_path):
+    """Whatever number a key gets, load_config either accepts a finite value inside the
+    declared range or raises one ConfigError naming that key: never a silent NaN."""
+    import math
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from diffcse_runtime.bounds import field_bound
+
+    path = write(tmp_path / "c.yaml", BASE)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        key=st.sampled_from(NUMERIC_KEYS),
+        value=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers()),
+    )
+    def check(key, value):
+        try:
+            cfg = load_config(path, [f"{key}={value!r}".replace("nan", ".nan")])
+        except ConfigError as exc:
+            assert f"'{key}'" in str(exc) and "\n" not in str(exc)
+            return
+        got = getattr(cfg, key)
+        assert math.isfinite(got) and field_bound(TrainConfig, key).problem(got) is None
+
+    check()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("learning_rate=nan", "learning_rate"), ("temperature=inf", "temperature")],
+)
+def test_cli_refuses_non_finite_keys_in_one_line(tmp_path, override, key):
+    cfg = write(tmp_path / "c.yaml", BASE)
+    result = CliRunner().invoke(train_cmd, ["--config", str(cfg), "--set", override])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.count("\n") == 1 and f"key '{key}'" in result.output
+
+
+def test_simcse_config_refuses_a_nan_lambda_instead_of_turning_d_off(tmp_path):
+    cfg = TrainConfig(model_name_or_path="m", train_file="t", output_dir="o", lambda_weight=0.1)
+    cfg.lambda_weight = float("nan")
+    assert not cfg.uses_discriminator  # what the trainer would have read
+    from diffcse_train.config import validate
+
+    with pytest.raises(ConfigError, match="'lambda_weight' must be a finite number >= 0"):
+        validate(cfg)
