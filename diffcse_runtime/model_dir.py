@@ -11,8 +11,11 @@ A model directory is a plain folder:
 
 Export writes it with `write_metadata`; the runtime reads it with `load_metadata`, which
 refuses a folder that is missing a file, comes from a newer format, has a field of the
-wrong type or range, or whose files do not match the SHA-256s recorded in `files` (every
-file of the folder at export; folders from before `files` record model.onnx only).
+wrong type or range, whose files do not match the SHA-256s recorded in `files` (every
+file of the folder at export; folders from before `files` record model.onnx only), whose
+own content does not match its `metadata_sha256`, or whose `embedding_dim` and
+`max_seq_length` disagree with what model.onnx declares (its output width, its position
+table): a wrong value there would otherwise fail at start-up or on every long input.
 README.md ("The model directory") documents the same fields for users.
 """
 
@@ -27,9 +30,11 @@ from typing import Any
 
 from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.errors import ModelDirError
+from diffcse_runtime.onnx_facts import read_graph_facts
 from diffcse_runtime.pooling import POOLINGS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `prompts` (a runtime reading 1 would ignore them silently)
+PROMPTS_VERSION = 2  # the version a folder with prompts needs; others still write 1
 METADATA_FILE = "diffcse.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -53,7 +58,11 @@ class ModelMeta:
     onnx_sha256: str = ""
     files: dict[str, str] = field(default_factory=dict)  # every file it depends on: SHA-256
     validation: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    # sentence-transformers' prompts: name -> text put before each input (e.g. "query: ")
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None  # the prompt used when encode names none
+    metadata_sha256: str = ""  # SHA-256 of this file's other keys (canonical JSON)
+    format_version: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,10 +94,37 @@ def write_metadata(model_dir: str | Path, meta: ModelMeta) -> ModelMeta:
             raise ModelDirError(f"{model_dir}: cannot write metadata, {name} is missing")
     meta.files = {name: sha256_file(model_dir / name) for name in _depended_files(model_dir)}
     meta.onnx_sha256 = meta.files[MODEL_FILE]
+    meta.format_version = PROMPTS_VERSION if meta.prompts else 1
+    body = meta.to_json()
+    meta.metadata_sha256 = body["metadata_sha256"] = metadata_digest(body)
     with atomic_file(model_dir / METADATA_FILE, "w") as fh:
-        json.dump(meta.to_json(), fh, indent=2, sort_keys=True)
+        json.dump(body, fh, indent=2, sort_keys=True)
         fh.write("\n")
     return meta
+
+
+def metadata_digest(raw: dict[str, Any]) -> str:
+    """SHA-256 of diffcse.json's keys but `metadata_sha256`, as canonical JSON.
+
+    A file cannot hold its own hash, so it holds the hash of everything else: a hand edit
+    (a wrong `embedding_dim`, a `max_seq_length` beyond the graph) is caught like an edited
+    tokenizer.json. Re-record after a deliberate edit with `write_metadata(folder,
+    load_metadata(folder, verify_hash=False))`.
+    """
+    rest = {k: v for k, v in raw.items() if k != "metadata_sha256"}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def verify_metadata(meta_path: Path, raw: dict[str, Any]) -> None:
+    """The file's content matches its recorded digest (folders from before it have none)."""
+    recorded = raw.get("metadata_sha256")
+    if recorded and recorded != metadata_digest(raw):
+        raise ModelDirError(
+            f"{meta_path}: edited after export (its content does not match its "
+            "'metadata_sha256'); export the model again, or re-record the hashes with "
+            "diffcse_runtime.write_metadata(folder, load_metadata(folder, verify_hash=False))"
+        )
 
 
 def verify_files(model_dir: Path, meta: ModelMeta) -> None:
@@ -129,8 +165,37 @@ def load_metadata(model_dir: str | Path, verify_hash: bool = True) -> ModelMeta:
         raise ModelDirError(f"{meta_path}: expected a JSON object")
     meta = _meta_from_json(raw, meta_path)
     if verify_hash:
+        verify_metadata(meta_path, raw)
         verify_files(model_dir, meta)
+    check_against_graph(model_dir, meta)
     return meta
+
+
+def check_against_graph(model_dir: Path, meta: ModelMeta) -> None:
+    """`embedding_dim` and `max_seq_length` must fit what model.onnx itself declares.
+
+    Checked on every load, hashes verified or not. The position table of a RoBERTa-style
+    model (pad_token_id > 0: RoBERTa, XLM-R, MPNet, CamemBERT) starts after the padding
+    row, so it embeds `rows - pad_token_id - 1` tokens, as export computes it.
+    """
+    facts = read_graph_facts(model_dir / MODEL_FILE)
+    if facts is None:
+        return  # not parseable here: onnxruntime says why when the Encoder loads it
+    meta_path = model_dir / METADATA_FILE
+    if facts.output_width is not None and facts.output_width != meta.embedding_dim:
+        raise ModelDirError(
+            f"{meta_path}: key 'embedding_dim' is {meta.embedding_dim}, but {MODEL_FILE} "
+            f"outputs {facts.output_width}-wide vectors (export the model again)"
+        )
+    if facts.position_rows is not None:
+        offset = meta.pad_token_id + 1 if meta.pad_token_id > 0 else 0
+        positions = facts.position_rows - offset
+        if meta.max_seq_length > positions:
+            raise ModelDirError(
+                f"{meta_path}: key 'max_seq_length' is {meta.max_seq_length}, but "
+                f"{MODEL_FILE}'s position table embeds at most {positions} tokens "
+                f"(set it to {positions} or less, or export the model again)"
+            )
 
 
 def _meta_from_json(raw: dict[str, Any], meta_path: Path) -> ModelMeta:
@@ -158,11 +223,28 @@ def _meta_from_json(raw: dict[str, Any], meta_path: Path) -> ModelMeta:
             raise ModelDirError(f"{meta_path}: key '{key}' {problem} (got {value!r:.60})")
     if "onnx_sha256" not in values and "files" not in values:
         raise ModelDirError(f"{meta_path}: records no hash of {MODEL_FILE} (key 'files')")
+    default = values.get("default_prompt_name")
+    if default is not None and default not in values.get("prompts", {}):
+        raise ModelDirError(
+            f"{meta_path}: key 'default_prompt_name' is {default!r}, which is not a key of "
+            "'prompts'"
+        )
     return ModelMeta(**values)
 
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MAX_SEQ_LENGTH = 16384  # beyond any released encoder's position table
+MAX_PROMPTS = 64
+MAX_PROMPT_CHARS = 4096  # a prompt is an instruction, not a document
+
+
+def _prompts_ok(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and len(value) <= MAX_PROMPTS
+        and all(isinstance(k, str) and 0 < len(k) <= 100 for k in value)
+        and all(isinstance(v, str) and len(v) <= MAX_PROMPT_CHARS for v in value.values())
+    )
 
 
 def _int_in(value: Any, low: int, high: int) -> bool:
@@ -219,6 +301,16 @@ def _field_problem(key: str, value: Any) -> str | None:
             f"must map file names (including {MODEL_FILE}) to 64-digit hex SHA-256s",
         ),
         "validation": (lambda v: isinstance(v, dict), "must be a JSON object"),
+        "prompts": (
+            _prompts_ok,
+            f"must map up to {MAX_PROMPTS} names (1-100 characters) to prompt strings of at "
+            f"most {MAX_PROMPT_CHARS} characters",
+        ),
+        "default_prompt_name": (
+            lambda v: v is None or isinstance(v, str),
+            "must be a prompt name or null",
+        ),
+        "metadata_sha256": (_is_sha, "must be a 64-digit lower-case hex SHA-256"),
     }
     ok, problem = checks[key]
     return None if ok(value) else problem

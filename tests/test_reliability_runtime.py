@@ -289,6 +289,7 @@ def test_an_old_model_dir_with_only_onnx_sha256_still_loads(model_copy, encoder)
     raw = json.loads(path.read_text())
     assert set(raw["files"]) >= {"model.onnx", "tokenizer.json"}
     del raw["files"]
+    del raw["metadata_sha256"]  # folders from before either key had neither
     path.write_text(json.dumps(raw))
     np.testing.assert_allclose(Encoder(model_copy).encode("hi"), encoder.encode("hi"), atol=1e-6)
 

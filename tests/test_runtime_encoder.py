@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diffcse_runtime import Encoder, ModelDirError, similarity
-from diffcse_runtime.model_dir import FORMAT_VERSION, METADATA_FILE, load_metadata
+from diffcse_runtime.model_dir import FORMAT_VERSION, METADATA_FILE, load_metadata, write_metadata
 
 TEXTS = tiny.corpus(40) + [
     "",
@@ -70,9 +70,9 @@ def test_non_string_named_by_index(encoder):
 def test_truncates_to_max_length(tiny_bert, tiny_model_dir, tmp_path):
     short = tmp_path / "short"
     shutil.copytree(tiny_model_dir, short)
-    meta = json.loads((short / METADATA_FILE).read_text())
-    meta["max_seq_length"] = 6
-    (short / METADATA_FILE).write_text(json.dumps(meta))
+    meta = load_metadata(short, verify_hash=False)
+    meta.max_seq_length = 6
+    write_metadata(short, meta)  # a deliberate edit re-records the metadata's hash
     long = ["a man is playing a guitar in the park today with a friend"]
     np.testing.assert_allclose(
         Encoder(short).encode(long), torch_cls(tiny_bert, long, 6), atol=1e-5
