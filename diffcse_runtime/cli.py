@@ -248,7 +248,11 @@ def _same_file(a: Path, b: Path) -> bool:
     help="Comma-separated tasks (STS12..STS16, STSBenchmark, SICKRelatedness); default: all found.",
 )
 @click.option(
-    "--split", type=click.Choice(["test", "dev", "train"]), default="test", show_default=True
+    "--split",
+    type=click.Choice(["auto", "test", "dev", "train"]),
+    default="auto",
+    show_default=True,
+    help="auto: test where the data has test files, else dev; the output names the split.",
 )
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option(
@@ -277,14 +281,15 @@ def evaluate_cmd(
 ) -> None:
     """Spearman x 100 on the STS tasks, as in Table 1 of the DiffCSE paper."""
     from diffcse_runtime.retrieval import recall_at_k
-    from diffcse_runtime.sts import evaluate, format_table
+    from diffcse_runtime.sts import evaluate, format_table, resolve_split
 
     _setup_logging(verbose)
     if json_out:
         _check_writable(json_out)  # before the evaluation, not after it
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    split = resolve_split(data_dir, task_list, split)  # no data: fail before loading a model
     encoder = Encoder(model, intra_op_threads=threads)
     encode = functools.partial(encoder.encode, batch_size=batch_size)
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     result = evaluate(encode, data_dir, task_list, split)
     click.echo(format_table(result))
     payload = {"model": str(model), **result.to_json()}
@@ -295,8 +300,18 @@ def evaluate_cmd(
             + ", ".join(f"{k} {v:.2f}" for k, v in payload["retrieval"].items() if k != "queries")
         )
     if json_out:
+        body = strict_json(payload, json_out)
         with atomic_file(json_out, "w") as fh:
-            json.dump(payload, fh, indent=2)
+            fh.write(body)
+
+
+def strict_json(payload: dict, path: Path) -> str:
+    """JSON text of `payload`, refusing NaN and Infinity: Python would write them as bare
+    `NaN`, which is not JSON, and every reader of the file after us would choke on it."""
+    try:
+        return json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise DiffcseError(f"{path}: a result is not a finite number; nothing written") from None
 
 
 def _check_writable(path: Path) -> None:

@@ -57,6 +57,13 @@ ALIASES = {
     "SICK": "SICKRelatedness",
 }
 SICK_FILES = {"train": "SICK_train.txt", "dev": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}
+SPLITS = ("train", "dev", "test")
+AUTO_ORDER = ("test", "dev")  # --split auto: the held-out split the data has, test first
+WHERE_DATA = (
+    "SentEval-layout data comes from SentEval's data/downstream/get_transfer_data.bash "
+    "(github.com/facebookresearch/SentEval): STS12-16 and SICK with test sets, STSBenchmark "
+    "with sts-train/dev/test.csv"
+)
 
 
 @dataclass
@@ -67,6 +74,8 @@ class PairSet:
     sents2: list[str]
     gold: np.ndarray
     subset: list[str] = field(default_factory=list)
+    source: str = ""  # the file (or, for STS12-16, the folder) the pairs came from
+    subset_files: dict[str, str] = field(default_factory=dict)  # subset -> its gold file
 
     def __len__(self) -> int:
         return len(self.gold)
@@ -177,10 +186,11 @@ def find_task_dir(data_dir: str | Path, folder: str) -> Path | None:
 
 def load_sts_year(task_dir: Path, subsets: Sequence[str]) -> PairSet:
     """STS12-16: tab-separated sentence pairs and a gold file; blank gold lines dropped."""
-    out = PairSet([], [], np.zeros(0), [])
+    out = PairSet([], [], np.zeros(0), [], source=str(task_dir))
     gold_all: list[float] = []
     for subset in subsets:
         inp, gs = task_dir / f"STS.input.{subset}.txt", task_dir / f"STS.gs.{subset}.txt"
+        out.subset_files[subset] = str(gs)
         pairs, golds = _read_lines(inp), _read_lines(gs)
         if len(pairs) != len(golds):
             raise DataFormatError(
@@ -209,7 +219,7 @@ def load_stsb(task_dir: Path, split: str) -> PairSet:
         gold.append(_score(cols[4], path, lineno))
         s1.append(cols[5])
         s2.append(cols[6])
-    return PairSet(s1, s2, np.asarray(gold, dtype=np.float64))
+    return PairSet(s1, s2, np.asarray(gold, dtype=np.float64), source=str(path))
 
 
 def load_sick(task_dir: Path, split: str) -> PairSet:
@@ -224,7 +234,7 @@ def load_sick(task_dir: Path, split: str) -> PairSet:
         s1.append(cols[1])
         s2.append(cols[2])
         gold.append(_score(cols[3], path, lineno))
-    return PairSet(s1, s2, np.asarray(gold, dtype=np.float64))
+    return PairSet(s1, s2, np.asarray(gold, dtype=np.float64), source=str(path))
 
 
 def canonical_task(name: str) -> str:
@@ -237,7 +247,7 @@ def canonical_task(name: str) -> str:
 def load_task(data_dir: str | Path, task: str, split: str = "test") -> PairSet:
     """Load one task's pairs. STS12-16 only have a test split."""
     task = canonical_task(task)
-    if split not in ("train", "dev", "test"):
+    if split not in SPLITS:
         raise DiffcseError(f"unknown split {split!r}; choose train, dev or test")
     folder = {"STSBenchmark": "STSBenchmark", "SICKRelatedness": "SICK"}.get(task)
     folder = folder or STS_YEARS[task][0]
@@ -279,23 +289,91 @@ def available_tasks(data_dir: str | Path, split: str = "test") -> list[str]:
 # ---------------------------------------------------------------- scoring
 
 
+def _check_defined(gold: np.ndarray, where: str) -> None:
+    """Spearman needs 2 pairs and gold scores that vary: an empty or constant file would
+    score NaN, which used to be printed as "nan", averaged in and written into the JSON."""
+    if len(gold) < 2:
+        n = f"{len(gold)} pair" + ("" if len(gold) == 1 else "s")
+        raise DataFormatError(f"{where}: {n}, at least 2 are needed for a Spearman correlation")
+    if np.all(gold == gold[0]):
+        raise DataFormatError(
+            f"{where}: every gold score is {gold[0]:g}; a correlation with constant scores "
+            "is undefined"
+        )
+
+
+def _check_scores(pairs: PairSet) -> None:
+    """Each subset's gold file, then the whole task, must define a correlation."""
+    names = np.asarray(pairs.subset)
+    for name, gs in pairs.subset_files.items():
+        _check_defined(pairs.gold[names == name] if len(names) else pairs.gold[:0], gs)
+    _check_defined(pairs.gold, pairs.source or "the pairs")
+
+
+def _correlation(sims: np.ndarray, gold: np.ndarray, task: str, where: str) -> float:
+    if np.all(sims == sims[0]):
+        raise DiffcseError(
+            f"{task or 'STS'}: the model gave the same similarity to every pair of {where}; "
+            "a correlation is undefined (is the model's output constant?)"
+        )
+    return 100 * spearman(sims, gold)
+
+
 def score_pairs(encode: EncodeFn, pairs: PairSet, task: str = "") -> TaskScore:
     """Encode each distinct sentence once, then score cosine against gold."""
+    _check_scores(pairs)
     vocab = list(dict.fromkeys(pairs.sents1 + pairs.sents2))
     index = {s: i for i, s in enumerate(vocab)}
     emb = np.asarray(encode(vocab), dtype=np.float32)
     if emb.shape[0] != len(vocab):
         raise DiffcseError(f"encode returned {emb.shape[0]} rows for {len(vocab)} sentences")
+    if not np.isfinite(emb).all():
+        raise DiffcseError(f"{task or 'STS'}: the model returned NaN or infinite embeddings")
     sims = cosine_rows(emb[[index[s] for s in pairs.sents1]], emb[[index[s] for s in pairs.sents2]])
-    result = TaskScore(task, 100 * spearman(sims, pairs.gold), len(pairs))
+    where = pairs.source or "the pairs"
+    result = TaskScore(task, _correlation(sims, pairs.gold, task, where), len(pairs))
     if pairs.subset:
         names = np.asarray(pairs.subset)
         for name in dict.fromkeys(pairs.subset):
             sel = names == name
-            result.subsets[name] = 100 * spearman(sims[sel], pairs.gold[sel])
+            gs = pairs.subset_files.get(name, name)
+            result.subsets[name] = _correlation(sims[sel], pairs.gold[sel], task, gs)
         sizes = np.array([np.sum(names == n) for n in result.subsets])
         result.wmean = float(np.dot(list(result.subsets.values()), sizes) / sizes.sum())
     return result
+
+
+def found_splits(data_dir: str | Path, tasks: Sequence[str] | None = None) -> dict[str, list]:
+    """{split: tasks whose data for it is present}, for the splits that have any."""
+    found = {}
+    for split in SPLITS:
+        present = [t for t in available_tasks(data_dir, split) if not tasks or t in tasks]
+        if present:
+            found[split] = present
+    return found
+
+
+def _no_data(data_dir: str | Path, split: str, tasks: Sequence[str] | None) -> DataFormatError:
+    found = found_splits(data_dir, tasks)
+    listed = "; ".join(f"{s} ({', '.join(ts)})" for s, ts in found.items()) or "nothing"
+    hint = f"pass --split {next(iter(found))}, or get" if found else "get"
+    return DataFormatError(
+        f"{data_dir}: no STS task data found for split {split!r} (found: {listed}); {hint} "
+        f"the data: {WHERE_DATA}"
+    )
+
+
+def resolve_split(data_dir: str | Path, tasks: Sequence[str] | None, split: str) -> str:
+    """`split` itself, or for "auto" the first of test, dev that the data has (for `tasks`,
+    or for any task when None): held-out data, never train, chosen the same way each run."""
+    if split != "auto":
+        return split
+    wanted = [canonical_task(t) for t in tasks] if tasks else None
+    found = found_splits(data_dir, wanted)
+    for candidate in AUTO_ORDER:
+        if candidate in found:
+            return candidate
+    raise _no_data(data_dir, "auto", wanted)
 
 
 def evaluate(
@@ -304,10 +382,12 @@ def evaluate(
     tasks: Sequence[str] | None = None,
     split: str = "test",
 ) -> EvalResult:
-    """Score `encode` on `tasks` (default: every task whose data is present)."""
+    """Score `encode` on `tasks` (default: every task whose data is present) on `split`
+    ("auto": test where the data has it, else dev; the result says which was scored)."""
+    split = resolve_split(data_dir, tasks, split)
     names = [canonical_task(t) for t in tasks] if tasks else available_tasks(data_dir, split)
     if not names:
-        raise DataFormatError(f"{data_dir}: no STS task data found for split {split!r}")
+        raise _no_data(data_dir, split, None)
     scores = {t: score_pairs(encode, load_task(data_dir, t, split), t) for t in names}
     return EvalResult(scores, split)
 
@@ -321,4 +401,6 @@ def format_table(result: EvalResult) -> str:
     rows = [line(heads), "-+-".join("-" * w for w in widths), line(vals)]
     if set(result.scores) != set(TASKS):
         rows.append(f"(split {result.split}; Avg. over {len(result.scores)} of 7 tasks)")
+    else:
+        rows.append(f"(split {result.split})")
     return "\n".join(rows)

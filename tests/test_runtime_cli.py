@@ -135,3 +135,51 @@ def test_search_refuses_another_model(tiny_model_dir, tmp_path):
     (idx / "index.json").write_text(json.dumps(meta))
     res = run(search, ["--index", idx, "-m", tiny_model_dir, "query"])
     assert res.exit_code == 1 and "not the model this index was built with" in res.output
+
+
+def _stsb(folder, split: str, rows) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"sts-{split}.csv").write_text(
+        "".join(f"g\ts\t2012\t{i}\t{g}\t{a}\t{b}\n" for i, (a, b, g) in enumerate(rows))
+    )
+
+
+ROWS = [
+    ("a man is playing a guitar .", "a man plays a guitar .", 4.8),
+    ("a cat is eating an apple .", "the police bought a horse .", 0.2),
+    ("two dogs carries the ball .", "two dogs plays with the ball .", 3.9),
+]
+
+
+def test_eval_on_an_empty_file_is_an_error_and_writes_no_json(tiny_model_dir, tmp_path):
+    _stsb(tmp_path / "STSBenchmark", "test", [])
+    out = tmp_path / "r.json"
+    res = run(evaluate_cmd, ["-m", tiny_model_dir, "--data", tmp_path, "--json", out])
+    assert res.exit_code == 1
+    assert f"{tmp_path / 'STSBenchmark' / 'sts-test.csv'}: 0 pairs" in res.output
+    assert "nan" not in res.output.lower() and not out.exists()
+
+
+def test_eval_defaults_to_the_split_the_data_has(tiny_model_dir, tmp_path):
+    """Issue 24: data with train/dev only (what STS-B users have) is scored on dev, and the
+    table and the JSON both say so."""
+    _stsb(tmp_path / "STSBenchmark", "train", ROWS)
+    _stsb(tmp_path / "STSBenchmark", "dev", ROWS)
+    out = tmp_path / "r.json"
+    res = run(evaluate_cmd, ["-m", tiny_model_dir, "--data", tmp_path, "--json", out])
+    assert res.exit_code == 0, res.output
+    assert "split dev" in res.output
+    assert json.loads(out.read_text())["split"] == "dev"
+
+
+def test_eval_json_is_strict_json(tiny_model_dir, tmp_path, monkeypatch):
+    """Nothing we write is NaN/Infinity (not JSON): the writer refuses it outright."""
+    import diffcse_runtime.sts as sts
+
+    _stsb(tmp_path / "STSBenchmark", "test", ROWS)
+    monkeypatch.setattr(sts, "spearman", lambda x, y: float("nan"))
+    monkeypatch.setattr(sts, "_check_defined", lambda *a, **k: None)
+    out = tmp_path / "r.json"
+    res = run(evaluate_cmd, ["-m", tiny_model_dir, "--data", tmp_path, "--json", out])
+    assert res.exit_code == 1 and not out.exists()
+    assert "not a finite number" in res.output

@@ -158,3 +158,63 @@ def test_real_stsb_and_sick_files_load(sts_data):
 
     score = evaluate(bow, sts_data, ["STSBenchmark"], "dev").scores["STSBenchmark"].spearman
     assert 40 < score < 80
+
+
+# ---------------------------------------------------------------- issue 23 (13), issue 24
+
+
+def _encode_by_hash(texts):
+    rng = {t: np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in texts}
+    return np.stack([rng[t] for t in texts])
+
+
+@pytest.mark.parametrize(
+    "lines, why",
+    [
+        ([], "0 pairs, at least 2 are needed"),
+        (["g\ts\t2012\t0001\t3.0\tone\ttwo"], "1 pair, at least 2 are needed"),
+        ([f"g\ts\t2012\t{i:04d}\t2.5\tl{i}\tr{i}" for i in range(4)], "every gold score is 2.5"),
+    ],
+)
+def test_a_task_without_a_defined_correlation_is_an_error_naming_the_file(senteval, lines, why):
+    path = senteval / "STS" / "STSBenchmark" / "sts-dev.csv"
+    path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(DataFormatError, match=rf"^{path}: .*{why}"):
+        evaluate(_encode_by_hash, senteval, ["STSBenchmark"], "dev")
+
+
+def test_a_constant_sts12_subset_names_its_gold_file(senteval):
+    gs = senteval / "STS" / "STS12-en-test" / "STS.gs.MSRvid.txt"
+    gs.write_text("2\n2\n\n2\n")
+    with pytest.raises(DataFormatError, match=rf"^{gs}: every gold score is 2"):
+        evaluate(_encode_by_hash, senteval, ["STS12"])
+
+
+def test_a_model_giving_every_pair_the_same_similarity_is_an_error(senteval):
+    with pytest.raises(DiffcseError, match="same similarity to every pair"):
+        evaluate(lambda t: np.ones((len(t), 4)), senteval, ["STSBenchmark"], "dev")
+
+
+def test_auto_split_prefers_test_then_dev(senteval, tmp_path):
+    from diffcse_runtime.sts import resolve_split
+
+    assert resolve_split(senteval, None, "auto") == "test"
+    only_dev = tmp_path / "d" / "STSBenchmark"
+    _write(only_dev / "sts-dev.csv", ["g\ts\t2012\t0\t1.0\ta\tb", "g\ts\t2012\t1\t2.0\tc\td"])
+    _write(only_dev / "sts-train.csv", ["g\ts\t2012\t0\t1.0\ta\tb", "g\ts\t2012\t1\t2.0\tc\td"])
+    assert resolve_split(tmp_path / "d", None, "auto") == "dev"
+    result = evaluate(_encode_by_hash, tmp_path / "d", None, "auto")
+    assert result.split == "dev" and result.to_json()["split"] == "dev"
+    assert "split dev" in format_table(result)
+
+
+def test_no_task_data_says_which_splits_exist_and_where_data_comes_from(tmp_path):
+    only_train = tmp_path / "d" / "STSBenchmark"
+    _write(only_train / "sts-train.csv", ["g\ts\t2012\t0\t1.0\ta\tb"])
+    with pytest.raises(DataFormatError) as info:
+        evaluate(_encode_by_hash, tmp_path / "d", None, "test")
+    msg = str(info.value)
+    assert "no STS task data found for split 'test'" in msg
+    assert "found: train (STSBenchmark)" in msg and "SentEval" in msg
+    with pytest.raises(DataFormatError, match="found: nothing"):
+        evaluate(_encode_by_hash, tmp_path / "empty", None, "auto")
