@@ -186,7 +186,8 @@ def test_400_names_the_field(url, offline):
     assert "tokens, over the limit of 128" in err["message"]
     count = int(err["message"].split(" has ")[1].split()[0])
     assert count > 128
-    err = error_of(post(url, {"input": "x", "model": "tiny", "dimensions": 8}), 400)
+    wide = offline.embedding_dim + 1  # 1..embedding_dim are honoured (test_serve_clients)
+    err = error_of(post(url, {"input": "x", "model": "tiny", "dimensions": wide}), 400)
     assert err["param"] == "dimensions"
     assert post(
         url, {"input": "x", "dimensions": offline.embedding_dim, "model": "tiny"}

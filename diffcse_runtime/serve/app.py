@@ -3,7 +3,9 @@
 `create_app({name: Encoder}, ServeSettings())` returns an ASGI app for uvicorn (or any ASGI
 server). Requests are checked here (inputs, model, token limits, key) so every refusal is
 one OpenAI-style error naming the field at fault; accepted texts go to the model's
-`Batcher`, which merges concurrent requests into shared onnxruntime runs.
+`Batcher`, which merges concurrent requests into shared onnxruntime runs. The
+text-embeddings-inference routes (`tei.py`) share the key check, the limits and
+`ServedModel.embed`, the one path from texts to rows.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import os
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
+from diffcse_runtime.conventions import ConventionError, check_dim, truncate_dims
 from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.model_dir import MODEL_FILE
 from diffcse_runtime.serve.batching import Batcher, BatchSettings, QueueFull
@@ -41,6 +44,14 @@ from diffcse_runtime.serve.schemas import (
 
 INLINE_CHARS = 16_384  # requests with more text are tokenized off the event loop
 PATHS = {"/v1/embeddings", "/v1/models", "/health", "/ready", "/metrics"}
+OPENAI_REMEDY = "shorten it, or start the server with --truncate"
+# LangChain's OpenAIEmbeddings sends tiktoken ids by default: OpenAI's token numbering, which
+# means nothing to this model's tokenizer
+TOKEN_ARRAY_HINT = (
+    "this server embeds text only, and token ids from another tokenizer (tiktoken's) would "
+    "be meaningless to its model; send strings (LangChain: "
+    "OpenAIEmbeddings(..., check_embedding_ctx_length=False))"
+)
 
 
 @dataclass
@@ -78,20 +89,86 @@ class TokenCounter:
         return lengths, over
 
 
+@dataclass
+class Embedded:
+    """One request's texts as the model read them: raw rows, tokens read, indices cut."""
+
+    rows: np.ndarray
+    lengths: list[int]
+    truncated: list[int]
+
+    def headers(self) -> dict[str, str] | None:
+        return {"X-Diffcse-Truncated": str(len(self.truncated))} if self.truncated else None
+
+
 class ServedModel:
     """One model under its name: encoder, token counter and batcher."""
 
     def __init__(self, name: str, encoder: Encoder, settings: ServeSettings, metrics) -> None:
         self.name = name
         self.encoder = encoder
+        self.settings = settings
+        self.metrics = metrics
         self.counter = TokenCounter(encoder)
-        self.batcher = Batcher(name, encoder, settings.batch, metrics)
+        # Rows leave the workers raw and each route normalises (or not) after any cut to
+        # `dimensions`: the TEI route lets a request choose, and it costs one division per row
+        self.batcher = Batcher(name, encoder, replace(settings.batch, normalize=False), metrics)
+        # the graph itself may end in a Normalize module
+        self.normalized = settings.batch.normalize or encoder.meta.normalized
         self.card = ModelCard(
             id=name,
             created=int(os.path.getmtime(encoder.path / MODEL_FILE)),
             embedding_dim=encoder.embedding_dim,
             max_input_tokens=encoder.max_seq_length,
         )
+
+    async def embed(
+        self,
+        texts: list[str],
+        request: Request,
+        *,
+        truncate: bool,
+        single: bool,
+        field: str = "input",
+        remedy: str = OPENAI_REMEDY,
+    ) -> Embedded:
+        """The one path from checked texts to rows, for every route: count tokens, refuse
+        (or cut and report) texts over the limit, queue on the Batcher, count metrics.
+
+        `field`, `single` and `remedy` only word the refusal for the route's own schema.
+        """
+        if sum(map(len, texts)) > INLINE_CHARS:
+            lengths, over = await asyncio.to_thread(self.counter.count, texts)
+        else:
+            lengths, over = self.counter.count(texts)
+        truncated = _check_lengths(self, over, truncate, _where(field, single), remedy)
+        request.state.log = {"model": self.name, "inputs": len(texts), "tokens": sum(lengths)}
+        self.metrics.in_flight.inc()
+        try:
+            rows = await self.batcher.embed(texts, lengths)
+        except QueueFull:
+            retry = self.settings.retry_after_s
+            raise ApiError(
+                503,
+                f"the queue of model {self.name!r} is full; retry after {retry} s",
+                type="server_error",
+                code="queue_full",
+                headers={"Retry-After": str(retry)},
+            ) from None
+        finally:
+            self.metrics.in_flight.dec()
+        self.metrics.inputs.labels(self.name).inc(len(texts))
+        self.metrics.tokens.labels(self.name).inc(sum(lengths))
+        if truncated:
+            self.metrics.truncated.labels(self.name).inc(len(truncated))
+            request.state.log["truncated"] = len(truncated)
+        return Embedded(rows, lengths, truncated)
+
+    def finish(self, rows: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
+        """Raw rows cut to `dimensions` (if given), then made unit length if `normalize`."""
+        if dimensions is None and not normalize:
+            return rows
+        return truncate_dims(rows, dimensions or self.encoder.embedding_dim, normalize)
 
 
 def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = None) -> FastAPI:
@@ -119,10 +196,16 @@ def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = N
     app.state.metrics = metrics
     app.state.models = served
     _install_error_handlers(app)
-    app.add_middleware(
-        RequestGate, metrics=metrics, max_body_bytes=settings.max_body_bytes, paths=PATHS
-    )
     authorized = Depends(_key_check(settings.api_keys))
+    from diffcse_runtime.serve import tei  # it builds on this module's checks
+
+    app.include_router(tei.router(served, settings, authorized))
+    app.add_middleware(
+        RequestGate,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        paths=PATHS | tei.paths(served),
+    )
     errors: dict[int | str, dict[str, Any]] = {
         s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 503)
     }
@@ -138,35 +221,13 @@ def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = N
         body = _parse_body(await request.body())
         model = _pick_model(served, body.model)
         texts, single = _check_inputs(body.input, settings.max_inputs)
-        _check_dimensions(model, body.dimensions)
-        if sum(map(len, texts)) > INLINE_CHARS:
-            lengths, over = await asyncio.to_thread(model.counter.count, texts)
-        else:
-            lengths, over = model.counter.count(texts)
-        truncated = _check_lengths(model, over, settings.truncate, single)
-        request.state.log = {"model": model.name, "inputs": len(texts), "tokens": sum(lengths)}
-        metrics.in_flight.inc()
-        try:
-            rows = await model.batcher.embed(texts, lengths)
-        except QueueFull:
-            raise ApiError(
-                503,
-                f"the queue of model {model.name!r} is full; retry after "
-                f"{settings.retry_after_s} s",
-                type="server_error",
-                code="queue_full",
-                headers={"Retry-After": str(settings.retry_after_s)},
-            ) from None
-        finally:
-            metrics.in_flight.dec()
-        metrics.inputs.labels(model.name).inc(len(texts))
-        metrics.tokens.labels(model.name).inc(sum(lengths))
-        if truncated:
-            metrics.truncated.labels(model.name).inc(len(truncated))
-            request.state.log["truncated"] = len(truncated)
-        headers = {"X-Diffcse-Truncated": str(len(truncated))} if truncated else None
-        payload = render_embeddings(rows, body.encoding_format, model.name, lengths, truncated)
-        return Response(payload, media_type="application/json", headers=headers)
+        dimensions = check_dimensions(model, body.dimensions)
+        out = await model.embed(texts, request, truncate=settings.truncate, single=single)
+        rows = model.finish(out.rows, dimensions, model.normalized)
+        payload = render_embeddings(
+            rows, body.encoding_format, model.name, out.lengths, out.truncated
+        )
+        return Response(payload, media_type="application/json", headers=out.headers())
 
     @app.get("/v1/models", response_model=ModelList, responses={401: errors[401]})
     async def list_models(_: None = authorized) -> ModelList:
@@ -245,53 +306,66 @@ def _pick_model(served: Mapping[str, ServedModel], name: str | None) -> ServedMo
     return served[name]
 
 
-def _check_inputs(value: str | list[Any], max_inputs: int) -> tuple[list[str], bool]:
-    """The texts of `input`, or a 400/413 naming the item at fault."""
+def _check_inputs(
+    value: str | list[Any],
+    max_inputs: int,
+    field: str = "input",
+    token_hint: str = TOKEN_ARRAY_HINT,
+) -> tuple[list[str], bool]:
+    """The texts of `field`, or a 400/413 naming the item at fault."""
     if isinstance(value, str):
         if not value:
-            raise ApiError(400, "input is an empty string", param="input")
+            raise ApiError(400, f"{field} is an empty string", param=field)
         return [value], True
     if not value:
-        raise ApiError(400, "input is an empty list; send at least one string", param="input")
+        raise ApiError(400, f"{field} is an empty list; send at least one string", param=field)
     if len(value) > max_inputs:
         raise ApiError(
             413,
-            f"input has {len(value)} items, over this server's limit of {max_inputs} per "
+            f"{field} has {len(value)} items, over this server's limit of {max_inputs} per "
             "request; split it",
-            param="input",
+            param=field,
             code="too_many_inputs",
         )
+    if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        raise ApiError(400, f"{field} is a token array; {token_hint}", param=field)
     for i, item in enumerate(value):
+        where = f"{field}[{i}]"
         if not isinstance(item, str):
-            kind = "a token array" if isinstance(item, (int, list)) else type(item).__name__
-            raise ApiError(400, f"input[{i}] is {kind}, expected a string", param=f"input[{i}]")
+            if isinstance(item, list):
+                raise ApiError(400, f"{where} is a token array; {token_hint}", param=where)
+            raise ApiError(400, f"{where} is {type(item).__name__}, expected a string", param=where)
         if not item:
-            raise ApiError(400, f"input[{i}] is an empty string", param=f"input[{i}]")
+            raise ApiError(400, f"{where} is an empty string", param=where)
     return list(value), False
 
 
-def _check_dimensions(model: ServedModel, dimensions: int | None) -> None:
-    if dimensions is not None and dimensions != model.encoder.embedding_dim:
-        raise ApiError(
-            400,
-            f"dimensions={dimensions} is not supported: model {model.name!r} gives "
-            f"{model.encoder.embedding_dim}-dimensional embeddings and cannot shorten them",
-            param="dimensions",
-        )
+def check_dimensions(model: ServedModel, dimensions: int | None) -> int | None:
+    """`dimensions` as a width to cut to (None: the whole vector), or a 400 naming it."""
+    if dimensions is None:
+        return None
+    try:
+        return check_dim(dimensions, model.encoder.embedding_dim, "dimensions")
+    except ConventionError as exc:
+        raise ApiError(400, f"{exc} (model {model.name!r})", param="dimensions") from None
+
+
+def _where(field: str, single: bool):
+    """How a refusal names input i: the field alone for a single string, else field[i]."""
+    return lambda i: field if single else f"{field}[{i}]"
 
 
 def _check_lengths(
-    model: ServedModel, over: dict[int, int], truncate: bool, single: bool
+    model: ServedModel, over: dict[int, int], truncate: bool, where, remedy: str
 ) -> list[int]:
     """Indices of the inputs the model will cut; a 400 for the first one if not allowed."""
     if over and not truncate:
         i = min(over)
-        where = "input" if single else f"input[{i}]"
         raise ApiError(
             400,
-            f"{where} has {over[i]} tokens, over the limit of {model.counter.limit} of model "
-            f"{model.name!r}; shorten it, or start the server with --truncate",
-            param=where,
+            f"{where(i)} has {over[i]} tokens, over the limit of {model.counter.limit} of model "
+            f"{model.name!r}; {remedy}",
+            param=where(i),
             code="context_length_exceeded",
         )
     return sorted(over)

@@ -29,7 +29,9 @@ class EmbeddingRequest(BaseModel):
         description="float: JSON numbers; base64: little-endian float32 bytes, base64-encoded.",
     )
     dimensions: int | None = Field(
-        default=None, description="Accepted only when equal to the model's embedding size."
+        default=None,
+        description="Keep the first N dimensions (1 to the model's embedding size), "
+        "renormalised to unit length when the server normalises.",
     )
     user: str | None = Field(default=None, description="Accepted and ignored (never logged).")
 
