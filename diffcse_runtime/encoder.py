@@ -49,7 +49,7 @@ EMBED_CHUNK_SIZE = 8192  # texts read, tokenized and held at once by Encoder.emb
 _announced: set[str] = set()
 # onnxruntime's CPU SkipLayerNormalization kernel measured ~1.2x slower end to end than the
 # Add + LayerNormalization it replaces in the dynamically quantized graph (both math-equal;
-# benchmarks/README.md, "Where encoding time goes"), and no faster in fp32: int8 keeps both.
+# benchmarks/notes/runtime.md), and no faster in fp32: int8 keeps both.
 CPU_DISABLED_FUSIONS = {"int8": ["SkipLayerNormFusion"]}
 # Texts up to CUT_CHARS_PER_TOKEN * max_seq_length characters are tokenized whole (English
 # averages ~4-5 characters per WordPiece/BPE token, so a text that fills the model is cut at

@@ -3,8 +3,8 @@
 onnxruntime parallelises one batch over intra-op threads, and for the small matrices of a
 sentence encoder a second thread measured 1.5x, not 2x; the threads meet at every operator.
 Separate processes, each with one session and its own share of the cores, encode
-independent chunks instead and never wait for one another (benchmarks/README.md,
-"Processes or threads", has the figures behind `default_layout`).
+independent chunks instead and never wait for one another (benchmarks/notes/runtime.md
+has the figures behind `default_layout`).
 
 Chunks go to the workers through a `ProcessPoolExecutor` with at most two chunks in flight
 per worker, so reading a file of any size stays bounded in memory, and results come back in

@@ -83,7 +83,7 @@ class TrainConfig:
     pooling: str = "auto"
     condition_on: str = "projector"  # D is conditioned on the projector output or the pooled f
     projector_init: str = "normal"  # normal: N(0, initializer_range) as the official code; pytorch
-    # the official code's details (each measured in benchmarks/README.md, "Quality"):
+    # the official code's details (each measured in benchmarks/notes/quality-and-training.md):
     generator_train_mode: bool = True  # G's dropout on while training (still frozen, no grad)
     rtd_loss_over_padding: bool = True  # RTD loss averages over padding too, as label "kept"
     gather_negatives: bool = True  # under torchrun: every rank's sentences are negatives

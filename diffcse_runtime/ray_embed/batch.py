@@ -64,7 +64,7 @@ class TextEmbedder:
     Batches may be pyarrow Tables (the output column is then `fixed_size_list<float>[d]`),
     pandas DataFrames or dicts of numpy arrays (then an (n, d) float32 array). Give every
     actor `intra_op_threads` equal to its `num_cpus`: one thread per reserved core is what
-    the benchmarks measured as the best use of a core (benchmarks/README.md).
+    the benchmarks measured as the best use of a core (benchmarks/notes/runtime.md).
     """
 
     def __init__(

@@ -187,8 +187,7 @@ class Batcher:
         """Tokens for the next batch: what waits, up to max_batch_tokens, for the last idle
         worker; with several idle, an equal share each. Without the share, 8 lone requests
         on 8 idle workers went to one worker as one batch while 7 sat idle (16 cores, c=8:
-        0.70x the unbatched server; benchmarks/README.md, "Serving: cutting batches into
-        runs, and 16 cores")."""
+        0.70x the unbatched server; benchmarks/notes/serving.md)."""
         budget = self.settings.max_batch_tokens
         if self._idle > 1 and self.settings.merge:
             budget = min(budget, -(-self._waiting_tokens() // self._idle))

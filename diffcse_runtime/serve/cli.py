@@ -44,8 +44,8 @@ def worker_layout(workers: int | None, threads: int | None) -> tuple[int, int]:
     """(workers, threads per run): by default runs of up to THREADS_PER_RUN threads filling
     the cores.
 
-    Measured with wrk, 1-sentence requests (benchmarks/README.md, "Serving: cutting batches
-    into runs, and 16 cores"): a small batch does not spread over many threads. On 16 cores
+    Measured with wrk, 1-sentence requests (benchmarks/notes/serving.md): a small batch
+    does not spread over many threads. On 16 cores
     one 16-thread run served 527 sentences/s at 64 clients, four 4-thread runs 895-1,097 and
     eight 2-thread runs 1,132-1,308, while a lone request took p99 6.0, 6.6-7.0 and 7.6-8.1
     ms. Four threads cost a lone request under 1 ms at p99 and about double the throughput;

@@ -7,8 +7,7 @@ short ones cost 60 tokens each); one run per length pays the fixed price over an
 `plan_runs` finds the cheapest split of the length-sorted batch exactly, by dynamic
 programming, and `measure_overhead` prices the fixed part for the served model and threads
 once, at start-up, because it differs by model size and thread count (19-27 tokens for
-MiniLM-L6 on 2 threads: benchmarks/README.md, "Serving: cutting batches into runs, and 16
-cores").
+MiniLM-L6 on 2 threads: benchmarks/notes/serving.md).
 """
 
 from __future__ import annotations
