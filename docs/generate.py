@@ -260,7 +260,7 @@ BENCHES = [
         "encode.py",
         "PyTorch vs sentence-transformers (ONNX, int8) vs diffcse_runtime fp32 / optimized / "
         "int8, and each one's STS-B dev score",
-        "python benchmarks/encode.py --repeats 5",
+        "python -m benchmarks.encode --repeats 5",
         lambda: encode_tables("encode.json", 1) + "\n\n" + encode_tables("encode_2threads.json", 2),
         "runtime.md",
     ),
@@ -268,7 +268,7 @@ BENCHES = [
         "Cold start",
         "cold_start.py",
         "wall time and peak RSS of a fresh process embedding one text",
-        "python benchmarks/cold_start.py",
+        "python -m benchmarks.cold_start",
         rows_table(
             "cold_start.json",
             ["contender", "wall s", "peak RSS MiB", "wall / torch", "RSS / torch"],
@@ -279,7 +279,7 @@ BENCHES = [
         "Install footprint",
         "footprint.py",
         "disk size of a fresh venv: base install vs train extra",
-        "python benchmarks/footprint.py",
+        "python -m benchmarks.footprint",
         rows_table("footprint.json", ["venv", "MiB", "packages MiB"]),
         "runtime.md",
     ),
@@ -287,7 +287,7 @@ BENCHES = [
         "Where encoding time goes",
         "profile_encoder.py",
         "tokenize / session.run / rest of Encoder.encode",
-        "python benchmarks/profile_encoder.py",
+        "python -m benchmarks.profile_encoder",
         rows_table(
             "profile_encoder.json",
             ["variant", "texts", "batch", "total_s", "tokenize_%", "session_run_%", "other_%"],
@@ -299,7 +299,7 @@ BENCHES = [
         "Processes or threads",
         "processes.py",
         "one process with every core as threads vs one single-thread process per core",
-        "python benchmarks/processes.py",
+        "python -m benchmarks.processes",
         rows_table(
             "processes.json",
             ["layout", "processes", "threads_each", "sent_per_s", "speed_vs_1x2", "startup_s"],
@@ -310,7 +310,7 @@ BENCHES = [
         "Retrieval at scale",
         "retrieval_scale.py",
         "index build, query latency, recall and memory, numpy exact / faiss / usearch",
-        "python benchmarks/retrieval_scale.py",
+        "python -m benchmarks.retrieval_scale",
         rows_table(
             "retrieval_scale.json",
             [
@@ -331,7 +331,7 @@ BENCHES = [
         "Training step",
         "train_step.py",
         "steps/s and tokens/s of the trainer's DiffCSE step",
-        "python benchmarks/train_step.py",
+        "python -m benchmarks.train_step",
         rows_table(
             "train_step.json", ["device", "size", "variant", "steps/s", "tokens/s", "step ms"]
         ),
@@ -341,7 +341,7 @@ BENCHES = [
         "The method's effect (CPU)",
         "quality.py",
         "SimCSE vs DiffCSE from the same start, scored through exported ONNX models",
-        "python benchmarks/quality.py",
+        "python -m benchmarks.quality",
         quality_tables,
         "quality-and-training.md",
     ),
@@ -358,7 +358,7 @@ BENCHES = [
         "scale.py",
         "whole embedding jobs file to file: diffcse-embed 1 process and --processes 2 vs "
         "diffcse-embed-ray with 1 and 2 actors",
-        "python benchmarks/scale.py --n 100000",
+        "python -m benchmarks.scale --n 100000",
         lambda: scale_table("scale_100k.json"),
         "scale-out.md",
     ),
@@ -367,7 +367,7 @@ BENCHES = [
         "serve.py",
         "diffcse-serve throughput and p50/p99 at concurrency 1/8/64: batched vs --no-batching "
         "vs offline Encoder.encode (and infinity-emb)",
-        "python benchmarks/serve.py --model DIR --client wrk",
+        "python -m benchmarks.serve --model DIR --client wrk",
         serve_tables,
         "serving.md",
     ),
@@ -375,7 +375,7 @@ BENCHES = [
         "Server worker layouts",
         "serve_layout.py",
         "workers x threads against each other: c=64 throughput and a lone client's latency",
-        "python benchmarks/serve_layout.py",
+        "python -m benchmarks.serve_layout",
         layout_tables,
         "serving.md",
     ),
@@ -383,7 +383,7 @@ BENCHES = [
         "Run plan",
         "run_plan.py",
         "how the server cuts a batch into onnxruntime runs, session time only",
-        "python benchmarks/run_plan.py",
+        "python -m benchmarks.run_plan",
         rows_table(
             "run_plan.json",
             ["contender", "sent/s", "x offline", "texts per run", "padded per real"],
@@ -427,6 +427,34 @@ def benchmarks_page(notes_link: Callable[[str], str], results_prefix: str) -> st
 # ---------------------------------------------------------------- TrainConfig reference
 
 
+SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def as_yaml(value: ast.expr) -> str:
+    """A default as a config file writes it: true, null, 7e-06, a bare string."""
+    try:
+        literal = ast.literal_eval(value)
+    except ValueError:
+        return ast.unparse(value)
+    if isinstance(literal, bool):
+        return "true" if literal else "false"
+    if literal is None:
+        return "null"
+    if isinstance(literal, str):
+        return literal or '""'
+    return str(literal)
+
+
+def default_and_range(value: ast.expr | None) -> tuple[str, str]:
+    """A field's default and declared range: `bounded(32, ge=1)` gives ("32", ">= 1")."""
+    if value is None:
+        return "", ""
+    if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "bounded":
+        ends = [f"{SIGNS[k.arg]} {ast.unparse(k.value)}" for k in value.keywords if k.arg in SIGNS]
+        return as_yaml(value.args[0]), " and ".join(ends)
+    return as_yaml(value), ""
+
+
 def train_config_rows() -> list[dict]:
     """Each TrainConfig field with its section, type, default and comments, from the source."""
     path = ROOT / "diffcse_train" / "config.py"
@@ -448,12 +476,14 @@ def train_config_rows() -> list[dict]:
                 comment.append(text.lstrip("# ").strip())
         line = lines[node.lineno - 1]
         inline = line.split("#", 1)[1].strip() if "#" in line.split("=", 1)[-1] else ""
+        default, valid = default_and_range(node.value)
         rows.append(
             {
                 "section": section,
                 "key": node.target.id,
                 "type": ast.unparse(node.annotation),
-                "default": ast.unparse(node.value) if node.value else "",
+                "default": default,
+                "range": valid,
                 "doc": " ".join([*comment, inline]).strip(),
             }
         )
@@ -476,12 +506,12 @@ def train_config_page() -> str:
             section = row["section"]
             parts.append(
                 f"## {section.capitalize() or 'Keys'}\n\n"
-                "| key | type | default | meaning |\n|---|---|---|---|"
+                "| key | type | default | range | meaning |\n|---|---|---|---|---|"
             )
         doc = row["doc"].replace("|", "\\|")
         parts[-1] += (
-            f"\n| `{row['key']}` | `{row['type'].replace('|', '&#124;')}` "
-            f"| `{row['default']}` | {doc} |"
+            f"\n| `{row['key']}` | `{row['type'].replace(' | ', ' or ')}` "
+            f"| `{row['default']}` | {row['range'] or '-'} | {doc} |"
         )
     return "\n\n".join(parts) + "\n"
 
