@@ -1,8 +1,8 @@
 """Shared helpers of the benchmark scripts: machine description, data, tables, JSON, stats.
 
-Every script in benchmarks/ imports this module (it sits beside them, so `import benchlib`
-works when a script is run as `python benchmarks/NAME.py`). It imports neither torch nor
-transformers: the cold-start and footprint benchmarks must not pay for them.
+Every benchmark imports it as `from benchmarks import benchlib` and runs from the repository
+root as `python -m benchmarks.NAME`. It imports neither torch nor transformers: the
+cold-start and footprint benchmarks must not pay for them.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark shares."""
     p = argparse.ArgumentParser(
-        prog=f"benchmarks/{name}.py",
+        prog=f"python -m benchmarks.{name}",
         description=(doc or "").strip().splitlines()[0] if doc else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

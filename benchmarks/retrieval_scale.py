@@ -13,8 +13,8 @@ round-robin when they fit in --max-gb; otherwise one after another (noted in the
 usearch's HNSW build is slow on 2 cores (~3 ms per vector), so it runs up to
 --usearch-max-n vectors only (default 10,000).
 
-Run: .venv/bin/python benchmarks/retrieval_scale.py
-     .venv/bin/python benchmarks/retrieval_scale.py --sizes 10000 --dims 384   (smoke)
+Run: python -m benchmarks.retrieval_scale
+     python -m benchmarks.retrieval_scale --sizes 10000 --dims 384   (smoke)
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-import benchlib
 import numpy as np
+
+from benchmarks import benchlib
 
 K = 10
 
@@ -159,9 +160,10 @@ def main() -> None:
     for n in map(int, args.sizes.split(",")):
         for dim in map(int, args.dims.split(",")):
             here = [b for b in backends if b != "usearch" or n <= args.usearch_max_n]
-            cmd = [sys.executable, __file__, "--child", f"{n}x{dim}", "--backends", ",".join(here)]
+            cmd = [sys.executable, "-m", "benchmarks.retrieval_scale", "--child", f"{n}x{dim}"]
+            cmd += ["--backends", ",".join(here)]
             cmd += ["--repeats", str(args.repeats), "--max-gb", str(args.max_gb)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=benchlib.ROOT)
             if proc.returncode != 0:
                 tail = proc.stderr.strip().splitlines()[-1:] or ["killed"]
                 print(f"  {n}x{dim}: failed ({tail[0]})", file=sys.stderr)

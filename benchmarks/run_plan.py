@@ -8,7 +8,7 @@ the run only if it is at least half as long as the run's first text, MIN_FILL = 
 Offline is `encode(768 sentences, batch_size=64)`, the ceiling `serve.py` quotes. Contenders
 are interleaved, rounds rotate their order, and the table holds medians over rounds.
 
-    python benchmarks/run_plan.py [--threads 2] [--rounds 5] [--sizes 8,24,32,64]
+    python -m benchmarks.run_plan [--threads 2] [--rounds 5] [--sizes 8,24,32,64]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-import benchlib
+from benchmarks import benchlib
 
 MIN_FILL = 0.5
 
@@ -47,7 +47,7 @@ def main() -> None:
     from diffcse_runtime.serve.run_plan import measure_overhead, plan_runs
 
     if args.model is None:
-        import models
+        from benchmarks import models
 
         args.model = models.minilm_variant("fp32")
     texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
@@ -106,5 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     benchlib.run_main(main)

@@ -15,7 +15,7 @@ planning and actor start with model load for Ray. Goals (issue 14): Ray's overhe
 against the single process at equal cores (ray 1a vs embed 1p x 1t), 2 actors >= 1.7x 1 actor.
 The 1B-sentence extrapolation uses the measured Ray rate per core.
 
-    python benchmarks/scale.py --model /tmp/ray-minilm --n 100000 --rounds 3
+    python -m benchmarks.scale --model /tmp/ray-minilm --n 100000 --rounds 3
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-import benchlib
+from benchmarks import benchlib
 
 ROOT = benchlib.ROOT
 CONTENDERS = ["embed 1p x 1t", "embed 1p x 2t", "embed 2p x 1t", "ray 1a x 1t", "ray 2a x 1t"]

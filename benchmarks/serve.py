@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-import benchlib
 import numpy as np
 
+from benchmarks import benchlib
 from diffcse_runtime.parallel import usable_cpus
 
 CONCURRENCY = [1, 8, 64]
@@ -293,7 +293,7 @@ def main() -> None:
     from diffcse_runtime import Encoder
 
     if args.model is None:
-        import models
+        from benchmarks import models
 
         args.model = models.minilm_variant("fp32")
     texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
@@ -477,5 +477,4 @@ def report(args, info, runs) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     benchlib.run_main(main)

@@ -1,7 +1,7 @@
 """Serving layouts A/B: workers x threads per worker (and the unbatched server on every core),
 each in a fresh diffcse-serve, interleaved rounds of wrk load with 1-sentence requests.
 
-    python benchmarks/serve_layout.py [--model DIR] [--rounds 3] [--concurrency 64]
+    python -m benchmarks.serve_layout [--model DIR] [--rounds 3] [--concurrency 64]
         [--layouts 1x2,2x1]     # WORKERSxTHREADS; default: the 2-core A/B of README
 """
 
@@ -12,9 +12,7 @@ import statistics
 import sys
 from pathlib import Path
 
-import benchlib
-import serve
-
+from benchmarks import benchlib, serve
 from diffcse_runtime.parallel import usable_cpus
 
 
@@ -41,7 +39,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise benchlib.BenchSkip("wrk is not installed (apt-get install wrk)")
     if args.model is None:
-        import models
+        from benchmarks import models
 
         args.model = models.minilm_variant("fp32")
     texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
@@ -91,5 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     benchlib.run_main(main)

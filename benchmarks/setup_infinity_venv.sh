@@ -8,7 +8,7 @@
 #
 # Usage: bash benchmarks/setup_infinity_venv.sh [VENV_DIR] [MODEL_DIR]
 #        (default benchmarks/.venv-infinity and benchmarks/.cache/infinity-minilm)
-# then:  .venv/bin/python benchmarks/serve.py --client wrk \
+# then:  .venv/bin/python -m benchmarks.serve --client wrk \
 #          --infinity-venv benchmarks/.venv-infinity --infinity-model benchmarks/.cache/infinity-minilm
 set -euo pipefail
 cd "$(dirname "$0")/.."

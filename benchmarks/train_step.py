@@ -19,8 +19,8 @@ paper's 2 epochs over 1M sentences (31,250 steps) is printed beside the paper's 
 one 2080Ti.
 
 Variants run round-robin (a few steps each per round) after warm-up; medians reported.
-Run: .venv/bin/python benchmarks/train_step.py
-     .venv/bin/python benchmarks/train_step.py --steps 2 --rounds 2      (smoke)
+Run: python -m benchmarks.train_step
+     python -m benchmarks.train_step --steps 2 --rounds 2      (smoke)
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import benchlib
-from benchlib import ROOT, BenchSkip
+from benchmarks import benchlib
+from benchmarks.benchlib import ROOT, BenchSkip
 
 PAPER_STEPS = 31_250  # 2 epochs x 1M sentences / batch 64
 PAPER_HOURS = (3.0, 6.0)  # DiffCSE paper, one 2080Ti

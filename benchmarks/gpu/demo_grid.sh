@@ -15,7 +15,7 @@ COMMON=(--device $DEV --score trainer --generator /tmp/gen --data .gpu/sts --ste
   --jobs 3 --set model_name_or_path=/tmp/minilm --set fit_generator=false)
 variant() {  # name, runs, extra --set overrides
   local name=$1 runs=$2; shift 2
-  timeout $(( $(left) - 5 )) $PY benchmarks/quality.py "${COMMON[@]}" --runs "$runs" "$@" \
+  timeout $(( $(left) - 5 )) $PY -m benchmarks.quality "${COMMON[@]}" --runs "$runs" "$@" \
     --deadline $(( $(left) - 60 )) --work /tmp/q-$name --out "$OUT/demo_$name.json" \
     > "$OUT/demo_$name.log" 2>&1 &
 }

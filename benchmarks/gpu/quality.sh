@@ -63,7 +63,7 @@ COMMON=(--device $DEV --score trainer --generator /tmp/gen-$BEST --data .gpu/sts
   --set model_name_or_path=/tmp/minilm --set train_file=$CORPUS --set fit_generator=false)
 # 2. the objectives at scale: one pass over the corpus at batch 64 (553 steps), bf16
 # autocast, fp32 evaluation every 50 steps; 3 seeds; lambda sweep
-timeout $(( $(left) - 5 )) $PY benchmarks/quality.py "${COMMON[@]}" --steps $S1 --batch-size 64 \
+timeout $(( $(left) - 5 )) $PY -m benchmarks.quality "${COMMON[@]}" --steps $S1 --batch-size 64 \
   --learning-rate 3e-5 --eval-steps $E1 --precision bf16 --seeds 42,43,44 --runs $RUNS --sweep "$SWEEP" \
   --jobs 6 --deadline $(( $(left) - 150 )) --work /tmp/q-scale --out "$OUT/quality_scale.json" \
   > "$OUT/quality_scale.log" 2>&1 &
@@ -71,7 +71,7 @@ timeout $(( $(left) - 5 )) $PY benchmarks/quality.py "${COMMON[@]}" --steps $S1 
 for lr in 3e-5 1e-5; do
   runs=diffcse-mlm; [ $lr = 3e-5 ] && runs=$RUNS
   [ -z "$BEST" ] && [ $lr != 3e-5 ] && continue
-  timeout $(( $(left) - 5 )) $PY benchmarks/quality.py "${COMMON[@]}" --steps $S2 --batch-size 32 \
+  timeout $(( $(left) - 5 )) $PY -m benchmarks.quality "${COMMON[@]}" --steps $S2 --batch-size 32 \
     --learning-rate $lr --eval-steps $E2 --precision fp32 --seeds 42,43,44 --runs $runs \
     --jobs 2 --deadline $(( $(left) - 90 )) --work /tmp/q-demo-$lr --out "$OUT/quality_demo_$lr.json" \
     > "$OUT/quality_demo_$lr.log" 2>&1 &

@@ -20,10 +20,10 @@ CLIENT=wrk; wrk --version >/dev/null 2>&1 || [ $? -eq 1 ] || CLIENT=httpx  # wrk
 echo "client: $CLIENT" | tee -a "$RES/machine.txt"
 ROUNDS=${ROUNDS:-3}; SECS=${SECS:-4}; LROUNDS=2; LSECS=6  # LAYOUTS=none: serve.py only
 [ "${QUICK:-0}" = 1 ] && { ROUNDS=1; SECS=1; LROUNDS=1; LSECS=1; }
-timeout 260 $PY benchmarks/serve.py --model /tmp/minilm-onnx --data .serve/sts --client $CLIENT \
+timeout 260 $PY -m benchmarks.serve --model /tmp/minilm-onnx --data .serve/sts --client $CLIENT \
   --shapes 1-sentence --rounds $ROUNDS --seconds $SECS --out "$RES/serve-cores.json" 2>&1 | tail -12
 C=$(nproc)
 [ "${LAYOUTS:-}" = none ] && exit 0
-timeout 220 $PY benchmarks/serve_layout.py --model /tmp/minilm-onnx --data .serve/sts \
+timeout 220 $PY -m benchmarks.serve_layout --model /tmp/minilm-onnx --data .serve/sts \
   --layouts "${LAYOUTS:-1x$C,2x$((C / 2)),4x$((C / 4)),8x$((C / 8))}" --rounds $LROUNDS --seconds $LSECS \
   --out "$RES/serve-layout-cores.json" 2>&1 | tail -8
