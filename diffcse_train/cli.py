@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from diffcse_runtime.bounds import click_type
 from diffcse_runtime.errors import DiffcseError, friendly_errors
 from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train.config import DEVICES
@@ -95,13 +96,18 @@ def train_cmd(config_path, overrides, resume, overwrite, quiet):
 _FIT = FitSettings()  # the fit-generator option defaults
 
 
+def _fit_type(name: str):
+    """The option's type from FitSettings' declared range: one place for both."""
+    return click_type(FitSettings, name)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--encoder", required=True, help="HF encoder folder, or builtin:all-MiniLM-L6-v2.")
 @click.option("--corpus", required=True, help="One sentence per line, or builtin:wiki_en.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option(
     "--max-sentences",
-    type=click.IntRange(min=1),
+    type=_fit_type("max_sentences"),
     default=_FIT.max_sentences,
     show_default=True,
     help="Training sentences per epoch (default: all).",
@@ -109,17 +115,17 @@ _FIT = FitSettings()  # the fit-generator option defaults
 @click.option("--all-sentences", is_flag=True, help="Train on every sentence (the default).")
 @click.option(
     "--epochs",
-    type=click.IntRange(min=0),
+    type=_fit_type("epochs"),
     default=_FIT.epochs,
     show_default=True,
     help="AdamW passes over the training sentences after the warm start (0: warm start only).",
 )
-@click.option("--max-steps", type=click.IntRange(min=0), help="Stop AdamW after this many steps.")
+@click.option("--max-steps", type=_fit_type("max_steps"), help="Stop AdamW after this many steps.")
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=_FIT.batch_size, show_default=True
+    "--batch-size", type=_fit_type("batch_size"), default=_FIT.batch_size, show_default=True
 )
 @click.option(
-    "--max-length", type=click.IntRange(min=4), default=_FIT.max_length, show_default=True
+    "--max-length", type=_fit_type("max_length"), default=_FIT.max_length, show_default=True
 )
 @click.option(
     "--warm-start/--no-warm-start",
@@ -127,10 +133,12 @@ _FIT = FitSettings()  # the fit-generator option defaults
     show_default=True,
     help="Initialise a new head by least squares before AdamW.",
 )
-@click.option("--lr", type=float, default=_FIT.lr, show_default=True, help="Head learning rate.")
+@click.option(
+    "--lr", type=_fit_type("lr"), default=_FIT.lr, show_default=True, help="Head learning rate."
+)
 @click.option(
     "--unfreeze-top-k",
-    type=click.IntRange(min=0),
+    type=_fit_type("unfreeze_top_k"),
     default=_FIT.unfreeze_top_k,
     help="Train only the encoder's top k layers and the head (0: the head only, on a frozen "
     "encoder: fast, weak). Default: the whole copy trains (the encoder folder is not touched).",
@@ -144,21 +152,21 @@ _FIT = FitSettings()  # the fit-generator option defaults
 )
 @click.option(
     "--mask-ratio",
-    type=click.FloatRange(min=0.01, max=0.9),
+    type=_fit_type("mask_ratio"),
     default=_FIT.mask_ratio,
     show_default=True,
     help="Fraction of training tokens masked (80% [MASK], 10% random, 10% kept).",
 )
 @click.option(
     "--encoder-lr",
-    type=float,
+    type=_fit_type("encoder_lr"),
     default=_FIT.encoder_lr,
     show_default=True,
     help="Learning rate of the encoder's trainable part.",
 )
 @click.option(
     "--copy-ratio",
-    type=click.FloatRange(min=0, max=1),
+    type=_fit_type("copy_ratio"),
     default=_FIT.copy_ratio,
     show_default=True,
     help="Fraction of unmasked tokens also trained to reproduce themselves (DiffCSE reads "
@@ -166,12 +174,12 @@ _FIT = FitSettings()  # the fit-generator option defaults
 )
 @click.option(
     "--min-accuracy-gain",
-    type=click.FloatRange(min=0),
+    type=_fit_type("min_accuracy_gain"),
     default=_FIT.min_accuracy_gain,
     show_default=True,
     help="Refuse to save unless held-out accuracy beats the unigram baseline by this much.",
 )
-@click.option("--seed", type=int, default=_FIT.seed, show_default=True)
+@click.option("--seed", type=_fit_type("seed"), default=_FIT.seed, show_default=True)
 @click.option(
     "--device",
     type=click.Choice(DEVICES),

@@ -39,6 +39,7 @@ from torch import nn
 
 from diffcse_runtime import builtin
 from diffcse_runtime.atomic import atomic_dir
+from diffcse_runtime.bounds import bounded, check_bounds
 from diffcse_runtime.errors import DataFormatError, DiffcseError, first_line
 from diffcse_runtime.remote_code import refuse_custom_code
 from diffcse_runtime.textio import ERROR_MODES
@@ -72,26 +73,31 @@ class FitSettings:
     """Everything that shapes a fit; the CLI's defaults come from here."""
 
     # The default trains the whole copy, one pass over the corpus (see mlm_fit.py).
-    max_sentences: int | None = None  # training sentences per epoch; None = all
-    epochs: int = 1
-    max_steps: int | None = None  # stop AdamW early; None = all epochs
-    batch_size: int = 64
-    max_length: int = 32
-    unfreeze_top_k: int | None = None  # encoder layers that train: None = all, 0 = head only
-    lr: float = 1e-3  # the head
-    encoder_lr: float = 3e-4  # the encoder's trainable part (1e-4: 27.6% fill; 3e-4: 30.6%)
+    max_sentences: int | None = bounded(None, ge=1)  # training sentences per epoch; None = all
+    epochs: int = bounded(1, ge=0)
+    max_steps: int | None = bounded(None, ge=0)  # stop AdamW early; None = all epochs
+    batch_size: int = bounded(64, ge=1)
+    max_length: int = bounded(32, ge=4)
+    # encoder layers that train: None = all, 0 = head only
+    unfreeze_top_k: int | None = bounded(None, ge=0)
+    lr: float = bounded(1e-3, gt=0, le=1)  # the head
+    # the encoder's trainable part (1e-4: 27.6% fill; 3e-4: 30.6%)
+    encoder_lr: float = bounded(3e-4, gt=0, le=1)
     precision: str = "auto"  # autocast while training: auto (bf16 where native) | bf16 | fp32
     warm_start: bool = True  # least-squares initialisation of a new head
-    warm_start_sentences: int = 2_000  # encoded for it when the encoder trains too
-    mask_ratio: float = 0.15  # of the training tokens, BERT's 80/10/10 rule
+    warm_start_sentences: int = bounded(2_000, ge=1)  # encoded for it when the encoder trains too
+    # of the training tokens, BERT's 80/10/10 rule
+    mask_ratio: float = bounded(0.15, ge=0.01, le=0.9)
     # DiffCSE reads G's argmax at every position, so G must also hand back the tokens it was
     # not asked to fill: this fraction of the unmasked tokens is trained to reproduce itself.
-    copy_ratio: float = 0.1
-    eval_mask_ratio: float = 0.15  # held-out tokens all set to [MASK]: fill-mask accuracy
-    eval_fraction: float = 0.02
-    min_eval_sentences: int = 300
-    min_accuracy_gain: float = 0.01  # absolute; G must beat the unigram baseline by this
-    seed: int = 0
+    copy_ratio: float = bounded(0.1, ge=0, le=1)
+    # held-out tokens all set to [MASK]: fill-mask accuracy
+    eval_mask_ratio: float = bounded(0.15, gt=0, lt=1)
+    eval_fraction: float = bounded(0.02, gt=0, lt=0.5)
+    min_eval_sentences: int = bounded(300, ge=1)
+    # absolute; G must beat the unigram baseline by this
+    min_accuracy_gain: float = bounded(0.01, ge=0, le=1)
+    seed: int = bounded(0, ge=0, lt=2**32)
     errors: str = "strict"  # how to decode bad UTF-8 in the corpus: strict | replace
     device: str = "auto"  # auto (CUDA where present) | cpu | cuda; masks are drawn on the CPU
 
@@ -353,6 +359,10 @@ class Split:
 
 
 def check_settings(s: FitSettings, out, overwrite: bool) -> None:
+    try:  # ranges declared beside each field: NaN and infinities never reach the fit
+        check_bounds(s, lambda name: f"setting {name!r}")
+    except ValueError as exc:
+        raise DiffcseError(str(exc)) from None
     if s.errors not in ERROR_MODES:
         raise DiffcseError(f"errors must be one of {', '.join(ERROR_MODES)}, got {s.errors!r}")
     pick_device(s.device)  # a bad name or a missing GPU fails now, before the corpus is read

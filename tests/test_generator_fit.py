@@ -380,3 +380,36 @@ def test_an_unknown_device_name_is_one_sentence():
 
     with pytest.raises(DiffcseError, match="device must be one of auto, cpu, cuda, got 'gpu'"):
         pick_device("gpu")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--lr", "nan"),
+        ("--encoder-lr", "inf"),
+        ("--mask-ratio", "nan"),
+        ("--copy-ratio", "nan"),
+        ("--min-accuracy-gain", "nan"),
+        ("--seed", "-1"),
+        ("--batch-size", "0"),
+        ("--lr", "-1e-3"),
+    ],
+)
+def test_cli_refuses_non_finite_or_out_of_range_numbers(tmp_path, option, value):
+    """Issue 23, 14: click's FloatRange lets NaN through (NaN compares false); each option's
+    range comes from FitSettings and refuses it in one line naming the option."""
+    args = ["--encoder", "nowhere", "--corpus", "none.txt", "--out", str(tmp_path / "g")]
+    result = CliRunner().invoke(fit_generator_cmd, [*args, option, value])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and option in result.output, result.output
+    assert "nowhere" not in result.output  # refused before anything is loaded
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("lr", float("nan")), ("eval_fraction", 1.5), ("mask_ratio", float("inf"))]
+)
+def test_settings_built_in_code_are_range_checked_naming_the_key(tiny_bert, tmp_path, key, value):
+    settings = FitSettings(**{**FAST, key: value})
+    with pytest.raises(DiffcseError, match=f"'{key}' must be"):
+        fit_generator(str(tiny_bert), "builtin:wiki_en", tmp_path / "g", settings)
+    assert not (tmp_path / "g").exists()
