@@ -12,6 +12,7 @@ import datetime as _dt
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -243,25 +244,113 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
-    """An argument parser with the options every benchmark shares."""
+# ---------------------------------------------------------------- command line
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (rounds, threads, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number above 0")
+    return value
+
+
+VARIANTS = ("fp32", "optimized", "int8")
+# The options several benchmarks take, written once: the name a benchmark asks for, its flag
+# and argparse settings. A benchmark may give its own default (parser(..., rounds=5)).
+COMMON: dict[str, dict[str, Any]] = {
+    "model": dict(
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="exported model directory (default: all-MiniLM-L6-v2 exported to fp32 by "
+        "diffcse-export, cached in benchmarks/.cache)",
+    ),
+    "data": dict(
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"STS data in the SentEval layout (default: {STS_DATA})",
+    ),
+    "rounds": dict(
+        type=positive_int,
+        default=3,
+        help="interleaved rounds, contenders in rotating order; figures are medians over "
+        "rounds (default: %(default)s)",
+    ),
+    "seconds": dict(
+        type=positive_float,
+        default=3.0,
+        help="seconds of load per cell and round (default: %(default)s)",
+    ),
+    "threads": dict(
+        type=positive_int,
+        default=None,  # the usable cores, counted when the parser is built
+        help="threads each contender computes with (default: %(default)s, the usable cores)",
+    ),
+}
+
+
+def parser(
+    name: str, doc: str | None, *common: str, results: bool = True, **defaults: Any
+) -> argparse.ArgumentParser:
+    """The argument parser of benchmark `name`: --out and --device (unless `results` is
+    False: a check that writes no JSON), then each COMMON option named in `common` (plus
+    "variant-dirs": --fp32-dir, --optimized-dir, --int8-dir), with the benchmark's own
+    `defaults` where given."""
     p = argparse.ArgumentParser(
         prog=f"python -m benchmarks.{name}",
         description=(doc or "").strip().splitlines()[0] if doc else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=RESULTS_DIR / f"{name}.json",
-        help=f"JSON result path (default benchmarks/results/{name}.json)",
-    )
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="auto = CPU, plus CUDA when available (default)",
-    )
+    if results:
+        p.add_argument(
+            "--out",
+            type=Path,
+            default=RESULTS_DIR / f"{name}.json",
+            help=f"JSON result path (default benchmarks/results/{name}.json)",
+        )
+        p.add_argument(
+            "--device",
+            choices=["auto", "cpu", "cuda"],
+            default="auto",
+            help="auto = CPU, plus CUDA when available (default)",
+        )
+    unknown = sorted(set(defaults) - set(common))
+    if unknown:
+        raise TypeError(f"defaults for options not asked for: {unknown}")
+    for option in common:
+        if option == "variant-dirs":
+            for v in VARIANTS:
+                p.add_argument(
+                    f"--{v}-dir",
+                    type=Path,
+                    default=None,
+                    metavar="DIR",
+                    help=f"model directory of the {v} variant (default: exported, cached)",
+                )
+            continue
+        spec = dict(COMMON[option])
+        if option == "threads":
+            from diffcse_runtime.parallel import usable_cpus  # the runtime's own count
+
+            spec["default"] = usable_cpus()
+        spec["default"] = defaults.get(option, spec["default"])
+        p.add_argument(f"--{option}", **spec)
     return p
 
 

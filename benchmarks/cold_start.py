@@ -11,7 +11,7 @@ Rounds are interleaved round-robin; medians of wall time and of peak RSS (the ch
 ru_maxrss from os.wait4) and the ratio to the torch path are reported. Target (issue 5):
 the runtime's cold start <= 1/5 of the torch path.
 
-Run: python -m benchmarks.cold_start [--repeats 7] [--model-dir DIR]
+Run: python -m benchmarks.cold_start [--rounds 7] [--model DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks import benchlib
-from benchmarks.models import minilm_variant
+from benchmarks.models import given_or_exported
 
 TORCH_EMBED = """
 import sys, numpy as np, torch
@@ -83,11 +83,8 @@ def commands(model_dir: Path, hf_dir: Path, tmp: Path) -> dict[str, list[str]]:
 
 
 def main() -> None:
-    p = benchlib.parser("cold_start", __doc__)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--model-dir", type=Path, default=None, help="default: exported MiniLM fp32")
-    args = p.parse_args()
-    model_dir = args.model_dir or minilm_variant("fp32")
+    args = benchlib.parser("cold_start", __doc__, "model", "rounds", rounds=7).parse_args()
+    model_dir = given_or_exported(args.model)
     hf_dir = benchlib.minilm_dir()
     info = benchlib.machine(threads="library default (all cores)")
     print(benchlib.describe(info))
@@ -97,12 +94,12 @@ def main() -> None:
         cmds = commands(model_dir, hf_dir, Path(tmpdir))
         names = list(cmds)
         runs = {n: [] for n in names}
-        for rep in range(args.repeats + 1):  # round 0 warms the page cache, untimed
+        for rep in range(args.rounds + 1):  # round 0 warms the page cache, untimed
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
                 wall, rss = timed_run(cmds[name])
                 if rep:
                     runs[name].append((wall, rss))
-            print(f"  round {rep}/{args.repeats} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
+            print(f"  round {rep}/{args.rounds} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
     rows = []
     med = {
         n: (benchlib.median([w for w, _ in r]), benchlib.median([m for _, m in r]))

@@ -18,7 +18,7 @@ Contenders:
   ours-int8       ... on `diffcse-export --quantize int8`
 
 Run: python -m benchmarks.encode            (full: threads 1 and all cores)
-     python -m benchmarks.encode --repeats 1 --threads 2 --sets short   (smoke)
+     python -m benchmarks.encode --rounds 1 --threads 2 --sets short   (smoke)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks import benchlib
 from benchmarks.benchlib import BENCH_DIR, CACHE_DIR, ROOT, BenchSkip
-from benchmarks.models import minilm_variant
+from benchmarks.models import given_or_exported
 
 ALL = ("pytorch", "st-torch", "st-onnx", "st-onnx-int8", "ours-fp32", "ours-optimized", "ours-int8")
 DEFAULT = ("pytorch", "st-onnx", "st-onnx-int8", "ours-fp32", "ours-optimized", "ours-int8")
@@ -113,9 +113,8 @@ def make_contenders(names: list[str], args) -> list[Contender]:
         else:
             variant = name.removeprefix("ours-")
             c.kind = "ours"
-            given = getattr(args, f"{variant}_dir")
             try:
-                c.model = Path(given) if given else minilm_variant(variant)
+                c.model = given_or_exported(getattr(args, f"{variant}_dir"), variant)
             except BenchSkip as exc:
                 c.reason = str(exc)
         out.append(c)
@@ -165,7 +164,7 @@ def quality(live: list[Contender], data: Path, tmp: Path) -> dict[str, dict]:
     return out
 
 
-def measure(live, sets, batch_sizes, repeats, n_texts, pause: float = 0.0) -> dict:
+def measure(live, sets, batch_sizes, rounds, n_texts, pause: float = 0.0) -> dict:
     """Round-robin timing; returns {(set, bs): {contender: [seconds, ...]}}.
 
     `pause` seconds pass before each timed request: onnxruntime's (and OpenMP's) idle
@@ -177,7 +176,7 @@ def measure(live, sets, batch_sizes, repeats, n_texts, pause: float = 0.0) -> di
         for b in batch_sizes:
             for c in live:
                 c.ask(op="time", set=f"{s}-warm{b}", batch_size=b)
-    for rep in range(repeats):
+    for rep in range(rounds):
         for s in sets:
             for b in batch_sizes:
                 order = live[rep % len(live) :] + live[: rep % len(live)]
@@ -185,7 +184,7 @@ def measure(live, sets, batch_sizes, repeats, n_texts, pause: float = 0.0) -> di
                     time.sleep(pause)
                     reply = c.ask(op="time", set=f"{s}@{b}", batch_size=b)
                     times[(s, b)][c.name].append(reply["seconds"])
-        print(f"  round {rep + 1}/{repeats} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
+        print(f"  round {rep + 1}/{rounds} done (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
     return times
 
 
@@ -214,8 +213,7 @@ def summarize(times, n_texts, n_tokens, device, threads) -> list[dict]:
 
 
 def main() -> None:
-    p = benchlib.parser("encode", __doc__)
-    p.add_argument("--data", type=Path, default=None, help="STS data dir (../shared/data/sts)")
+    p = benchlib.parser("encode", __doc__, "data", "rounds", "variant-dirs")
     p.add_argument(
         "--contenders",
         default=",".join(DEFAULT),
@@ -230,7 +228,6 @@ def main() -> None:
         default="1:16,32:96,128:128",
         help="BS:N pairs: each timed pass encodes the first N texts of the set at batch size BS",
     )
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     p.add_argument(
         "--pause",
         type=float,
@@ -239,8 +236,6 @@ def main() -> None:
         "have stopped (0 reproduces the interleaving without pauses)",
     )
     p.add_argument("--st-venv", default=str(ST_VENV))
-    for v in ("fp32", "optimized", "int8"):
-        p.add_argument(f"--{v}-dir", default=None, help=f"model dir for ours-{v} (else exported)")
     args = p.parse_args()
 
     cores = len(os.sched_getaffinity(0))
@@ -280,7 +275,7 @@ def main() -> None:
             for k in texts
             if "@" in k
         },
-        "repeats": args.repeats,
+        "repeats": args.rounds,
         "unavailable": {c.name: c.reason for c in contenders if c.reason},
         "rows": [],
         "quality": {},
@@ -309,7 +304,7 @@ def main() -> None:
                         result["workers"][c.name] = c.info
                     if threads == thread_list[-1] and device == "cpu":
                         result["quality"] = quality(started, data, tmp)
-                    times = measure(started, sets, batch_sizes, args.repeats, n_texts, args.pause)
+                    times = measure(started, sets, batch_sizes, args.rounds, n_texts, args.pause)
                     result["rows"] += summarize(times, n_texts, n_tokens, device, threads)
                 finally:
                     for c in started:

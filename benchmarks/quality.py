@@ -232,8 +232,7 @@ def mean_rows(rows: list[dict], names: list[str]) -> list[dict]:
 
 
 def arguments():
-    p = benchlib.parser("quality", __doc__)
-    p.add_argument("--data", type=Path, default=None)
+    p = benchlib.parser("quality", __doc__, "data")
     p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument(
         "--generator",
@@ -241,8 +240,8 @@ def arguments():
         default=ROOT / "runs" / "generator-minilm",
         help="masked-LM generator for (b); fitted there first if it does not exist",
     )
-    p.add_argument("--steps", type=int, default=None, help="step budget of every run")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--steps", type=benchlib.positive_int, help="step budget of every run")
+    p.add_argument("--batch-size", type=benchlib.positive_int, default=None)
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--seeds", default="42,43,44", help="comma-separated: every run once per seed")
     p.add_argument(
@@ -257,9 +256,9 @@ def arguments():
         "its own pooling (torch: the export parity gate's reference, no export per run), or "
         "read the trainer's own dev evaluations (trainer: every --eval-steps, no export)",
     )
-    p.add_argument("--eval-steps", type=int, default=None, help="with --score trainer")
+    p.add_argument("--eval-steps", type=benchlib.positive_int, help="with --score trainer")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    p.add_argument("--jobs", type=benchlib.positive_int, default=1, help="runs at the same time")
     p.add_argument("--deadline", type=float, default=None, help="seconds: no new run after")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override"

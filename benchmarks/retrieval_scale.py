@@ -19,6 +19,7 @@ Run: python -m benchmarks.retrieval_scale
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.util
 import json
@@ -60,7 +61,7 @@ def random_units(n: int, dim: int, seed: int) -> np.ndarray:
     return out
 
 
-def child(n: int, dim: int, backends: list[str], repeats: int, max_gb: float) -> dict:
+def child(n: int, dim: int, backends: list[str], rounds: int, max_gb: float) -> dict:
     """Measure all backends for one (n, dim); runs inside a fresh process."""
     from diffcse_runtime.retrieval import Index
 
@@ -112,7 +113,7 @@ def child(n: int, dim: int, backends: list[str], repeats: int, max_gb: float) ->
     if together:
         for b in backends:
             build(b)
-        for r in range(repeats):
+        for r in range(rounds):
             for b in backends[r % len(backends) :] + backends[: r % len(backends)]:
                 query_round(b)
         for b in backends:
@@ -120,7 +121,7 @@ def child(n: int, dim: int, backends: list[str], repeats: int, max_gb: float) ->
     else:
         for b in backends:
             build(b)
-            for _ in range(repeats):
+            for _ in range(rounds):
                 query_round(b)
             finish(b)
             del built[b]
@@ -128,11 +129,10 @@ def child(n: int, dim: int, backends: list[str], repeats: int, max_gb: float) ->
 
 
 def main() -> None:
-    p = benchlib.parser("retrieval_scale", __doc__)
+    p = benchlib.parser("retrieval_scale", __doc__, "rounds")
     p.add_argument("--sizes", default="10000,100000,1000000")
     p.add_argument("--dims", default="384,768")
     p.add_argument("--backends", default="numpy,faiss,usearch")
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--usearch-max-n",
         type=int,
@@ -140,12 +140,12 @@ def main() -> None:
         help="largest n for usearch: its HNSW build took ~3 ms/vector on 2 busy cores",
     )
     p.add_argument("--max-gb", type=float, default=8.0, help="memory for interleaving backends")
-    p.add_argument("--child", default=None, help=argparse_hidden())
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one case, in a fresh process
     args = p.parse_args()
     backends = [b for b in args.backends.split(",") if b]
     if args.child:
         n, dim = map(int, args.child.split("x"))
-        res = child(n, dim, backends, args.repeats, args.max_gb)
+        res = child(n, dim, backends, args.rounds, args.max_gb)
         print(json.dumps(res))
         return
 
@@ -162,7 +162,7 @@ def main() -> None:
             here = [b for b in backends if b != "usearch" or n <= args.usearch_max_n]
             cmd = [sys.executable, "-m", "benchmarks.retrieval_scale", "--child", f"{n}x{dim}"]
             cmd += ["--backends", ",".join(here)]
-            cmd += ["--repeats", str(args.repeats), "--max-gb", str(args.max_gb)]
+            cmd += ["--rounds", str(args.rounds), "--max-gb", str(args.max_gb)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=benchlib.ROOT)
             if proc.returncode != 0:
                 tail = proc.stderr.strip().splitlines()[-1:] or ["killed"]
@@ -194,12 +194,6 @@ def main() -> None:
     cols = ["n", "dim", "backend", "build s", "1 query ms", "1000 q/s", "recall@10"]
     print(benchlib.table(rows, cols + ["index MB", "peak MB", "data MB"], 3))
     print(f"wrote {benchlib.write_json(args.out, result)}")
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ from __future__ import annotations
 import random
 import sys
 import time
-from pathlib import Path
 
-from benchmarks import benchlib
+from benchmarks import benchlib, models
 
 MIN_FILL = 0.5
 
@@ -36,20 +35,15 @@ def half_fill(lengths: list[int]) -> list[tuple[int, int]]:
 
 
 def main() -> None:
-    p = benchlib.parser("run_plan", __doc__)
-    p.add_argument("--model", type=Path, help="model directory (default: MiniLM fp32 export)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
+    p = benchlib.parser(
+        "run_plan", __doc__, "model", "data", "threads", "rounds", threads=2, rounds=5
+    )
     p.add_argument("--sizes", default="8,24,32,64", help="texts per batch, comma-separated")
-    p.add_argument("--data", type=Path, default=None)
     args = p.parse_args()
     from diffcse_runtime import Encoder
     from diffcse_runtime.serve.run_plan import measure_overhead, plan_runs
 
-    if args.model is None:
-        from benchmarks import models
-
-        args.model = models.minilm_variant("fp32")
+    args.model = models.given_or_exported(args.model)
     texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
     enc = Encoder(args.model, intra_op_threads=args.threads, spin=False)
     length = {t: len(e.ids) for t, e in zip(texts, enc.tokenizer.encode_batch(texts), strict=True)}

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks import benchlib
+from benchmarks.models import given_or_exported
 
 ROOT = benchlib.ROOT
 CONTENDERS = ["embed 1p x 1t", "embed 1p x 2t", "embed 2p x 1t", "ray 1a x 1t", "ray 2a x 1t"]
@@ -40,17 +41,6 @@ def sentences(n: int) -> list[str]:
 
     base = corpus_sentences("builtin:wiki_en")
     return [base[i % len(base)] for i in range(n)]
-
-
-def model_dir(given: Path | None) -> Path:
-    if given:
-        return given
-    out = benchlib.CACHE_DIR / "minilm-fp32"
-    if not (out / "model.onnx").is_file():
-        src = benchlib.minilm_dir()
-        cli = Path(sys.executable).with_name("diffcse-export")
-        subprocess.run([str(cli), str(src), str(out), "--sts-data", "", "-q"], check=True)
-    return out
 
 
 class TreeCpu:
@@ -143,14 +133,12 @@ def extrapolate(per_core: float, overhead: float, nodes: list[int], cores: int =
 
 
 def main() -> None:
-    p = benchlib.parser("scale", __doc__)
-    p.add_argument("--model", type=Path, default=None, help="fp32 MiniLM model directory")
-    p.add_argument("--n", type=int, default=100_000, help="sentences (default 100000)")
-    p.add_argument("--rounds", type=int, default=3)
+    p = benchlib.parser("scale", __doc__, "model", "rounds")
+    p.add_argument("--n", type=benchlib.positive_int, default=100_000, help="sentences (100000)")
     p.add_argument("--ray-idle", type=float, default=0, help="first measure idle Ray's CPU (s)")
     p.add_argument("--only", nargs="*", default=CONTENDERS, choices=CONTENDERS)
     args = p.parse_args()
-    model = model_dir(args.model)
+    model = given_or_exported(args.model)
     info = benchlib.machine(threads=2, sentences=args.n, rounds=args.rounds, model=str(model))
     print(benchlib.describe(info))
     print(f"# {' '.join(sys.argv)}")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import benchlib
+from benchmarks import benchlib, models
 from diffcse_runtime.parallel import usable_cpus
 
 CONCURRENCY = [1, 8, 64]
@@ -263,16 +263,12 @@ def requests_of(texts: list[str], per: int) -> list[list[str]]:
 
 
 def main() -> None:
-    p = benchlib.parser("serve", __doc__)
-    p.add_argument("--model", type=Path, help="model directory (default: MiniLM fp32 export)")
-    p.add_argument(
-        "--threads", type=int, default=None, help="threads per run (default: the server's)"
-    )
-    p.add_argument("--workers", type=int, default=None, help="runs at once (default: the server's)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=3.0, help="per cell and round")
-    p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="for the batched server")
+    p = benchlib.parser("serve", __doc__, "model", "data", "rounds", "seconds")
+    # the server's own layout options, passed on to diffcse-serve (not the common --threads)
+    positive = benchlib.positive_int
+    p.add_argument("--threads", type=positive, help="threads per run (default: the server's)")
+    p.add_argument("--workers", type=positive, help="runs at once (default: the server's)")
+    p.add_argument("--max-batch-tokens", type=positive, help="for the batched server")
     p.add_argument("--shapes", default=",".join(SHAPES), help="subset of " + ",".join(SHAPES))
     p.add_argument("--concurrency", default="1,8,64", help="client counts, comma-separated")
     p.add_argument("--infinity-venv", type=Path, help="venv with infinity-emb: add it")
@@ -292,10 +288,7 @@ def main() -> None:
     CONCURRENCY[:] = [int(c) for c in args.concurrency.split(",")]
     from diffcse_runtime import Encoder
 
-    if args.model is None:
-        from benchmarks import models
-
-        args.model = models.minilm_variant("fp32")
+    args.model = models.given_or_exported(args.model)
     texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
     servers = dict(SERVERS)
     if args.max_batch_tokens:

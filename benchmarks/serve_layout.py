@@ -10,9 +10,8 @@ from __future__ import annotations
 import shutil
 import statistics
 import sys
-from pathlib import Path
 
-from benchmarks import benchlib, serve
+from benchmarks import benchlib, models, serve
 from diffcse_runtime.parallel import usable_cpus
 
 
@@ -28,20 +27,13 @@ def layouts_of(spec: str, cores: int) -> dict[str, list[str]]:
 
 
 def main() -> None:
-    p = benchlib.parser("serve_layout", __doc__)
-    p.add_argument("--model", type=Path, help="model directory (default: MiniLM fp32 export)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--seconds", type=float, default=6.0)
+    p = benchlib.parser("serve_layout", __doc__, "model", "data", "rounds", "seconds", seconds=6.0)
+    p.add_argument("--concurrency", type=benchlib.positive_int, default=64)
     p.add_argument("--layouts", default="1x2,2x1", help="WORKERSxTHREADS, comma-separated")
-    p.add_argument("--data", type=Path, default=None, help="STS data folder (SentEval layout)")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         raise benchlib.BenchSkip("wrk is not installed (apt-get install wrk)")
-    if args.model is None:
-        from benchmarks import models
-
-        args.model = models.minilm_variant("fp32")
+    args.model = models.given_or_exported(args.model)
     texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
     bodies = serve.make_bodies(texts, "m")["1-sentence"]
     cores = usable_cpus()

@@ -194,7 +194,7 @@ def run_device(device: str, size: str, args, tmp: Path) -> list[dict]:
             variants = [v for v in variants if v.name in ("fp32", "bf16")]
     else:
         variants = cpu_variants(args.cpu_variants.split(","), args.generator)
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads
     for v in variants:
         if v.error:
             continue
@@ -245,17 +245,15 @@ def run_device(device: str, size: str, args, tmp: Path) -> list[dict]:
 
 
 def main() -> None:
-    p = benchlib.parser("train_step", __doc__)
+    p = benchlib.parser("train_step", __doc__, "threads", "rounds", rounds=4)
     p.add_argument("--size", choices=["auto", "small", "base"], default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--cpu-variants", default=",".join(CPU_VARIANTS))
     p.add_argument("--gpu-variants", default=",".join(GPU_VARIANTS))
     p.add_argument("--generator", type=Path, default=None, help="fitted MLM generator folder")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default all cores)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
-    p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args()
     if args.generator is None and (ROOT / "runs" / "generator-minilm").is_dir():
         args.generator = ROOT / "runs" / "generator-minilm"
@@ -274,7 +272,7 @@ def main() -> None:
     except ImportError:
         pass
     devs = benchlib.devices(args.device)
-    info = benchlib.machine(args.threads or len(os.sched_getaffinity(0)))
+    info = benchlib.machine(args.threads)
     print(benchlib.describe(info))
     rows = []
     with tempfile.TemporaryDirectory(prefix="diffcse-trainstep-") as tmpdir:

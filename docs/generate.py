@@ -260,7 +260,7 @@ BENCHES = [
         "encode.py",
         "PyTorch vs sentence-transformers (ONNX, int8) vs diffcse_runtime fp32 / optimized / "
         "int8, and each one's STS-B dev score",
-        "python -m benchmarks.encode --repeats 5",
+        "python -m benchmarks.encode --rounds 5",
         lambda: encode_tables("encode.json", 1) + "\n\n" + encode_tables("encode_2threads.json", 2),
         "runtime.md",
     ),
