@@ -9,6 +9,9 @@ so vectors quantized here can be searched against ones quantized there.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from diffcse_runtime.errors import DiffcseError
@@ -119,3 +122,141 @@ def quantize_embeddings(
     steps = np.where(steps == 0, 1, steps)
     codes = np.clip(np.floor((embeddings - starts) / steps), 0, 255)
     return codes.astype(np.uint8) if precision == "uint8" else (codes - 128).astype(np.int8)
+
+
+# ---------------------------------------------------------------- encode's options
+
+# sentence-transformers' encode options this runtime has no use for, with the value that
+# means "as usual"; any other value is refused with the sentence below, never ignored.
+ST_NEUTRAL: dict[str, Any] = {
+    "convert_to_numpy": True,
+    "convert_to_tensor": False,
+    "output_value": "sentence_embedding",
+    "device": None,
+    "pool": None,
+    "chunk_size": None,
+}
+_REFUSALS = {
+    "convert_to_numpy": "the runtime returns numpy arrays only",
+    "convert_to_tensor": "the runtime is torch-free and returns numpy arrays; wrap the "
+    "result with torch.from_numpy(...)",
+    "output_value": "the exported graph outputs only the pooled vector ('sentence_embedding'); "
+    "token embeddings are not in it",
+    "device": "the device is chosen when the model is loaded: Encoder(path, "
+    "providers=['CUDAExecutionProvider']) or ['CPUExecutionProvider']",
+    "pool": "for several processes use diffcse_runtime.parallel (ParallelEncoder)",
+    "chunk_size": "it only applies to a multi-process pool; for several processes use "
+    "diffcse_runtime.parallel (ParallelEncoder)",
+}
+# MTEB passes these to say which task and split it is encoding; they never change a vector
+# (prompt_type picks the model's query/document prompt, as sentence-transformers does).
+MTEB_CONTEXT = frozenset({"task_metadata", "hf_split", "hf_subset", "prompt_type", "task_name"})
+# sentence-transformers' encode_query / encode_document prompt names, in its order
+PROMPT_KINDS = {"query": ("query",), "document": ("document", "passage", "corpus")}
+
+
+def check_extra_options(options: dict[str, Any]) -> str | None:
+    """Refuse, in one sentence, an encode option that would be ignored; return the MTEB
+    prompt_type ("query"/"document") if one was passed, else None."""
+    for key, value in options.items():
+        if key in MTEB_CONTEXT:
+            continue
+        if key not in ST_NEUTRAL:
+            known = ", ".join(sorted([*ST_NEUTRAL, *MTEB_CONTEXT]))
+            raise ConventionError(
+                f"encode() got an unknown option {key!r} (besides its own parameters it "
+                f"accepts only these sentence-transformers/MTEB ones: {known})"
+            )
+        neutral = ST_NEUTRAL[key]
+        if not (value is neutral or (neutral is not None and _same(value, neutral))):
+            raise ConventionError(
+                f"encode option {key}={value!r} is not supported: {_REFUSALS[key]}"
+            )
+    kind = options.get("prompt_type")
+    kind = getattr(kind, "value", kind)  # mteb's PromptType is a str Enum
+    return kind if kind in PROMPT_KINDS else None
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    return type(value) is type(neutral) and value == neutral
+
+
+def resolve_prompt(
+    prompts: dict[str, str],
+    default_name: str | None,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+    kind: str | None = None,
+) -> str:
+    """The text put before every input, with sentence-transformers' precedence.
+
+    An explicit `prompt` (even "") wins; else `prompt_name` (must be one of the model's);
+    else, for encode_query/encode_document (`kind`), the model's "query" or
+    "document"/"passage"/"corpus" prompt when it has one; else `default_prompt_name`'s.
+    Passing both `prompt` and `prompt_name` is refused (sentence-transformers warns and
+    drops `prompt_name`): one of them would be ignored.
+    """
+    if prompt is not None and prompt_name is not None:
+        raise ConventionError("pass prompt or prompt_name, not both: one would be ignored")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise ConventionError(f"prompt must be a string, got {type(prompt).__name__}")
+        return prompt
+    if prompt_name is None and kind is not None:
+        prompt_name = next((n for n in PROMPT_KINDS[kind] if n in prompts), None)
+    if prompt_name is not None:
+        if prompt_name not in prompts:
+            names = ", ".join(map(repr, prompts)) or "none"
+            raise ConventionError(
+                f"prompt_name {prompt_name!r} is not one of this model's prompts ({names}; "
+                "set with diffcse-export --prompt NAME=TEXT)"
+            )
+        return prompts[prompt_name]
+    return prompts[default_name] if default_name else ""
+
+
+@dataclass(frozen=True)
+class Finish:
+    """What happens to the graph's float32 rows before encode returns them."""
+
+    truncate_dim: int | None = None
+    normalize: bool = False  # the caller asked for unit rows
+    model_normalized: bool = False  # the graph's rows are unit already
+    precision: str = "float32"
+    ranges: np.ndarray | None = None
+    calibration_embeddings: np.ndarray | None = None
+
+    def apply(self, out: np.ndarray) -> np.ndarray:
+        """Truncate (renormalising unit rows), normalise, then quantize: ST's order."""
+        if self.truncate_dim is not None and self.truncate_dim < out.shape[-1]:
+            out = truncate_dims(out, self.truncate_dim, self.normalize or self.model_normalized)
+        elif self.normalize:
+            norms = np.linalg.norm(out, axis=-1, keepdims=True)
+            out = out / np.maximum(norms, 1e-12)
+        if self.precision == "float32":
+            return out
+        if out.shape[0] == 0 and self.precision.endswith("int8"):
+            return np.zeros(out.shape, dtype=np.int8 if self.precision == "int8" else np.uint8)
+        return quantize_embeddings(out, self.precision, self.ranges, self.calibration_embeddings)
+
+    def check(self, rows: int, width: int) -> None:
+        """Refuse, before any work, what `apply` would refuse after encoding `rows` texts."""
+        if not self.precision.endswith("int8") or rows == 0:
+            return
+        out_width = min(self.truncate_dim or width, width)
+        if self.ranges is not None and np.shape(self.ranges) != (2, out_width):
+            raise ConventionError(
+                f"ranges must have shape (2, {out_width}), got {np.shape(self.ranges)}"
+            )
+        calibration = self.calibration_embeddings
+        if calibration is not None and np.shape(calibration)[-1:] != (out_width,):
+            raise ConventionError(
+                f"calibration_embeddings must be a (n, {out_width}) array of embeddings from "
+                f"this model, got shape {np.shape(calibration)}"
+            )
+        if self.ranges is None and calibration is None and rows < 2:
+            raise ConventionError(
+                f"precision={self.precision!r} takes its ranges from the embeddings of the "
+                "call, and one text gives none: pass calibration_embeddings (embeddings of a "
+                "representative set of texts) or ranges"
+            )

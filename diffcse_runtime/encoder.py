@@ -32,6 +32,14 @@ from tqdm.auto import tqdm
 
 from diffcse_runtime import mteb_compat
 from diffcse_runtime import providers as provider_checks
+from diffcse_runtime.conventions import (
+    Finish,
+    check_dim,
+    check_extra_options,
+    check_precision,
+    resolve_prompt,
+    truncate_dims,
+)
 from diffcse_runtime.errors import ModelDirError
 from diffcse_runtime.inputs import as_text_list, iter_text_chunks
 from diffcse_runtime.model_dir import MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, load_metadata
@@ -77,7 +85,9 @@ class Encoder:
 
     Follows the `encode(list[str], batch_size=..., **kwargs)` protocol of
     sentence-transformers and MTEB, so it drops into their evaluation code, and fastembed's
-    `embed(iterable)` generator for corpora that do not fit in memory.
+    `embed(iterable)` generator for corpora that do not fit in memory. sentence-transformers'
+    own options mean what they mean there (prompts, `encode_query`/`encode_document`,
+    `truncate_dim`, `precision`); the ones that cannot apply are refused, never ignored.
     """
 
     def __init__(
@@ -87,7 +97,10 @@ class Encoder:
         intra_op_threads: int | None = None,
         verify_hash: bool = True,
         spin: bool = True,
+        truncate_dim: int | None = None,
     ) -> None:
+        """`truncate_dim`: every vector `encode`/`embed` return keeps its first this many
+        dimensions (renormalised when unit-length), as sentence-transformers' does."""
         if intra_op_threads is not None and (
             not isinstance(intra_op_threads, int) or intra_op_threads < 0
         ):
@@ -101,8 +114,17 @@ class Encoder:
             "intra_op_threads": intra_op_threads,
             "verify_hash": verify_hash,
             "spin": spin,
+            "truncate_dim": truncate_dim,
         }
         self.meta = load_metadata(self.path, verify_hash=verify_hash)
+        if truncate_dim is not None:
+            truncate_dim = check_dim(truncate_dim, self.meta.embedding_dim)
+        self.truncate_dim = truncate_dim
+        # sentence-transformers' attribute names, and its defaults: an empty "query" and
+        # "document" prompt unless the model names them (so encode_document never falls
+        # back to a "passage" prompt there either, and vectors match it for the same model)
+        self.prompts = {"query": "", "document": "", **self.meta.prompts}
+        self.default_prompt_name = self.meta.default_prompt_name
         try:
             self.tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER_FILE))
         except Exception as exc:  # the tokenizers library raises plain Exception subclasses
@@ -158,6 +180,7 @@ class Encoder:
             intra_op_threads=state["intra_op_threads"],
             verify_hash=state["verify_hash"],
             spin=state.get("spin", True),
+            truncate_dim=state.get("truncate_dim"),
         )
         if state["onnx_sha256"] != self.meta.onnx_sha256:
             raise ModelDirError(
@@ -176,8 +199,9 @@ class Encoder:
         return self.meta.max_seq_length
 
     def get_sentence_embedding_dimension(self) -> int:
-        """sentence-transformers' name for `embedding_dim`."""
-        return self.meta.embedding_dim
+        """The width `encode` returns: `truncate_dim` if set, else `embedding_dim` (as in
+        sentence-transformers)."""
+        return self.truncate_dim or self.meta.embedding_dim
 
     @property
     def mteb_model_meta(self) -> Any:
@@ -193,6 +217,14 @@ class Encoder:
         normalize: bool = False,
         show_progress_bar: bool | None = None,
         return_token_counts: bool = False,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        truncate_dim: int | None = None,
+        precision: str = "float32",
+        calibration_embeddings: np.ndarray | None = None,
+        ranges: np.ndarray | None = None,
+        normalize_embeddings: bool = False,
         **kwargs: Any,
     ) -> np.ndarray | tuple[np.ndarray, TokenCounts]:
         """Embed `texts`: (n, d) float32 in input order, or (d,) for a single string.
@@ -201,22 +233,65 @@ class Encoder:
         many and the longest length. With `return_token_counts=True` the result is
         `(embeddings, TokenCounts)` instead, and nothing is logged: the caller has the counts.
 
-        Extra keyword arguments of the sentence-transformers/MTEB protocol are accepted;
-        `normalize_embeddings=True` is honoured as an alias of `normalize`.
+        sentence-transformers' options, with its meaning:
+        - `prompt` (text put before every input) or `prompt_name` (one of `self.prompts`,
+          from diffcse.json); neither: the model's `default_prompt_name`, if any. The prompt
+          is part of the text the model reads, so its tokens count towards `max_seq_length`
+          and, for mean pooling, are averaged in (sentence-transformers' default,
+          `include_prompt=True`).
+        - `truncate_dim`: keep the first dimensions (default: the Encoder's own), renormalised
+          when the rows are unit-length (`normalize`, or a model that normalises).
+        - `normalize_embeddings`: an alias of `normalize`.
+        - `precision`: float32, int8, uint8, binary or ubinary, quantized as
+          `sentence_transformers.quantization.quantize_embeddings` does. int8/uint8 take
+          each dimension's range from `ranges` (2, d), else `calibration_embeddings`, else
+          this call's own embeddings (then a text's code depends on the others in the call:
+          pass one of the two for stable codes).
+        - MTEB's `task_metadata`, `hf_split`, `hf_subset`, `task_name` are accepted;
+          `prompt_type` ("query"/"document") picks the prompt as encode_query/_document do.
+        - `convert_to_numpy=True`, `convert_to_tensor=False`, `output_value=
+          "sentence_embedding"`, `device=None`, `pool=None`, `chunk_size=None` are accepted;
+          any other value of these, or any other option, raises ValueError with the reason.
         """
+        kind = check_extra_options(kwargs)
+        prefix = resolve_prompt(self.prompts, self.default_prompt_name, prompt, prompt_name, kind)
+        dim = self.truncate_dim if truncate_dim is None else truncate_dim
+        finish = Finish(
+            truncate_dim=None if dim is None else check_dim(dim, self.meta.embedding_dim),
+            normalize=bool(normalize or normalize_embeddings),
+            model_normalized=self.meta.normalized,
+            precision=check_precision(precision),
+            ranges=ranges,
+            calibration_embeddings=calibration_embeddings,
+        )
         texts = mteb_compat.texts_of(texts)  # MTEB v2: a DataLoader of {'text': [...]}
         batch, single = as_text_list(texts)
         _check_batch_size(batch_size)
-        normalize = normalize or bool(kwargs.get("normalize_embeddings", False))
+        finish.check(len(batch), self.meta.embedding_dim)
         if show_progress_bar is None:
             show_progress_bar = len(batch) >= PROGRESS_THRESHOLD
+        if prefix:
+            batch = [prefix + text for text in batch]
         out, counts = self._encode_all(batch, batch_size, show_progress_bar)
-        if normalize:
-            _normalize_rows(out)
+        out = finish.apply(out)
         if not return_token_counts:
             warn_truncation(counts.tally())
             return out[0] if single else out
         return (out[0], counts) if single else (out, counts)
+
+    def encode_query(
+        self, texts: str | Sequence[str], **kwargs: Any
+    ) -> np.ndarray | tuple[np.ndarray, TokenCounts]:
+        """`encode` with the model's "query" prompt when it has one and none is given
+        (sentence-transformers 5's `encode_query`); takes every `encode` option."""
+        return self.encode(texts, **{**kwargs, "prompt_type": "query"})
+
+    def encode_document(
+        self, texts: str | Sequence[str], **kwargs: Any
+    ) -> np.ndarray | tuple[np.ndarray, TokenCounts]:
+        """`encode` with the model's "document" (else "passage", else "corpus") prompt when
+        it has one and none is given (sentence-transformers 5's `encode_document`)."""
+        return self.encode(texts, **{**kwargs, "prompt_type": "document"})
 
     def embed(
         self,
@@ -231,7 +306,7 @@ class Encoder:
         `chunk_size` texts at a time, each chunk tokenized, length-sorted into batches and
         encoded before the next is read, so memory is bounded by the chunk, not the input.
         The rows of one chunk are views of one (chunk, d) array. Truncation is logged once,
-        as a total, when the generator finishes.
+        as a total, when the generator finishes. The Encoder's `truncate_dim` applies.
         """
         _check_batch_size(batch_size)
         if chunk_size < 1:
@@ -240,7 +315,9 @@ class Encoder:
         for chunk in iter_text_chunks(texts, chunk_size):
             out, counts = self._encode_all(chunk, batch_size, progress=False)
             tally.add(counts)
-            if normalize:
+            if self.truncate_dim is not None:
+                out = truncate_dims(out, self.truncate_dim, normalize or self.meta.normalized)
+            elif normalize:
                 _normalize_rows(out)
             yield from out
         warn_truncation(tally)
