@@ -269,6 +269,11 @@ def positive_float(text: str) -> float:
     return value
 
 
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated whole numbers >= 1 ("1,32,128")."""
+    return [positive_int(item.strip()) for item in text.split(",")]
+
+
 VARIANTS = ("fp32", "optimized", "int8")
 # The options several benchmarks take, written once: the name a benchmark asks for, its flag
 # and argparse settings. A benchmark may give its own default (parser(..., rounds=5)).

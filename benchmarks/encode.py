@@ -23,6 +23,7 @@ Run: python -m benchmarks.encode            (full: threads 1 and all cores)
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -212,17 +213,23 @@ def summarize(times, n_texts, n_tokens, device, threads) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     p = benchlib.parser("encode", __doc__, "data", "rounds", "variant-dirs")
     p.add_argument(
         "--contenders",
         default=",".join(DEFAULT),
         help=f"comma-separated, from {', '.join(ALL)} (default: all but st-torch)",
     )
-    p.add_argument("--threads", default=None, help="comma-separated, default '1,<all cores>'")
-    p.add_argument("--batch-sizes", default="1,32,128")
-    p.add_argument("--sets", default="short,long")
-    p.add_argument("--limit", type=int, default=384, help="texts per set (pool)")
+    p.add_argument(
+        "--threads",
+        type=benchlib.positive_ints,
+        default=None,
+        help="thread counts, comma-separated: the whole grid runs once per count "
+        "(default '1,<usable cores>')",
+    )
+    p.add_argument("--batch-sizes", type=benchlib.positive_ints, default=[1, 32, 128])
+    p.add_argument("--sets", default="short,long", help="from short,long")
+    p.add_argument("--limit", type=benchlib.positive_int, default=384, help="texts per set (pool)")
     p.add_argument(
         "--texts-per-batch-size",
         default="1:16,32:96,128:128",
@@ -237,79 +244,94 @@ def main() -> None:
     )
     p.add_argument("--st-venv", default=str(ST_VENV))
     args = p.parse_args()
-
-    cores = len(os.sched_getaffinity(0))
-    thread_list = [int(t) for t in (args.threads or f"1,{cores}").split(",")]
-    thread_list = sorted(set(thread_list))
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    sets = args.sets.split(",")
-    data = benchlib.sts_data_dir(args.data)
-    names = [n for n in args.contenders.split(",") if n]
-    bad = sorted(set(names) - set(ALL))
+    args.threads = sorted(set(args.threads or [1, len(os.sched_getaffinity(0))]))
+    args.contenders = [n for n in args.contenders.split(",") if n]
+    bad = sorted(set(args.contenders) - set(ALL))
     if bad:
-        raise SystemExit(f"unknown contender(s) {bad}; choose from {', '.join(ALL)}")
-    info = benchlib.machine(thread_list)
-    print(benchlib.describe(info))
-    contenders = make_contenders(names, args)
+        p.error(f"--contenders: unknown {bad}; choose from {', '.join(ALL)}")
+    args.sets = args.sets.split(",")
+    if sorted(set(args.sets) - {"short", "long"}):
+        p.error(f"--sets: {args.sets} is not a subset of short,long")
+    return args
+
+
+def live_contenders(args: argparse.Namespace) -> tuple[list[Contender], list[Contender]]:
+    """(every contender asked for, those that can run here); a missing baseline is a skip."""
+    contenders = make_contenders(args.contenders, args)
     for c in contenders:
         if c.reason:
             print(f"  {c.name}: unavailable, {c.reason}", file=sys.stderr)
     live = [c for c in contenders if not c.reason]
     if BASELINE not in [c.name for c in live] or not any(c.kind == "ours" for c in live):
         raise BenchSkip("need the pytorch baseline and at least one ours-* contender")
+    return contenders, live
 
-    tok_json = benchlib.minilm_dir() / "tokenizer.json"
-    texts = build_texts(data, args.limit, tok_json)
-    per_bs = dict(tuple(map(int, item.split(":"))) for item in args.texts_per_batch_size.split(","))
-    for s in sets:
-        for b in batch_sizes:
+
+def timed_texts(data: Path, args: argparse.Namespace) -> dict[str, list[str]]:
+    """The text sets, plus `SET@BS` (what one timed pass encodes at batch size BS) and
+    `SET-warmBS` (one untimed batch) for every set and batch size."""
+    texts = build_texts(data, args.limit, benchlib.minilm_dir() / "tokenizer.json")
+    pairs = args.texts_per_batch_size.split(",")
+    per_bs = dict(tuple(map(int, item.split(":"))) for item in pairs)
+    for s in args.sets:
+        for b in args.batch_sizes:
             texts[f"{s}@{b}"] = texts[s][: per_bs.get(b, args.limit)]
             texts[f"{s}-warm{b}"] = texts[s][-b:]
+    return texts
+
+
+def start_all(live: list[Contender], threads: int, device: str, texts: Path, result) -> list:
+    """Start every live contender's worker; one that fails is recorded and left out."""
+    started = []
+    try:
+        for c in live:
+            t0 = time.perf_counter()
+            try:
+                c.start(threads, device, texts)
+            except RuntimeError as exc:
+                result["unavailable"][f"{c.name}@{device}"] = str(exc)
+                print(f"  {exc}", file=sys.stderr)
+                c.stop()
+                continue
+            started.append(c)
+            print(f"  {c.name} ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+            result["workers"][c.name] = c.info
+    except BaseException:  # interrupted: no worker outlives the run
+        for c in [*started, *live]:
+            c.stop()
+        raise
+    return started
+
+
+def run_grid(live, args, data: Path, texts: dict[str, list[str]], result: dict) -> None:
+    """Every (device, thread count): start the workers, score quality once (CPU, most
+    threads), time the grid; the rows, the texts' sizes and the workers go into `result`."""
     n_texts = {k: len(v) for k, v in texts.items()}
-    n_tokens = token_counts(texts, tok_json)
-    result = {
-        "benchmark": "encode",
-        "model": "all-MiniLM-L6-v2",
-        "texts": {
-            k: {"count": n_texts[k], "mean_tokens": round(n_tokens[k] / n_texts[k], 1)}
-            for k in texts
-            if "@" in k
-        },
-        "repeats": args.rounds,
-        "unavailable": {c.name: c.reason for c in contenders if c.reason},
-        "rows": [],
-        "quality": {},
-        "workers": {},
+    n_tokens = token_counts(texts, benchlib.minilm_dir() / "tokenizer.json")
+    result["texts"] = {
+        k: {"count": n_texts[k], "mean_tokens": round(n_tokens[k] / n_texts[k], 1)}
+        for k in texts
+        if "@" in k
     }
     with tempfile.TemporaryDirectory(prefix="diffcse-bench-") as tmpdir:
         tmp = Path(tmpdir)
         (tmp / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
         for device in benchlib.devices(args.device):
-            for threads in thread_list:
-                started = []
+            for threads in args.threads:
+                started = start_all(live, threads, device, tmp / "texts.json", result)
                 try:
-                    for c in live:
-                        t0 = time.perf_counter()
-                        try:
-                            c.start(threads, device, tmp / "texts.json")
-                            started.append(c)
-                        except RuntimeError as exc:
-                            result["unavailable"][f"{c.name}@{device}"] = str(exc)
-                            print(f"  {exc}", file=sys.stderr)
-                            c.stop()
-                            continue
-                        print(
-                            f"  {c.name} ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr
-                        )
-                        result["workers"][c.name] = c.info
-                    if threads == thread_list[-1] and device == "cpu":
+                    if threads == args.threads[-1] and device == "cpu":
                         result["quality"] = quality(started, data, tmp)
-                    times = measure(started, sets, batch_sizes, args.rounds, n_texts, args.pause)
+                    times = measure(
+                        started, args.sets, args.batch_sizes, args.rounds, n_texts, args.pause
+                    )
                     result["rows"] += summarize(times, n_texts, n_tokens, device, threads)
                 finally:
                     for c in started:
                         c.stop()
-    result["machine"] = benchlib.finish_machine(info)
+
+
+def report(result: dict, out: Path) -> None:
     cols = ["device", "threads", "texts", "batch", "contender", "sent/s", "tok/s", "x pytorch"]
     print(benchlib.table(result["rows"], cols))
     q = [{"contender": k, **v} for k, v in result["quality"].items()]
@@ -317,7 +339,28 @@ def main() -> None:
         print()
         print(benchlib.table(q, ["contender", "stsb_dev_spearman", "min_cosine_to_pytorch"], 4))
     print(f"\nload average at end: {result['machine']['loadavg_at_end']}")
-    print(f"wrote {benchlib.write_json(args.out, result)}")
+    print(f"wrote {benchlib.write_json(out, result)}")
+
+
+def main() -> None:
+    args = arguments()
+    data = benchlib.sts_data_dir(args.data)
+    info = benchlib.machine(args.threads)
+    print(benchlib.describe(info))
+    contenders, live = live_contenders(args)
+    result = {
+        "benchmark": "encode",
+        "model": "all-MiniLM-L6-v2",
+        "texts": {},
+        "repeats": args.rounds,
+        "unavailable": {c.name: c.reason for c in contenders if c.reason},
+        "rows": [],
+        "quality": {},
+        "workers": {},
+    }
+    run_grid(live, args, data, timed_texts(data, args), result)
+    result["machine"] = benchlib.finish_machine(info)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ Run: python -m benchmarks.quality [--generator DIR] [--steps N] [--seeds 42,43]
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -43,6 +44,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import benchlib
@@ -231,7 +233,7 @@ def mean_rows(rows: list[dict], names: list[str]) -> list[dict]:
     return out
 
 
-def arguments():
+def arguments() -> argparse.Namespace:
     p = benchlib.parser("quality", __doc__, "data")
     p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument(
@@ -263,7 +265,17 @@ def arguments():
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override"
     )
-    return p.parse_args()
+    args = p.parse_args()
+    args.runs = args.runs.split(",")
+    args.runs += [f"diffcse-mlm@{x.strip()}" for x in args.sweep.split(",") if x.strip()]
+    bad = sorted({n.partition("@")[0] for n in args.runs} - set(RUNS))
+    if bad:
+        p.error(f"--runs: unknown {bad}; choose from {', '.join(RUNS)}")
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds: {args.seeds!r} is not a comma-separated list of whole numbers")
+    return args
 
 
 def common_overrides(args, device: str, bs: int, lr: float, data: Path) -> list[str]:
@@ -323,30 +335,21 @@ def initial_row(args, data: Path, rows: list[dict]) -> dict:
     return {"run": "initial", "steps": 0, **score(initial, data, args.score == "torch")}
 
 
-def main() -> None:
-    args = arguments()
-    data = benchlib.sts_data_dir(args.data)
-    device = benchlib.devices(args.device)[-1]  # the larger config where CUDA exists
-    bs, steps, lr = SETTINGS[device]
-    bs, args.steps = args.batch_size or bs, args.steps or steps
-    lr = args.learning_rate or lr
-    names = args.runs.split(",")
-    names += [f"diffcse-mlm@{x.strip()}" for x in args.sweep.split(",") if x.strip()]
-    bad = sorted({n.partition("@")[0] for n in names} - set(RUNS))
-    if bad:
-        raise SystemExit(f"unknown run(s) {bad}; choose from {', '.join(RUNS)}")
-    seeds = [int(x) for x in args.seeds.split(",")]
-    generator = args.generator.resolve()
-    fitted_here = not generator.exists() and any(n.startswith("diffcse-mlm") for n in names)
-    info = benchlib.machine(threads=len(os.sched_getaffinity(0)), device=device)
-    print(benchlib.describe(info))
-    common = common_overrides(args, device, bs, lr, data)
+@dataclass
+class Experiment:
+    """What every run of one invocation shares, and the result file they make together."""
 
-    # exported and scored once (onnx, torch); with the trainer, each run's own step 0
-    scored = initial_row(args, data, []) if args.score != "trainer" else None
+    args: argparse.Namespace
+    data: Path
+    common: list[str]  # the config overrides every run shares
+    generator: Path
+    fitted_here: bool  # the generator does not exist yet: the first diffcse-mlm run fits it
+    info: dict
+    initial: dict | None = None  # scored once (onnx, torch); the trainer: each run's step 0
 
-    def result_of(rows: list[dict]) -> dict:
-        init = dict(scored) if scored else initial_row(args, data, rows)
+    def result(self, rows: list[dict]) -> dict:
+        """The JSON of the rows so far, each with its delta to the initial model."""
+        init = dict(self.initial) if self.initial else initial_row(self.args, self.data, rows)
         for r in rows:
             for key in ("stsb_dev", "sick_trial"):
                 if r.get(key) is not None and init.get(key) is not None:
@@ -355,32 +358,48 @@ def main() -> None:
             "benchmark": "quality",
             "config": {
                 "base": str(CONFIG.relative_to(ROOT)),
-                "overrides": common,
-                "seeds": seeds,
-                "score": args.score,
-                "jobs": args.jobs,
+                "overrides": self.common,
+                "seeds": self.args.seeds,
+                "score": self.args.score,
+                "jobs": self.args.jobs,
             },
             "generator": {
-                "path": str(generator),
-                "fitted_during_this_run": fitted_here,
-                "report": fit_report(generator),
+                "path": str(self.generator),
+                "fitted_during_this_run": self.fitted_here,
+                "report": fit_report(self.generator),
             },
             "rows": [init, *rows],
-            "means": mean_rows(rows, names),
-            "machine": benchlib.finish_machine(dict(info)),
+            "means": mean_rows(rows, self.args.runs),
+            "machine": benchlib.finish_machine(dict(self.info)),
         }
 
-    if args.score != "trainer":  # the initial model first, so a broken scorer fails early
-        print(f"  initial: {scored}", file=sys.stderr, flush=True)
-    jobs = [(name, seed) for seed in seeds for name in names]
-    if fitted_here and args.jobs > 1:  # fit the generator once, before parallel runs need it
+
+def plan(args: argparse.Namespace) -> Experiment:
+    """The device's settings (the larger config where CUDA exists), overridden by the
+    options, and the overrides every run shares."""
+    data = benchlib.sts_data_dir(args.data)
+    device = benchlib.devices(args.device)[-1]
+    bs, steps, lr = SETTINGS[device]
+    args.steps = args.steps or steps
+    common = common_overrides(args, device, args.batch_size or bs, args.learning_rate or lr, data)
+    generator = args.generator.resolve()
+    fitted_here = not generator.exists() and any(n.startswith("diffcse-mlm") for n in args.runs)
+    info = benchlib.machine(threads=len(os.sched_getaffinity(0)), device=device)
+    return Experiment(args, data, common, generator, fitted_here, info)
+
+
+def job_order(exp: Experiment) -> list[tuple[str, int]]:
+    """Every (run, seed). Runs trained in parallel would all fit a missing generator: the
+    first diffcse-mlm run fits it here first (its row is kept and reused)."""
+    jobs = [(name, seed) for seed in exp.args.seeds for name in exp.args.runs]
+    if exp.fitted_here and exp.args.jobs > 1:
         first = next(j for j in jobs if j[0].startswith("diffcse-mlm"))
         jobs = [first] + [j for j in jobs if j != first]
-        one_run(first[0], first[1], common, generator, args, data)
-    rows = run_all(
-        jobs, common, generator, args, data, lambda r: benchlib.write_json(args.out, result_of(r))
-    )
-    result = result_of(rows)
+        one_run(first[0], first[1], exp.common, exp.generator, exp.args, exp.data)
+    return jobs
+
+
+def report(result: dict) -> None:
     cols = ["run", "seed", "steps", "stsb_dev", "stsb_dev delta", "sick_trial"]
     cols += ["sick_trial delta", "rtd_acc_first", "rtd_acc_last", "rtd_rep_acc_last"]
     cols += ["replaced_frac_last", "train_s"]
@@ -391,10 +410,25 @@ def main() -> None:
         keys += ["stsb_dev vs simcse std", "sick_trial", "sick_trial std", "sick_trial delta"]
         keys += ["sick_trial vs simcse", "sick_trial vs simcse std"]
         print(benchlib.table(result["means"], ["run", *keys]))
-    for r in rows:
+    for r in result["rows"]:
         if r.get("error"):
             print(f"  {r['run']}: {r['error']}")
-    print(f"wrote {benchlib.write_json(args.out, result)}")
+
+
+def main() -> None:
+    exp = plan(arguments())
+    print(benchlib.describe(exp.info))
+    if exp.args.score != "trainer":  # the initial model first, so a broken scorer fails early
+        exp.initial = initial_row(exp.args, exp.data, [])
+        print(f"  initial: {exp.initial}", file=sys.stderr, flush=True)
+
+    def publish(rows: list[dict]) -> None:  # after every run: a run cut short still reports
+        benchlib.write_json(exp.args.out, exp.result(rows))
+
+    rows = run_all(job_order(exp), exp.common, exp.generator, exp.args, exp.data, publish)
+    result = exp.result(rows)
+    report(result)
+    print(f"wrote {benchlib.write_json(exp.args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Goals (issue 13): at c=64 with 1-sentence requests >= 70% of the offline through
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -262,7 +263,7 @@ def requests_of(texts: list[str], per: int) -> list[list[str]]:
     return [texts[i : i + per] for i in range(0, len(texts) - per + 1, per)]
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     p = benchlib.parser("serve", __doc__, "model", "data", "rounds", "seconds")
     # the server's own layout options, passed on to diffcse-serve (not the common --threads)
     positive = benchlib.positive_int
@@ -270,7 +271,12 @@ def main() -> None:
     p.add_argument("--workers", type=positive, help="runs at once (default: the server's)")
     p.add_argument("--max-batch-tokens", type=positive, help="for the batched server")
     p.add_argument("--shapes", default=",".join(SHAPES), help="subset of " + ",".join(SHAPES))
-    p.add_argument("--concurrency", default="1,8,64", help="client counts, comma-separated")
+    p.add_argument(
+        "--concurrency",
+        type=benchlib.positive_ints,
+        default=CONCURRENCY,
+        help="client counts, comma-separated (default 1,8,64)",
+    )
     p.add_argument("--infinity-venv", type=Path, help="venv with infinity-emb: add it")
     p.add_argument("--infinity-model", type=Path, help="HF folder with an onnx/ export")
     p.add_argument(
@@ -280,63 +286,91 @@ def main() -> None:
         help="load generator: httpx in this process (asyncio), or wrk (C; apt install wrk)",
     )
     args = p.parse_args()
+    unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
+    if unknown:
+        p.error(f"--shapes: unknown {unknown}; choose from {','.join(SHAPES)}")
+    args.shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
     if args.client == "wrk" and shutil.which("wrk") is None:
         raise benchlib.BenchSkip("--client wrk: wrk is not installed (apt-get install wrk)")
-    picked = {k: SHAPES[k] for k in args.shapes.split(",")}  # the module tables, narrowed
-    SHAPES.clear()
-    SHAPES.update(picked)
-    CONCURRENCY[:] = [int(c) for c in args.concurrency.split(",")]
-    from diffcse_runtime import Encoder
-
     args.model = models.given_or_exported(args.model)
-    texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
+    return args
+
+
+def contenders(args: argparse.Namespace, texts: list[str]) -> tuple[dict, dict, dict]:
+    """The servers to start, {name: diffcse-serve's extra options, or None for infinity-emb},
+    with each one's request bodies per shape and the model name its requests carry."""
     servers = dict(SERVERS)
     if args.max_batch_tokens:
         servers["batched"] = ["--max-batch-tokens", str(args.max_batch_tokens)]
-        info_extra = {"batched_max_batch_tokens": args.max_batch_tokens}
-    else:
-        info_extra = {}
     bodies = {name: make_bodies(texts, "m") for name in SERVERS}
     model_names = dict.fromkeys(SERVERS, "m")
     if args.infinity_venv:
         servers["infinity"] = None
         bodies["infinity"] = make_bodies(texts, ".")
         model_names["infinity"] = "."
+    return servers, bodies, model_names
+
+
+def server_layout(args: argparse.Namespace) -> list[str]:
+    """diffcse-serve's --threads/--workers as given (empty: the server's defaults)."""
+    return [f"--{k}={v}" for k, v in (("threads", args.threads), ("workers", args.workers)) if v]
+
+
+def start_servers(args, servers: dict, pooling: str, procs: dict) -> dict[str, str]:
+    """Start every server on a free port (each process goes into `procs` at once, so the
+    caller stops it whatever happens next); returns their base URLs."""
+    urls = {}
+    for name, extra in servers.items():
+        port = free_port()
+        if extra is None:
+            procs[name] = start_infinity(args, port, pooling)
+        else:
+            procs[name] = start_server(args.model, port, server_layout(args), extra)
+        urls[name] = f"http://127.0.0.1:{port}"
+    return urls
+
+
+def check_servers(args, urls, procs, model_names, bodies, texts, encoder, info) -> None:
+    """Wait for each server, check its embeddings against `encoder` and warm it up. Ours must
+    pass; a peer that fails is left out of `urls`, with the reason printed."""
+    for name in list(urls):
+        try:
+            wait_ready(urls[name], procs[name], timeout=300)
+            cosine = parity(urls[name], model_names[name], texts, encoder)
+        except benchlib.BenchSkip as exc:
+            if name in SERVERS:
+                raise
+            print(f"{name}: not measured ({exc})", flush=True)
+            del urls[name]
+            continue
+        info[f"{name}_min_cosine_vs_encode"] = cosine
+        warm = next(iter(args.shapes))  # --shapes may leave out 1-sentence
+        asyncio.run(load(urls[name], bodies[name][warm], args.shapes[warm], 8, 1.0))
+
+
+def main() -> None:
+    from diffcse_runtime import Encoder
+
+    args = arguments()
+    texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
+    servers, bodies, model_names = contenders(args, texts)
     cores = usable_cpus()
-    layout = [f"--{k}={v}" for k, v in (("threads", args.threads), ("workers", args.workers)) if v]
+    extra = {"batched_max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}
     info = benchlib.machine(
         cores,
-        server_layout=" ".join(layout) or "diffcse-serve's default",
+        server_layout=" ".join(server_layout(args)) or "diffcse-serve's default",
         model=str(args.model),
         seconds=args.seconds,
-        **info_extra,
+        **extra,
         command=" ".join(sys.argv),
     )
     print(benchlib.describe(info), flush=True)
     # the ceiling: one Encoder with every core, as a batch job would run it
     encoder = Encoder(args.model, intra_op_threads=cores, spin=False)
-    procs, urls = {}, {}
+    procs: dict[str, subprocess.Popen] = {}
     try:
-        for name, extra in servers.items():
-            port = free_port()
-            if extra is None:
-                procs[name] = start_infinity(args, port, encoder.meta.pooling)
-            else:
-                procs[name] = start_server(args.model, port, layout, extra)
-            urls[name] = f"http://127.0.0.1:{port}"
-        for name in servers:
-            try:
-                wait_ready(urls[name], procs[name], timeout=300)
-                cosine = parity(urls[name], model_names[name], texts, encoder)
-            except benchlib.BenchSkip as exc:
-                if name in SERVERS:
-                    raise
-                print(f"{name}: not measured ({exc})", flush=True)
-                del urls[name]
-                continue
-            info[f"{name}_min_cosine_vs_encode"] = cosine
-            warm = next(iter(SHAPES))  # --shapes may leave out 1-sentence
-            asyncio.run(load(urls[name], bodies[name][warm], SHAPES[warm], 8, 1.0))
+        urls = start_servers(args, servers, encoder.meta.pooling, procs)
+        check_servers(args, urls, procs, model_names, bodies, texts, encoder, info)
         pids = {name: proc.pid for name, proc in procs.items()}
         runs = measure(args, encoder, texts, bodies, urls, pids)
     finally:
@@ -351,7 +385,7 @@ def measure(args, encoder, texts, bodies, urls, pids) -> list[dict]:
     for rnd in range(args.rounds):
         ceiling = offline_ceiling(encoder, texts, args.seconds)
         runs.append({"round": rnd, "contender": "offline", "shape": "-", "c": "-", **ceiling})
-        for s, (shape, per) in enumerate(SHAPES.items()):
+        for s, (shape, per) in enumerate(args.shapes.items()):
             reqs = requests_of(texts, per)
             runs.append(
                 {
@@ -362,7 +396,7 @@ def measure(args, encoder, texts, bodies, urls, pids) -> list[dict]:
                     **bare_calls(encoder, reqs, per, args.seconds),
                 }
             )
-            for k, conc in enumerate(CONCURRENCY):
+            for k, conc in enumerate(args.concurrency):
                 names = list(urls)
                 shift = (rnd + s + k) % len(names)
                 for name in names[shift:] + names[:shift]:
@@ -425,8 +459,8 @@ def report(args, info, runs) -> None:
     names = list(dict.fromkeys(r["contender"] for r in runs if isinstance(r["c"], int)))
     names.remove("bare encode")
     rows = []
-    for shape in SHAPES:
-        for conc in CONCURRENCY:
+    for shape in args.shapes:
+        for conc in args.concurrency:
             rows.append(row_of(runs, shape, conc, names, ceiling))
     info = benchlib.finish_machine(info)
     offline = med(list(ceiling.values()))
