@@ -193,3 +193,17 @@ def test_each_model_has_its_own_base_url(offline):
         text = httpx.get(f"{base}/metrics").text  # the shared counters saw the TEI request
         assert metric(text, 'diffcse_inputs_total{model="tiny-b"}') == 2
         assert metric(text, 'diffcse_requests_total{path="/tei/tiny-b/embed",status="200"}') == 1
+
+
+def test_huggingface_hub_inference_client(url, offline):
+    """huggingface_hub's InferenceClient on a TEI URL posts to / and /similarity."""
+    hub = pytest.importorskip("huggingface_hub")
+    inference = hub.InferenceClient(model=url, token=KEY, timeout=30)
+    rows = inference.feature_extraction("a dog runs in the park")
+    assert_same_rows(rows, offline.encode(["a dog runs in the park"], normalize=True))
+    others = SHORT[:3]
+    got = inference.sentence_similarity("a dog runs", other_sentences=others)
+    want = offline.similarity(offline.encode("a dog runs"), offline.encode(others))[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    r = post(url, "/similarity", {"inputs": {"source_sentence": "x", "sentences": []}})
+    assert tei_error(r, 400, "empty") == "inputs.sentences is an empty list"

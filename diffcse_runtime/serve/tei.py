@@ -1,5 +1,6 @@
-"""Hugging Face text-embeddings-inference (TEI) routes: /info, /embed, /embed_all, /tokenize
-and /decode, with TEI's request and response schemas and its error body.
+"""Hugging Face text-embeddings-inference (TEI) routes: /info, /embed (also at POST / and
+/invocations, as TEI has it), /embed_all, /similarity, /tokenize and /decode, with TEI's
+request and response schemas and its error body.
 
 TEI clients (`tei-client`, LangChain's and LlamaIndex's TEI classes, Haystack's) read
 `/info` first, then call `/embed`. These routes are a second face of the same server, not a
@@ -32,6 +33,7 @@ from tokenizers import Tokenizer
 
 from diffcse_runtime import __version__
 from diffcse_runtime.encoder import CUT_MAX_CHARS_PER_TOKEN
+from diffcse_runtime.encoder import similarity as cosine
 from diffcse_runtime.serve.app import (
     INLINE_CHARS,
     ServedModel,
@@ -42,7 +44,7 @@ from diffcse_runtime.serve.app import (
 )
 from diffcse_runtime.serve.gate import ApiError, log
 
-ROUTES = ("/info", "/embed", "/embed_all", "/tokenize", "/decode")
+ROUTES = ("/info", "/embed", "/embed_all", "/tokenize", "/decode", "/similarity", "/invocations")
 TEI_PREFIX = "/tei"
 DTYPES = {"fp32": "float32", "optimized": "float32", "fp16": "float16", "int8": "int8"}
 # TEI's error_type per status; codes of the shared checks that TEI answers differently
@@ -74,7 +76,7 @@ class _Texts(_Body):
     )
 
 
-class _Embedding(_Texts):
+class _Truncation(_Body):
     truncate: bool | None = Field(
         default=None, description="Cut texts over the token limit (null: the server's --truncate)."
     )
@@ -88,6 +90,10 @@ class _Embedding(_Texts):
         return value.lower() if isinstance(value, str) else value  # TEI writes "Right"
 
 
+class _Embedding(_Truncation, _Texts):
+    pass
+
+
 class EmbedRequest(_Embedding):
     """POST /embed."""
 
@@ -99,6 +105,22 @@ class EmbedRequest(_Embedding):
 
 class EmbedAllRequest(_Embedding):
     """POST /embed_all."""
+
+
+class _SimilarityInputs(_Body):
+    source_sentence: str
+    sentences: list[str]
+
+
+class _SimilarityParameters(_Truncation):
+    prompt_name: str | None = None
+
+
+class SimilarityRequest(_Body):
+    """POST /similarity (the Hugging Face Inference API's sentence-similarity task)."""
+
+    inputs: _SimilarityInputs
+    parameters: _SimilarityParameters | None = None
 
 
 class TokenizeRequest(_Texts):
@@ -227,6 +249,46 @@ def _prompt(model: ServedModel, name: str | None) -> str:
     )
 
 
+async def _embed(
+    model: ServedModel, request: Request, texts: list[str], single: bool, body, settings
+):
+    """Texts through the shared path with TEI's prompt and truncation fields applied: a
+    request's `truncate` (null: the server's --truncate); a cut from the left is refused."""
+    prompt = _prompt(model, body.prompt_name)
+    truncate = settings.truncate if body.truncate is None else body.truncate
+    remedy = TRUNCATE_REMEDY
+    if truncate and body.truncation_direction == "left":
+        truncate, remedy = False, LEFT_REMEDY  # a cut from the left is refused, not faked
+    texts = [prompt + t for t in texts] if prompt else texts
+    return await model.embed(
+        texts, request, truncate=truncate, single=single, field="inputs", remedy=remedy
+    )
+
+
+async def _embed_route(
+    model: ServedModel, request: Request, raw: bytes, settings: ServeSettings
+) -> Response:
+    body = _parse(EmbedRequest, raw)
+    texts, single = _texts(model, body.inputs, settings)
+    dimensions = check_dimensions(model, body.dimensions)
+    out = await _embed(model, request, texts, single, body, settings)
+    rows = model.finish(out.rows, dimensions, body.normalize)
+    return _json(rows.tolist(), out.headers())
+
+
+async def _similarity_route(
+    model: ServedModel, request: Request, raw: bytes, settings: ServeSettings
+) -> Response:
+    body = _parse(SimilarityRequest, raw)
+    if not body.inputs.sentences:
+        raise ApiError(400, "inputs.sentences is an empty list", type="empty")
+    texts = [body.inputs.source_sentence, *body.inputs.sentences]
+    texts, _ = _check_inputs(texts, settings.max_inputs, field="inputs")
+    parameters = body.parameters or _SimilarityParameters()
+    out = await _embed(model, request, texts, False, parameters, settings)
+    return _json(cosine(out.rows[:1], out.rows[1:])[0].tolist(), out.headers())
+
+
 # ------------------------------------------------------------------ responses
 
 
@@ -310,9 +372,9 @@ def _several(names: list[str]) -> ApiError:
 
 def paths(served: Mapping[str, ServedModel]) -> set[str]:
     """Every TEI path, for the per-path request metrics."""
-    out = set(ROUTES)
+    out = set(ROUTES) | {"/"}
     for name in served:
-        out |= {f"{TEI_PREFIX}/{name}{route}" for route in ROUTES}
+        out |= {f"{TEI_PREFIX}/{name}{route}" for route in ("", *ROUTES)}
     return out
 
 
@@ -347,24 +409,33 @@ def _add_routes(
         """TEI's model info: what tei-client reads before it embeds."""
         return _json(info(pick().model, settings))
 
-    @api.post(f"{prefix}/embed", openapi_extra={"requestBody": _schema_of(EmbedRequest)})
     async def embed(request: Request, _: None = authorized) -> Response:
         """Pooled embeddings, one row per input, through the same batcher as /v1/embeddings."""
-        model = pick().model
-        body = _parse(EmbedRequest, await request.body())
-        texts, single = _texts(model, body.inputs, settings)
-        dimensions = check_dimensions(model, body.dimensions)
-        prompt = _prompt(model, body.prompt_name)
-        truncate = settings.truncate if body.truncate is None else body.truncate
-        remedy = TRUNCATE_REMEDY
-        if truncate and body.truncation_direction == "left":
-            truncate, remedy = False, LEFT_REMEDY  # a cut from the left is refused, not faked
-        texts = [prompt + t for t in texts] if prompt else texts
-        out = await model.embed(
-            texts, request, truncate=truncate, single=single, field="inputs", remedy=remedy
-        )
-        rows = model.finish(out.rows, dimensions, body.normalize)
-        return _json(rows.tolist(), out.headers())
+        return await _embed_route(pick().model, request, await request.body(), settings)
+
+    async def similarity(request: Request, _: None = authorized) -> Response:
+        """Cosine similarity of `source_sentence` with each of `sentences`."""
+        return await _similarity_route(pick().model, request, await request.body(), settings)
+
+    async def task(request: Request, _: None = authorized) -> Response:
+        """The Inference API's POST to the model URL (huggingface_hub's InferenceClient):
+        sentence similarity when `inputs` is an object, else /embed, as TEI answers it."""
+        raw = await request.body()
+        try:
+            is_pair = isinstance(json.loads(raw).get("inputs"), dict)
+        except (ValueError, AttributeError):
+            is_pair = False  # _parse words the error
+        route = _similarity_route if is_pair else _embed_route
+        return await route(pick().model, request, raw, settings)
+
+    embed_body = {"requestBody": _schema_of(EmbedRequest)}
+    for path in (f"{prefix}/embed", f"{prefix}/invocations"):  # /invocations: SageMaker's
+        api.add_api_route(path, embed, methods=["POST"], openapi_extra=embed_body)
+    api.add_api_route(prefix or "/", task, methods=["POST"], openapi_extra=embed_body)
+    similarity_body = {"requestBody": _schema_of(SimilarityRequest)}
+    api.add_api_route(
+        f"{prefix}/similarity", similarity, methods=["POST"], openapi_extra=similarity_body
+    )
 
     @api.post(f"{prefix}/embed_all", openapi_extra={"requestBody": _schema_of(EmbedAllRequest)})
     async def embed_all(_: None = authorized) -> Response:
