@@ -22,16 +22,17 @@ from diffcse_export.errors import ExportError, ValidationError, first_line
 from diffcse_export.model_card import write_model_cards
 from diffcse_export.tokenizer_files import write_tokenizer_files
 from diffcse_export.validate import Thresholds, VariantReport
-from diffcse_runtime.atomic import atomic_dir
+from diffcse_runtime.atomic import atomic_dir, check_replaceable, remove_stale
 from diffcse_runtime.model_dir import (
-    METADATA_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
     ModelMeta,
     write_metadata,
 )
+from diffcse_runtime.ownership import check_not_in_use
 
 log = logging.getLogger("diffcse_export")
+EXPORT_TOOL = "diffcse-export"  # the tool a model directory's ownership manifest names
 
 
 @dataclass
@@ -75,21 +76,21 @@ def target_dirs(output: str | Path, names: list[str]) -> dict[str, Path]:
 
 
 def _check_targets(targets: dict[str, Path], overwrite: bool, source: Path) -> None:
+    """Before any work: each target is new, or (with overwrite) a model directory
+    diffcse-export wrote, never the working directory or a folder holding `source`."""
     for target in targets.values():
-        if not target.exists():
-            continue
-        if not overwrite:
-            raise ExportError(f"{target}: already exists; pass --overwrite to replace it")
-        is_model_dir = target.is_dir() and (target / METADATA_FILE).is_file()
-        if not (is_model_dir or (target.is_dir() and not any(target.iterdir()))):
-            raise ExportError(
-                f"{target}: exists and is not a model directory; refusing to replace it "
-                "even with --overwrite"
-            )
-        if source.resolve().is_relative_to(target.resolve()):
-            raise ExportError(
-                f"{target}: holds the checkpoint being exported; choose another output"
-            )
+        check_not_in_use(target, [source])
+        try:
+            check_replaceable(target, overwrite, EXPORT_TOOL, "a model directory", [source])
+        except FileExistsError:
+            raise ExportError(f"{target}: already exists; pass --overwrite to replace it") from None
+
+
+def remove_stale_staging(output: str | Path) -> None:
+    """Remove every variant's staging folder a killed export left beside OUT, including
+    those of variants this run does not build (an int8 run killed, then rerun without)."""
+    for target in target_dirs(output, list(variants.VARIANTS)).values():
+        remove_stale(target)
 
 
 @dataclass
@@ -112,13 +113,14 @@ def export_model(
     names = opts.variants()
     targets = target_dirs(output, names)
     _check_targets(targets, opts.overwrite, Path(checkpoint))
+    remove_stale_staging(output)
     ckpt = graph.load_checkpoint(checkpoint, opts.pooling)
     max_len = graph.resolve_max_seq_length(ckpt, opts.max_seq_length)
     reference, to_export = graph.embedding_modules(ckpt, opts.with_projector)
     with contextlib.ExitStack() as stack:
         staged = {
-            v: stack.enter_context(  # marker: what appears meanwhile is replaced only if ours
-                atomic_dir(t, opts.overwrite, marker=METADATA_FILE, what="a model directory")
+            v: stack.enter_context(  # what appears meanwhile is replaced only if ours
+                atomic_dir(t, opts.overwrite, EXPORT_TOOL, "a model directory", [checkpoint])
             )
             for v, t in targets.items()
         }
@@ -141,7 +143,7 @@ def export_model(
             raise ValidationError(
                 "validation failed, nothing was written: " + "; ".join(failures), reports
             )
-        write_model_cards(staged, targets, reports)  # after the last diffcse.json: not hashed
+        write_model_cards(staged, targets, reports, ckpt.path)  # after the last diffcse.json
     return reports
 
 
@@ -226,7 +228,7 @@ def _meta(ckpt: graph.Checkpoint, opts: ExportOptions, max_len: int, variant: st
         pooling=ckpt.pooling,
         normalized=ckpt.normalize and not opts.with_projector,
         variant=variant,
-        source=str(ckpt.path.resolve()),
+        source=ckpt.source,  # as the user named it: the folder travels
     )
 
 

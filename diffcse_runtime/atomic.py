@@ -7,7 +7,9 @@ gone (a SIGKILL or a power cut skips every `finally`), and never touches a live 
 Publishing never swaps out something that appeared meanwhile: a new file or folder is
 renamed into place with a rename that fails when the target exists (Linux renameat2
 RENAME_NOREPLACE, or a hard link for files elsewhere), and `overwrite` replaces only what
-was there, and only what `marker` says our own tool wrote.
+was there: a regular file (never a symlink, FIFO, socket or device: those are refused, and
+`-` or `/dev/stdout` write straight to standard output), or a real folder whose manifest
+says our own tool wrote every entry of it (see ownership.py).
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import errno
 import os
 import re
 import shutil
+import stat
+import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.ownership import NotOursError, check_not_in_use, check_owned, write_manifest
 
 
 def _read_umask() -> int:
@@ -42,11 +47,8 @@ DIR_MODE = 0o777 & ~_UMASK
 OLD_SUFFIX = ".old.tmp"  # a previous version moved aside for a moment while publishing
 _ACTIVE: set[Path] = set()  # targets this process is staging now (nested blocks are refused)
 _ACTIVE_LOCK = threading.Lock()
-
-
-class NotOursError(DiffcseError):
-    """`overwrite` was asked for a path that our tools did not write."""
-
+WRITE_THROUGH = ("-", "/dev/stdout")  # outputs that clearly mean "print it": not replaced
+__all__ = ["NotOursError", "atomic_dir", "atomic_file", "check_output_file", "check_replaceable"]
 
 # ---------------------------------------------------------------- temporary names
 
@@ -160,16 +162,66 @@ def rename_noreplace(src: Path, dst: Path) -> None:
 
 # ---------------------------------------------------------------- atomic file
 
+_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+}
+
+
+def is_write_through(path: str | Path) -> bool:
+    """`-` and `/dev/stdout` mean standard output: written to directly, never replaced."""
+    return str(path) in WRITE_THROUGH
+
+
+def check_output_file(path: str | Path) -> None:
+    """Only a regular file (or nothing) may be replaced by an output; say what else is there.
+
+    The final entry is looked at without following it: `o.json -> /proc/self/fd/1` is a
+    symlink and refused, while a folder on the way that is a symlink is fine.
+    """
+    if is_write_through(path):
+        return
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    raise DiffcseError(
+        f"{path}: is {kind}; an output replaces only a regular file, so give another "
+        f"name (or - for standard output)"
+    )
+
+
+@contextlib.contextmanager
+def _write_through(mode: str) -> Iterator:
+    """Standard output itself, flushed at the end and left open (it is not ours to close)."""
+    stream = sys.stdout.buffer if "b" in mode else sys.stdout
+    yield stream
+    stream.flush()
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb", overwrite: bool = True) -> Iterator:
     """Open a temporary file beside `path`; move it to `path` only if the block succeeds.
 
     Without `overwrite`, a `path` that exists at the end (even one created meanwhile) is
-    left alone and FileExistsError is raised.
+    left alone and FileExistsError is raised. With it, only a regular file is replaced:
+    a symlink, FIFO, socket, device or folder there is refused (DiffcseError). `-` and
+    `/dev/stdout` write to standard output directly.
     """
+    if is_write_through(path):
+        with _write_through(mode) as fh:
+            yield fh
+        return
     path = Path(path)
     _check_parent(path)
+    check_output_file(path)
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(errno.EEXIST, "already exists", str(path))
     remove_stale(path)
@@ -181,6 +233,7 @@ def atomic_file(path: str | Path, mode: str = "wb", overwrite: bool = True) -> I
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)
         if overwrite:
+            check_output_file(path)  # again: something may have appeared meanwhile
             os.replace(tmp, path)
         else:
             rename_noreplace(Path(tmp), path)
@@ -197,24 +250,25 @@ def atomic_file(path: str | Path, mode: str = "wb", overwrite: bool = True) -> I
 # ---------------------------------------------------------------- atomic folder
 
 
-def is_ours(path: Path, marker: str) -> bool:
-    """A folder holding `marker` (written by our tool), or an empty folder."""
-    if path.is_symlink() or not path.is_dir():
-        return False
-    return (path / marker).is_file() or not any(path.iterdir())
+def check_replaceable(
+    path: str | Path,
+    overwrite: bool,
+    tool: str,
+    what: str,
+    inputs: Iterable[str | Path] = (),
+) -> None:
+    """Refuse an existing `path` without `overwrite`; with it, refuse the working directory,
+    a folder holding an input, and any folder `tool`'s manifest does not account for whole.
 
-
-def check_replaceable(path: Path, overwrite: bool, marker: str | None, what: str) -> None:
-    """Refuse an existing `path` without `overwrite`, and one that is not ours with it."""
+    Call it before the work starts (to fail fast); atomic_dir calls it again at publish.
+    """
+    path = Path(path)
     if not os.path.lexists(path):
         return
     if not overwrite:
         raise FileExistsError(errno.EEXIST, "already exists", str(path))
-    if marker is not None and not is_ours(path, marker):
-        raise NotOursError(
-            f"{path}: exists and is not {what} (no {marker}); refusing to replace it "
-            "even with --overwrite"
-        )
+    check_not_in_use(path, inputs)
+    check_owned(path, tool, what)
 
 
 def _fix_modes(root: Path) -> None:
@@ -246,26 +300,32 @@ def _claim(path: Path) -> Iterator[None]:
 def atomic_dir(
     path: str | Path,
     overwrite: bool = False,
-    marker: str | None = None,
+    tool: str = "diffcse",
     what: str = "a folder written by diffcse",
+    inputs: Iterable[str | Path] = (),
 ) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; move it to `path` only if the block succeeds.
 
-    Without `overwrite`, an existing `path` raises FileExistsError, also one that appears
-    while the block runs. With it, the existing `path` is replaced only after the new folder
-    is complete, and, when `marker` is given, only if it holds that file (or is empty): an
-    index or model folder our tool wrote, never a user's folder.
+    The folder is published with a manifest naming `tool` and every entry in it. Without
+    `overwrite`, an existing `path` raises FileExistsError, also one that appears while the
+    block runs. With it, the existing `path` is replaced only after the new folder is
+    complete, and only if it is empty or `tool`'s manifest lists every entry it holds,
+    never the working directory or a folder holding one of `inputs`.
     """
+    inputs = tuple(inputs)
     path = Path(os.path.abspath(path))
     _check_parent_or_create(path)
     with _claim(path):
-        check_replaceable(path, overwrite, marker, what)
+        check_replaceable(path, overwrite, tool, what, inputs)
         remove_stale(path)
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
         try:
             yield tmp
+            write_manifest(tmp, tool)
             _fix_modes(tmp)
-            _publish(tmp, path, overwrite, marker, what)
+            _publish(
+                tmp, path, overwrite, lambda: check_replaceable(path, overwrite, tool, what, inputs)
+            )
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise _named_for_user(exc, tmp, path) from None
@@ -282,7 +342,7 @@ def _check_parent_or_create(path: Path) -> None:
     _check_parent(path)
 
 
-def _publish(tmp: Path, path: Path, overwrite: bool, marker: str | None, what: str) -> None:
+def _publish(tmp: Path, path: Path, overwrite: bool, check: Callable[[], None]) -> None:
     """Rename `tmp` to `path`; what is at `path` now is re-checked, never swapped blindly."""
     if not os.path.lexists(path):
         try:
@@ -293,7 +353,7 @@ def _publish(tmp: Path, path: Path, overwrite: bool, marker: str | None, what: s
                 raise FileExistsError(
                     errno.EEXIST, "appeared while it was being written; left as it is", str(path)
                 ) from None
-    check_replaceable(path, overwrite, marker, what)
+    check()
     old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=OLD_SUFFIX, dir=path.parent))
     os.rmdir(old)
     os.rename(path, old)  # `old` is our fresh unique name: nothing to replace there

@@ -12,3 +12,5 @@ HEAD_FILE = "diffcse_head.json"  # projector kind, hidden size, pooling, normali
 PROJECTOR_FILE = "projector.safetensors"  # the training-time projector's weights
 CONFIG_FILE = "train_config.yaml"  # the run's full config
 PROJECTORS = ("batchnorm", "tanh", "none")  # projector kinds both sides understand
+CHECKPOINT_TOOL = "diffcse-train"  # the tool best/'s and last/'s ownership manifests name
+CHECKPOINT_WHAT = "a training checkpoint"

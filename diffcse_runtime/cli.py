@@ -20,7 +20,7 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffcse_runtime.atomic import atomic_file
+from diffcse_runtime.atomic import atomic_file, check_output_file, is_write_through
 from diffcse_runtime.encoder import Encoder, TruncationTally
 from diffcse_runtime.errors import DiffcseError, friendly_errors
 from diffcse_runtime.model_dir import load_metadata
@@ -129,7 +129,8 @@ def _write_jsonl(pool: EncoderPool, path, out: Path, opts: dict) -> None:
     "-o",
     required=True,
     type=click.Path(path_type=Path),
-    help="Output .npy (float32, row i = line i) or .jsonl ({text, embedding} per line).",
+    help="Output .npy (float32, row i = line i) or .jsonl ({text, embedding} per line); "
+    "- or /dev/stdout prints the JSON lines.",
 )
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--normalize", is_flag=True, help="L2-normalise each embedding.")
@@ -210,13 +211,17 @@ def embed(
 
 
 def _check_embed_output(file: Path, output: Path, overwrite: bool) -> None:
-    """Refuse an output that would lose a user's file, before any work is done."""
+    """Refuse an output that would lose a user's file, before any work is done.
+
+    `-` or `/dev/stdout` print JSON lines; anything else must be absent or a regular file.
+    """
+    if is_write_through(output):
+        return
     if output.suffix not in (".npy", ".jsonl"):
-        raise DiffcseError(f"{output}: output must end in .npy or .jsonl")
+        raise DiffcseError(f"{output}: output must end in .npy or .jsonl (or - for stdout)")
     if str(file) != "-" and _same_file(file, output):
         raise DiffcseError(f"{output}: is the input file itself; choose another output")
-    if output.is_dir():
-        raise DiffcseError(f"{output}: is a folder; give a .npy or .jsonl file name")
+    check_output_file(output)  # a symlink, FIFO, device or folder is never replaced
     if os.path.lexists(output) and not overwrite:
         raise DiffcseError(f"{output}: already exists (use --overwrite to replace it)")
     if not output.parent.is_dir():
@@ -260,7 +265,7 @@ def _same_file(a: Path, b: Path) -> bool:
     "json_out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Also write results as JSON.",
+    help="Also write results as JSON (- or /dev/stdout: print them).",
 )
 @click.option(
     "--retrieval", is_flag=True, help="Also report STS-B Recall@1/5/10 (paper section 6.2)."
@@ -315,8 +320,9 @@ def strict_json(payload: dict, path: Path) -> str:
 
 
 def _check_writable(path: Path) -> None:
-    if path.is_dir():
-        raise DiffcseError(f"{path}: is a folder; give a file name for the JSON results")
+    if is_write_through(path):
+        return
+    check_output_file(path)  # a folder, symlink, FIFO or device is never replaced
     if not path.parent.is_dir():
         raise DiffcseError(f"{path}: cannot write it, the folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
@@ -398,7 +404,7 @@ def search(
         _check_index_target(index_dir, build_file, overwrite)
         encoder = Encoder(model, intra_op_threads=threads)
         texts = [t for _, t in iter_lines(build_file, errors) if t.strip()]
-        Index.build(encoder, texts).save(index_dir, overwrite=overwrite)
+        Index.build(encoder, texts).save(index_dir, overwrite=overwrite, inputs=[build_file])
         click.echo(f"indexed {len(texts)} texts into {index_dir}", err=True)
     verify = "full" if verify_index else "sample"
     index = Index.load(index_dir, backend=backend, verify=verify)
@@ -427,15 +433,12 @@ def search(
 def _check_index_target(index_dir: Path, build_file: Path, overwrite: bool) -> None:
     """Before embedding anything: the index may replace only an index folder we wrote."""
     from diffcse_runtime.atomic import check_replaceable
-    from diffcse_runtime.retrieval import INDEX_FILE
+    from diffcse_runtime.ownership import check_not_in_use
+    from diffcse_runtime.retrieval import INDEX_TOOL
 
-    source = build_file.resolve() if str(build_file) != "-" else None
-    if source is not None and source.is_relative_to(index_dir.resolve()):
-        raise DiffcseError(
-            f"{index_dir}: is or holds the --build file {build_file}; choose another"
-        )
+    check_not_in_use(index_dir, [build_file])  # also when it is new: the input sits inside
     try:
-        check_replaceable(index_dir, overwrite, INDEX_FILE, "an index folder")
+        check_replaceable(index_dir, overwrite, INDEX_TOOL, "an index folder", [build_file])
     except FileExistsError:
         raise DiffcseError(f"{index_dir}: already exists (use --overwrite to replace it)") from None
 

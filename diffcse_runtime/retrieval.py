@@ -23,7 +23,8 @@ from diffcse_runtime.sts import load_task
 INDEX_FORMAT = 1
 BACKENDS = ("auto", "numpy", "faiss", "usearch")
 SCORE_BLOCK = 1 << 24  # floats per query-block x corpus-chunk score matrix (64 MB)
-INDEX_FILE = "index.json"  # also the marker that a folder is an index our tool wrote
+INDEX_FILE = "index.json"
+INDEX_TOOL = "diffcse-search"  # the tool an index folder's ownership manifest names
 FILES = ("embeddings.npy", "texts.jsonl")
 SAMPLE_BYTES = 1 << 20  # the cheap check hashes this much at the start and at the end
 
@@ -198,13 +199,16 @@ class Index:
             for srow, irow in zip(scores, ids, strict=True)
         ]
 
-    def save(self, path: str | Path, overwrite: bool = False) -> None:
+    def save(
+        self, path: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()
+    ) -> None:
         """Write the index folder atomically, with checksums that `load` verifies.
 
-        `overwrite` replaces only an index folder (one holding index.json), never a user's.
+        `overwrite` replaces only an index folder whose manifest lists every entry in it,
+        never a user's folder, the working directory or a folder holding one of `inputs`.
         """
         try:
-            with atomic_dir(path, overwrite, marker=INDEX_FILE, what="an index folder") as tmp:
+            with atomic_dir(path, overwrite, INDEX_TOOL, "an index folder", inputs) as tmp:
                 self._write_files(tmp, Path(path))
         except FileExistsError:
             raise DiffcseError(f"{path} already exists (use --overwrite to replace it)") from None

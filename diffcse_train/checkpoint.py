@@ -60,7 +60,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffcse_runtime.atomic import atomic_dir
-from diffcse_runtime.checkpoint_files import CONFIG_FILE, HEAD_FILE, PROJECTOR_FILE
+from diffcse_runtime.checkpoint_files import (
+    CHECKPOINT_TOOL,
+    CHECKPOINT_WHAT,
+    CONFIG_FILE,
+    HEAD_FILE,
+    PROJECTOR_FILE,
+)
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.remote_code import refuse_custom_code
 from diffcse_train.config import TrainConfig
@@ -88,7 +94,7 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_best(folder: Path, model, tokenizer, cfg: TrainConfig, metrics: dict) -> None:
     """Write f as an HF folder plus projector, head description, config and metrics."""
-    with atomic_dir(folder, overwrite=True) as tmp:
+    with atomic_dir(folder, True, CHECKPOINT_TOOL, CHECKPOINT_WHAT) as tmp:
         model.encoder.save_pretrained(tmp)  # safetensors by default
         tokenizer.save_pretrained(tmp)
         write_sentence_transformers_files(tmp, model, tokenizer, cfg.model_name_or_path)
@@ -152,7 +158,7 @@ def save_last(
     }
     if rank_rngs and len(rank_rngs) > 1:
         extra["rng_ranks"] = rank_rngs
-    with atomic_dir(folder, overwrite=True) as tmp:
+    with atomic_dir(folder, True, CHECKPOINT_TOOL, CHECKPOINT_WHAT) as tmp:
         save_file(_tensors(model.trainable_state_dict()), str(tmp / "model.safetensors"))
         torch.save(extra, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")

@@ -38,10 +38,11 @@ import torch
 from torch import nn
 
 from diffcse_runtime import builtin
-from diffcse_runtime.atomic import atomic_dir
+from diffcse_runtime.atomic import atomic_dir, check_replaceable
 from diffcse_runtime.bounds import bounded, check_bounds
 from diffcse_runtime.errors import DataFormatError, DiffcseError, first_line
 from diffcse_runtime.remote_code import refuse_custom_code
+from diffcse_runtime.ownership import check_not_in_use
 from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train.data import load_corpus
 from diffcse_train.distributed import pick_device
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "fit_report.json"
+GENERATOR_TOOL = "diffcse-train fit-generator"  # named by the --out folder's manifest
+GENERATOR_WHAT = "a generator folder"
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -317,7 +320,7 @@ def save_generator(mlm, tokenizer, out: Path, report: FitReport, overwrite: bool
 
     from diffcse_train.model import verify_pretrained_weights
 
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite, GENERATOR_TOOL, GENERATOR_WHAT) as tmp:
         mlm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -358,7 +361,7 @@ class Split:
     n_eval: int
 
 
-def check_settings(s: FitSettings, out, overwrite: bool) -> None:
+def check_settings(s: FitSettings, out, overwrite: bool, inputs: tuple = ()) -> None:
     try:  # ranges declared beside each field: NaN and infinities never reach the fit
         check_bounds(s, lambda name: f"setting {name!r}")
     except ValueError as exc:
@@ -368,8 +371,12 @@ def check_settings(s: FitSettings, out, overwrite: bool) -> None:
     pick_device(s.device)  # a bad name or a missing GPU fails now, before the corpus is read
     if s.precision not in PRECISIONS:
         raise DiffcseError(f"precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
-    if out is not None and Path(out).exists() and not overwrite:
-        raise DiffcseError(f"{out} already exists; pass --overwrite to replace it")
+    if out is not None:  # only a generator folder we wrote, never the cwd or an input's
+        check_not_in_use(Path(out), inputs)
+        try:
+            check_replaceable(Path(out), overwrite, GENERATOR_TOOL, GENERATOR_WHAT, inputs)
+        except FileExistsError:
+            raise DiffcseError(f"{out} already exists; pass --overwrite to replace it") from None
 
 
 def load(encoder: str, s: FitSettings) -> Loaded:
@@ -461,7 +468,7 @@ def fit_generator(
     With `out=None` nothing is saved (a dry run that only reports).
     """
     s = settings or FitSettings()
-    check_settings(s, out, overwrite)
+    check_settings(s, out, overwrite, (encoder, corpus))
     started, cpu_started = time.perf_counter(), time.process_time()
     torch.manual_seed(s.seed)
     model = load(encoder, s)

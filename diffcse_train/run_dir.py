@@ -2,7 +2,10 @@
 
 OUTPUT_DIR holds best/, last/, metrics.jsonl, summary.json and scores.json, all written by
 diffcse-train. A new run refuses a folder that already holds a run unless --overwrite, and
-then replaces only those names: anything else a user keeps there survives. --resume checks
+then replaces only those entries, each only when it is provably ours: best/ and last/ by
+their own ownership manifest, the files by the run record `.diffcse-run.json` a run writes
+when it starts (a file of that name the record does not list is the user's and is refused).
+Anything else a user keeps there survives. --resume checks
 that last/ exists and that the config did not change in a way that changes the math.
 """
 
@@ -12,18 +15,27 @@ import json
 import math
 import os
 import shutil
+import stat
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from diffcse_runtime.atomic import atomic_file
-from diffcse_runtime.checkpoint_files import BEST_SUBDIR, CONFIG_FILE
+from diffcse_runtime.atomic import atomic_file, check_output_file
+from diffcse_runtime.checkpoint_files import (
+    BEST_SUBDIR,
+    CHECKPOINT_TOOL,
+    CHECKPOINT_WHAT,
+    CONFIG_FILE,
+)
 from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.ownership import NotOursError, check_owned
 from diffcse_train import checkpoint
 from diffcse_train.config import TrainConfig, resume_mismatch
 
 SUMMARY_FILE = "summary.json"
 SCORES_FILE = "scores.json"  # release.py's before/after table
+RUN_RECORD = ".diffcse-run.json"  # the entries of OUTPUT_DIR a run wrote (its claim on them)
+RUN_RECORD_FORMAT = "diffcse-run"
 
 
 def jsonable(value: Any) -> Any:
@@ -69,19 +81,53 @@ class RunDir:
             if mismatch:
                 raise DiffcseError(f"--resume: the config changed since the checkpoint: {mismatch}")
             return []
-        existing = [p for p in self.ours() if p.exists()]
+        existing = [p for p in self.ours() if os.path.lexists(p)]
         if existing and not overwrite:
             raise DiffcseError(
                 f"output_dir {self.out} already holds a training run ({existing[0].name}); "
                 "pass --resume to continue it or --overwrite to start over"
             )
+        claimed = self._claimed()
+        for path in existing:
+            self._check_ours(path, claimed)
         return existing
 
+    def _claimed(self) -> set[str]:
+        """The names the run record lists (none when it is absent or not ours)."""
+        record = self.out / RUN_RECORD
+        try:
+            if not stat.S_ISREG(os.lstat(record).st_mode):  # a FIFO would block the read
+                return set()
+            body = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return set()
+        if not isinstance(body, dict) or body.get("format") != RUN_RECORD_FORMAT:
+            return set()
+        entries = body.get("entries")
+        return {e for e in entries if isinstance(e, str)} if isinstance(entries, list) else set()
+
+    def _check_ours(self, path: Path, claimed: set[str]) -> None:
+        """--overwrite removes best/ and last/ only if their manifests account for every
+        entry, and a file only if it is regular and the run record lists it."""
+        if path in (self.best, self.last):
+            check_owned(path, CHECKPOINT_TOOL, CHECKPOINT_WHAT)
+            return
+        check_output_file(path)
+        if path.name not in claimed:
+            raise NotOursError(
+                f"{path}: no {RUN_RECORD} in {self.out} lists it, so it may be yours; "
+                "refusing to replace it even with --overwrite: look at it, and if it is "
+                "from an earlier run remove it by hand and rerun"
+            )
+
     def start(self, cfg: TrainConfig, replaced: list[Path]) -> None:
-        """Remove what --overwrite replaces, then record the run's config."""
+        """Remove what --overwrite replaces, claim the run's entries, record its config."""
         for path in replaced:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.out / RUN_RECORD, "w") as fh:
+            names = [p.name for p in self.ours()]
+            fh.write(json.dumps({"format": RUN_RECORD_FORMAT, "entries": names}) + "\n")
         with atomic_file(self.out / CONFIG_FILE, "w") as fh:
             fh.write(cfg.to_yaml())
 

@@ -102,7 +102,7 @@ def test_overwrite_does_not_replace_a_user_folder_that_appeared(tmp_path):
     out = tmp_path / "idx"
     with (
         pytest.raises(DiffcseError, match="not an index"),
-        atomic_dir(out, overwrite=True, marker="index.json", what="an index") as tmp,
+        atomic_dir(out, overwrite=True, tool="diffcse-search", what="an index") as tmp,
     ):
         (tmp / "index.json").write_text("{}")
         out.mkdir()

@@ -37,8 +37,8 @@ def test_a_failed_block_leaves_nothing_and_keeps_the_old_version(tmp_path):
         raise RuntimeError("crash")
     assert target.read_text() == "old"
     folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "keep").write_text("old")
+    with atomic_dir(folder) as tmp:  # ours, so overwrite may replace it
+        (tmp / "keep").write_text("old")
     with pytest.raises(RuntimeError), atomic_dir(folder, overwrite=True) as tmp:
         (tmp / "keep").write_text("new")
         raise RuntimeError("crash")

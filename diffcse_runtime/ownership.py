@@ -1,0 +1,203 @@
+"""Which folders `--overwrite` may replace: those our own manifest says we wrote, whole.
+
+Every folder our tools publish (an index, a model directory, a fitted generator, a
+training checkpoint) carries `.diffcse-manifest.json`, written inside the staging folder
+as the last step before it is renamed into place. It names the tool that wrote it and
+lists every entry the folder holds, with its kind. A folder is ours to replace only when
+that manifest parses, names the tool that is about to replace it, and lists every entry
+the folder holds now: a file, subfolder or symlink it does not list is the user's, so the
+folder is refused, naming that entry. A file's name (index.json, diffcse.json, ...) proves
+nothing: anyone can write `{}` into one.
+
+Folders written before manifests existed have a marker file and no manifest. They cannot
+be told apart from a user's folder that holds a file of that name, so they are refused
+too, with a sentence that says how to remove them by hand after a look.
+
+A replacement also never removes the current working directory (or a folder holding it),
+nor a folder holding one of the command's own inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from diffcse_runtime.errors import DiffcseError
+
+MANIFEST_FILE = ".diffcse-manifest.json"
+MANIFEST_FORMAT = "diffcse-manifest"
+MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists names; anything larger is not ours
+# the files that marked our folders before manifests: named only to explain a refusal
+LEGACY_MARKERS = ("index.json", "diffcse.json", "fit_report.json", "trainer_state.json")
+
+
+class NotOursError(DiffcseError):
+    """`overwrite` was asked for a path that our tools did not write (or cannot prove so)."""
+
+
+# ---------------------------------------------------------------- entries
+
+
+def kind_of(mode: int) -> str:
+    """A folder entry's kind as the manifest records it (from lstat: links not followed)."""
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "special"
+
+
+def _scan(root: Path, rel: str = "") -> Iterator[tuple[str, str]]:
+    """(relative path, kind) of every entry under `root`, sorted, never following links."""
+    with os.scandir(root / rel if rel else root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        name = f"{rel}/{entry.name}" if rel else entry.name
+        if name == MANIFEST_FILE:
+            continue
+        kind = kind_of(entry.stat(follow_symlinks=False).st_mode)
+        yield name, kind
+        if kind == "dir":
+            yield from _scan(root, name)
+
+
+def write_manifest(folder: Path, tool: str) -> None:
+    """List every entry of `folder` (a staging folder we filled) under `tool`, atomically."""
+    from diffcse_runtime.atomic import atomic_file  # atomic imports this module
+
+    body = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "tool": tool,
+        "entries": [[name, kind] for name, kind in _scan(folder)],
+    }
+    with atomic_file(folder / MANIFEST_FILE, "w") as fh:
+        json.dump(body, fh, indent=1)
+        fh.write("\n")
+
+
+# ---------------------------------------------------------------- reading a manifest
+
+
+def _read_manifest(folder: Path, tool: str) -> dict[str, str] | str:
+    """The manifest's {entry: kind}, or the sentence saying why it is not one of ours."""
+    path = folder / MANIFEST_FILE
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    if not stat.S_ISREG(st.st_mode):
+        return f"its {MANIFEST_FILE} is not a regular file"
+    if st.st_size > MAX_MANIFEST_BYTES:
+        return f"its {MANIFEST_FILE} is too large to be ours"
+    try:
+        body = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        return f"its {MANIFEST_FILE} does not parse ({type(exc).__name__})"
+    entries = body.get("entries") if isinstance(body, dict) else None
+    if (
+        body.get("format") != MANIFEST_FORMAT
+        or body.get("version") != MANIFEST_VERSION
+        or not isinstance(entries, list)
+        or not all(_is_entry(e) for e in entries)
+    ):
+        return f"its {MANIFEST_FILE} is not a manifest diffcse wrote"
+    if body.get("tool") != tool:
+        return f"its {MANIFEST_FILE} says {body.get('tool')!r} wrote it, not {tool}"
+    return {name: kind for name, kind in entries}
+
+
+def _is_entry(entry: object) -> bool:
+    return (
+        isinstance(entry, list)
+        and len(entry) == 2
+        and all(isinstance(x, str) for x in entry)
+        and entry[0] != MANIFEST_FILE
+    )
+
+
+def first_foreign_entry(folder: Path, listed: dict[str, str]) -> str | None:
+    """The first entry (sorted) the manifest does not list with its kind, or None.
+
+    Only folders the manifest lists are entered, so a large user folder costs one listing.
+    """
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(folder / rel if rel else folder) as it:
+            names = sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in it)
+        for base, mode in names:
+            name = f"{rel}/{base}" if rel else base
+            if name == MANIFEST_FILE:
+                continue
+            kind = kind_of(mode)
+            if listed.get(name) != kind:
+                return name
+            if kind == "dir":
+                stack.append(name)
+    return None
+
+
+# ---------------------------------------------------------------- the one check
+
+
+def check_owned(path: Path, tool: str, what: str) -> None:
+    """Raise NotOursError unless `path` is empty or a folder `tool` wrote, entry for entry."""
+    refuse = "refusing to replace it even with --overwrite"
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise NotOursError(f"{path}: is a symbolic link, not {what}; {refuse}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotOursError(f"{path}: is a file, not {what}; {refuse}")
+    if not any(os.scandir(path)):
+        return
+    listed = _read_manifest(path, tool)
+    if listed == "":
+        raise NotOursError(_no_manifest(path, tool, what))
+    if isinstance(listed, str):
+        raise NotOursError(f"{path}: {listed}, so it is not {what}; {refuse}")
+    foreign = first_foreign_entry(path, listed)
+    if foreign is not None:
+        raise NotOursError(
+            f"{path}: holds {foreign}, which {tool} did not write (its {MANIFEST_FILE} does "
+            f"not list it); {refuse}: move it out or choose another folder"
+        )
+
+
+def _no_manifest(path: Path, tool: str, what: str) -> str:
+    legacy = next((m for m in LEGACY_MARKERS if (path / m).is_file()), None)
+    if legacy is not None:
+        return (
+            f"{path}: has {legacy} but no {MANIFEST_FILE}, so it may be {what} from an "
+            "older diffcse or a folder of yours; refusing to replace it even with "
+            f"--overwrite: look inside, and if nothing there is yours remove it by hand "
+            f"(rm -r {path}) and rerun"
+        )
+    first = min(os.listdir(path))
+    return (
+        f"{path}: holds {first} but no {MANIFEST_FILE} naming {tool}, so it is not {what}; "
+        "refusing to replace it even with --overwrite"
+    )
+
+
+def check_not_in_use(path: Path, inputs: Iterable[str | Path] = ()) -> None:
+    """Never replace the working directory, a folder above it, or one holding an input."""
+    target = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(path))
+    cwd = Path.cwd()
+    if cwd.is_relative_to(target) or Path(os.path.realpath(cwd)).is_relative_to(real):
+        raise NotOursError(
+            f"{path}: is the current working directory or holds it; refusing to replace it"
+        )
+    for item in inputs:
+        if str(item) == "-":
+            continue
+        plain, resolved = Path(os.path.abspath(item)), Path(os.path.realpath(item))
+        if plain.is_relative_to(target) or resolved.is_relative_to(real):
+            raise NotOursError(f"{path}: is or holds the input {item}; choose another output")
