@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One device call: fit generator recipes, then the objectives at scale and the demo's own
-# settings, every run scored by the trainer's own dev evaluation. Writes JSON and logs to
-# $OUT (or ./gpu-out). Prepared here with `python benchmarks/gpu/pack.py pack .gpu`; on the
-# device: `bash benchmarks/gpu/quality.sh` with .gpu carried.
-# QUICK=1 shrinks every budget to a few steps: the CPU check of this script before a call.
+# The method's effect on a GPU: fit generator recipes, then the objectives at scale and the
+# demo's own settings, every run scored by the trainer's own dev evaluation, within BUDGET
+# seconds (default 540). Writes JSON and logs to $OUT (default ./gpu-out). Run from the
+# repository root on any CUDA machine: `bash benchmarks/gpu/quality.sh` (settings: session.sh).
+# QUICK=1 shrinks every budget to a few steps (DEV=cpu QUICK=1: a check of the script on CPU).
 set -u
 BUDGET=${BUDGET:-540}; THREADS=2
-source "$(dirname "$0")/session.sh"
+source "$(dirname "$0")/session.sh" || exit 1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
   nproc; } > "$OUT/machine.txt" 2>&1
@@ -18,9 +18,9 @@ if [ "${QUICK:-0}" = 1 ]; then GSTEPS="--max-steps 0 --min-accuracy-gain 0"; S1=
 for aug in none replace; do
   lam=0.005; [ $aug = none ] && lam=0
   $PY -m diffcse_train --config configs/demo_cpu.yaml --overwrite --quiet --set device=$DEV \
-    --set model_name_or_path=/tmp/minilm --set train_file=$CORPUS --set augmentation=$aug \
+    --set model_name_or_path=$MODEL --set train_file=$CORPUS --set augmentation=$aug \
     --set lambda_weight=$lam --set max_steps=3 --set eval_data_dir=null --set export_dir=null \
-    --set precision=bf16 --set output_dir=/tmp/smoke-$aug > "$OUT/smoke-$aug.log" 2>&1 \
+    --set precision=bf16 --set output_dir=$WORK/smoke-$aug > "$OUT/smoke-$aug.log" 2>&1 \
     || { echo "smoke $aug failed"; tail -n 40 "$OUT/smoke-$aug.log"; exit 1; }
 done
 echo "smoke passed: $(( $(date +%s) - START )) s"
@@ -35,14 +35,14 @@ declare -A GEN=(
 )
 [ "${QUICK:-0}" = 1 ] && GEN=([default]="" [elr3e-4]="--encoder-lr 3e-4")
 for name in "${!GEN[@]}"; do
-  timeout $(( $(left) - 330 )) $PY -m diffcse_train fit-generator --encoder /tmp/minilm --corpus $CORPUS \
-    --out /tmp/gen-$name --device $DEV --quiet $GSTEPS ${GEN[$name]} > "$OUT/gen-$name.log" 2>&1 &
+  timeout $(( $(left) - 330 )) $PY -m diffcse_train fit-generator --encoder $MODEL --corpus $CORPUS \
+    --out $WORK/gen-$name --device $DEV --quiet $GSTEPS ${GEN[$name]} > "$OUT/gen-$name.log" 2>&1 &
 done
 wait
-$PY - <<'PY' > "$OUT/generators.json"
+$PY - "$WORK" <<'PY' > "$OUT/generators.json"
 import json, sys, pathlib
 rows = {}
-for p in sorted(pathlib.Path("/tmp").glob("gen-*/fit_report.json")):
+for p in sorted(pathlib.Path(sys.argv[1]).glob("gen-*/fit_report.json")):
     r = json.loads(p.read_text())
     rows[p.parent.name[4:]] = {"fill": r["after"]["accuracy"], "copy": r["after"]["copy_accuracy"],
         "ppl": r["after"]["perplexity"], "steps": r["steps"], "seconds": r["seconds"]}
@@ -59,13 +59,13 @@ echo "generator for the runs: ${BEST:-none}"; echo "${BEST:-none}" > "$OUT/gener
 RUNS=simcse,diffcse-mlm,diffcse-replace; SWEEP=0.05,0.5
 if [ -z "$BEST" ]; then RUNS=simcse,diffcse-replace; SWEEP=""; tail -n 30 "$OUT"/gen-default.log; fi
 
-COMMON=(--device $DEV --score trainer --generator /tmp/gen-$BEST --data .gpu/sts
-  --set model_name_or_path=/tmp/minilm --set train_file=$CORPUS --set fit_generator=false)
+COMMON=(--device $DEV --score trainer --generator $WORK/gen-$BEST --data $STS
+  --set model_name_or_path=$MODEL --set train_file=$CORPUS --set fit_generator=false)
 # 2. the objectives at scale: one pass over the corpus at batch 64 (553 steps), bf16
 # autocast, fp32 evaluation every 50 steps; 3 seeds; lambda sweep
 timeout $(( $(left) - 5 )) $PY -m benchmarks.quality "${COMMON[@]}" --steps $S1 --batch-size 64 \
   --learning-rate 3e-5 --eval-steps $E1 --precision bf16 --seeds 42,43,44 --runs $RUNS --sweep "$SWEEP" \
-  --jobs 6 --deadline $(( $(left) - 150 )) --work /tmp/q-scale --out "$OUT/quality_scale.json" \
+  --jobs 6 --deadline $(( $(left) - 150 )) --work $WORK/q-scale --out "$OUT/quality_scale.json" \
   > "$OUT/quality_scale.log" 2>&1 &
 # 3. the demo's own settings (configs/demo_cpu.yaml: batch 32, 100 steps, fp32), 3 seeds
 for lr in 3e-5 1e-5; do
@@ -73,7 +73,7 @@ for lr in 3e-5 1e-5; do
   [ -z "$BEST" ] && [ $lr != 3e-5 ] && continue
   timeout $(( $(left) - 5 )) $PY -m benchmarks.quality "${COMMON[@]}" --steps $S2 --batch-size 32 \
     --learning-rate $lr --eval-steps $E2 --precision fp32 --seeds 42,43,44 --runs $runs \
-    --jobs 2 --deadline $(( $(left) - 90 )) --work /tmp/q-demo-$lr --out "$OUT/quality_demo_$lr.json" \
+    --jobs 2 --deadline $(( $(left) - 90 )) --work $WORK/q-demo-$lr --out "$OUT/quality_demo_$lr.json" \
     > "$OUT/quality_demo_$lr.log" 2>&1 &
 done
 wait

@@ -1,6 +1,7 @@
-"""Print the table of benchmarks/README.md ("The method's effect on a GPU") from results.
+"""Print the GPU quality table of benchmarks/notes/quality-and-training.md from the JSON that
+quality.sh and demo_grid.sh wrote.
 
-python benchmarks/gpu/summarize.py benchmarks/results/gpu
+    python -m benchmarks.gpu.summarize benchmarks/results/gpu
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Pack what a GPU quality session needs into one folder that travels with the checkout.
 
-The device machine has PyTorch and transformers but no registry and no hub, and a call
-carries at most 64 MiB. all-MiniLM-L6-v2's fp32 weights are 87 MiB, so they travel as
-float16 (43 MiB) and `unpack` widens them back to float32 there. Rounding to fp16 moves
-each weight by at most 2^-11 of its value; every contender starts from the same rounded
-model, and each run scores that model itself (its step 0), so comparisons are unaffected.
+Only for a machine reached through a size-limited transfer: one with PyTorch and transformers
+but no registry and no hub, where a call carries at most 64 MiB. On any other CUDA machine
+run benchmarks/gpu/quality.sh directly. all-MiniLM-L6-v2's fp32 weights are 87 MiB, so they
+travel as float16 (43 MiB) and `unpack` widens them back to float32 there. Rounding to fp16
+moves each weight by at most 2^-11 of its value; every contender starts from the same
+rounded model, and each run scores that model itself (its step 0), so comparisons are
+unaffected.
 
-    python benchmarks/gpu/pack.py pack .gpu              # here: model, corpus, STS dev data
-    python benchmarks/gpu/pack.py unpack .gpu /tmp/minilm  # there: the fp32 model folder
+    python -m benchmarks.gpu.transfer.pack pack .gpu               # here: model, corpus, STS data
+    python -m benchmarks.gpu.transfer.pack unpack .gpu /tmp/minilm  # there (transfer/unpack.sh)
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+
+from benchmarks.benchlib import STS_DATA
 
 WEIGHTS = "model.safetensors"
 HALF = "model.fp16.safetensors"
@@ -39,7 +43,7 @@ def pack(dest: Path) -> None:
     sts = dest / "sts"
     if sts.exists():
         shutil.rmtree(sts)
-    shutil.copytree(Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sts", sts)
+    shutil.copytree(STS_DATA, sts)
     print(f"packed {src} (fp16), {len(sentences)} sentences and STS dev data into {dest}")
 
 

@@ -1,14 +1,15 @@
-"""Pack what the serving benchmark needs on the device machine's 16 cores (serve.sh there).
+"""Pack what the serving benchmark needs for a machine reached through a size-limited transfer.
 
-That machine has Python 3.12, onnxruntime, tokenizers and numpy, but no registry, no
-FastAPI/uvicorn/pydantic and no wrk, and a call carries at most 64 MiB. So this packs:
-the exported MiniLM with its float32 weights as float16 (the fp32 file is 87 MiB; speed does
-not depend on the values, and `unpack` widens them back and re-records the model
-directory's hashes), the serve extra's wheels for CPython 3.12, wrk with its LuaJIT
-library, and the STS data the benchmark reads its sentences from.
+Only for such a machine (benchmarks/gpu/serve.sh with PACKED=.serve); anywhere else serve.sh
+runs as it is. That machine has Python 3.12, onnxruntime, tokenizers and numpy, but no
+registry, no FastAPI/uvicorn/pydantic and no wrk, and a call carries at most 64 MiB. So this
+packs: the exported MiniLM with its float32 weights as float16 (the fp32 file is 87 MiB;
+speed does not depend on the values, and `unpack` widens them back and re-records the model
+directory's hashes), the serve extra's wheels for CPython 3.12, wrk with its LuaJIT library,
+and the STS data the benchmark reads its sentences from.
 
-    python benchmarks/gpu/serve_pack.py pack runs/demo_cpu/model .serve    # here
-    python benchmarks/gpu/serve_pack.py unpack .serve /tmp/minilm-onnx      # there
+    python -m benchmarks.gpu.transfer.serve_pack pack runs/demo_cpu/model .serve  # here
+    python -m benchmarks.gpu.transfer.serve_pack unpack .serve /tmp/minilm-onnx    # there
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.benchlib import STS_DATA
 
 WHEELS = ["fastapi", "starlette", "uvicorn", "pydantic", "pydantic-core", "httptools"]
 WHEELS += ["annotated-types", "typing-inspection", "annotated-doc", "opentelemetry-api"]
@@ -50,7 +53,7 @@ def pack(model: Path, dest: Path) -> None:
     shutil.copy2(shutil.which("wrk"), dest / "bin" / "wrk")
     (dest / "lib").mkdir()
     shutil.copy2("/lib/x86_64-linux-gnu/libluajit-5.1.so.2", dest / "lib")
-    shutil.copytree(Path(__file__).resolve().parents[2].parent / "shared/data/sts", dest / "sts")
+    shutil.copytree(STS_DATA, dest / "sts")
     print(f"packed {model} (weights as fp16), {len(WHEELS)} wheels, wrk and STS data in {dest}")
 
 

@@ -1,0 +1,1 @@
+"""Optional packing for a machine reached through a size-limited transfer (no registry)."""
