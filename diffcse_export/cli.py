@@ -13,8 +13,9 @@ import click
 
 from diffcse_export.errors import ExportError, ValidationError
 from diffcse_export.pipeline import ExportOptions, export_model, target_dirs
-from diffcse_export.validate import format_table
+from diffcse_export.validate import Thresholds, format_table
 from diffcse_export.variants import VARIANTS
+from diffcse_runtime.bounds import field_bound
 from diffcse_runtime.errors import friendly_errors
 
 DEFAULT_STS_DATA = "../shared/data/sts"
@@ -33,11 +34,14 @@ def parse_limits(values: tuple[str, ...], option: str, opts: ExportOptions) -> N
             value = None if raw.lower() == "none" else float(raw)
         except ValueError:
             raise ExportError(f"{option} {item!r}: {raw!r} is not a number") from None
+        problem = None if value is None else field_bound(Thresholds, key).problem(value)
+        if problem:  # the range Thresholds declares: finite, >= 0, a cosine within [-1, 1]
+            raise ExportError(f"{option} {item!r}: {problem}")
         opts.thresholds[variant] = dataclasses.replace(opts.thresholds[variant], **{key: value})
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint")
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option(
     "--with-projector",
@@ -64,7 +68,10 @@ def parse_limits(values: tuple[str, ...], option: str, opts: ExportOptions) -> N
 )
 @click.option("--fp16", is_flag=True, help="Also write OUT-fp16/ (float16 for GPUs, fused).")
 @click.option(
-    "--max-seq-length", type=int, default=None, help="Token limit recorded for the runtime."
+    "--max-seq-length",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Token limit recorded for the runtime.",
 )
 @click.option(
     "--sts-data",
@@ -90,7 +97,7 @@ def parse_limits(values: tuple[str, ...], option: str, opts: ExportOptions) -> N
 @click.option("--quiet", "-q", is_flag=True, help="Print only the table and errors.")
 @friendly_errors
 def main(
-    checkpoint: Path,
+    checkpoint: str,
     output: Path,
     with_projector: bool,
     pooling: str,
@@ -105,7 +112,8 @@ def main(
     max_sts_delta: tuple[str, ...],
     quiet: bool,
 ) -> None:
-    """Export CHECKPOINT (a diffcse-train output or any HF encoder folder) to OUTPUT.
+    """Export CHECKPOINT (a diffcse-train output, any HF encoder folder, or
+    builtin:all-MiniLM-L6-v2) to OUTPUT.
 
     OUTPUT is OUT/model.onnx or OUT: the fp32 model directory OUT/ (model.onnx,
     tokenizer.json, diffcse.json). Variants go beside it as OUT-optimized/, OUT-int8/ and

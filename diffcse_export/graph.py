@@ -36,6 +36,7 @@ from torch import nn
 from diffcse_export.cls_layer import ClsStates, prunable
 from diffcse_export.errors import ExportError, first_line
 from diffcse_export.fold import build_projector, fold_projector
+from diffcse_runtime import builtin
 from diffcse_runtime.checkpoint_files import BEST_SUBDIR, HEAD_FILE, PROJECTOR_FILE, PROJECTORS
 from diffcse_runtime.errors import DiffcseError, ModelDirError
 from diffcse_runtime.model_dir import OUTPUT_NAME
@@ -69,6 +70,7 @@ class Checkpoint:
     normalize: bool = False  # the source ends in a Normalize module: the graph does too
     native_pooling: str = "cls"  # what the source declares (or cls for a plain HF folder)
     declared_in: str = ""  # the file that declares it; "" for a plain HF folder
+    source: str = ""  # the checkpoint as the user named it (builtin:..., a relative path)
 
     @property
     def pooling_switched(self) -> str | None:
@@ -106,8 +108,12 @@ class Checkpoint:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The encoder folder: `path` itself, or `path/best` for a diffcse-train output folder."""
-    path = Path(path)
+    """The encoder folder: `path` itself, `path/best` for a diffcse-train output folder, or
+    the packaged folder of a `builtin:` name (the same names diffcse-train accepts)."""
+    try:
+        path = builtin.model_path(path)
+    except DiffcseError as exc:
+        raise ExportError(str(exc)) from None
     if not path.is_dir():
         raise ExportError(f"{path}: no such folder (expected a checkpoint or encoder folder)")
     if not (path / "config.json").is_file() and (path / BEST_SUBDIR / "config.json").is_file():
@@ -118,6 +124,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "or a Hugging Face encoder folder"
         )
     return path
+
+
+def source_name(spec: str | Path, folder: Path) -> str:
+    """`spec` as the user wrote it, never made absolute: it goes into diffcse.json and the
+    model card, which travel to other machines. A run folder resolved to its best/ says so."""
+    if not builtin.is_builtin(spec) and folder.name == BEST_SUBDIR and folder != Path(spec):
+        return str(Path(spec) / BEST_SUBDIR)
+    return str(spec)
 
 
 def native_pooling(folder: Path, head: dict[str, Any] | None) -> tuple[str, bool, str]:
@@ -191,7 +205,7 @@ def load_checkpoint(path: str | Path, pooling: str = "auto") -> Checkpoint:
     return Checkpoint(
         folder, encoder, tokenizer, kind, head,
         pooling=chosen, normalize=normalize and chosen == native,
-        native_pooling=native, declared_in=declared_in,
+        native_pooling=native, declared_in=declared_in, source=source_name(path, folder),
     )  # fmt: skip
 
 

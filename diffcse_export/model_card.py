@@ -19,13 +19,13 @@ from dataclasses import fields
 from pathlib import Path
 
 from diffcse_export.validate import VariantReport, format_table
+from diffcse_runtime import builtin
 from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.model_dir import ModelMeta, load_metadata
 
 CARD_FILE = "README.md"
 TRAIN_CONFIG = "train_config.yaml"  # written into best/ by diffcse-train
 TRAIN_METRICS = "metrics.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name; a bare name is ambiguous
 _THRESHOLD_TEXT = {
     "atol": "max abs diff <= {}",
     "min_cosine": "min cosine >= {}",
@@ -48,12 +48,10 @@ def front_matter(meta: ModelMeta, base_model: str | None) -> str:
     return "\n".join([*lines, "---"])
 
 
-def _base_model(train_config: str | None) -> str | None:
-    """The hub id training started from, when the config names one (never a local path)."""
+def _base_model(train_config: str | None, source: str) -> str | None:
+    """The hub id training started from (else the exported source's), never a local path."""
     match = re.search(r"^model_name_or_path:\s*['\"]?([^'\"\s]+)", train_config or "", re.M)
-    if match and _HUB_ID.match(match.group(1)) and not Path(match.group(1)).exists():
-        return match.group(1)
-    return None
+    return builtin.hub_id(match.group(1) if match else source)
 
 
 def _thresholds(report: VariantReport) -> str:
@@ -92,12 +90,13 @@ def _model_section(name: str, meta: ModelMeta) -> list[str]:
     ]
 
 
-def _training_section(source: Path) -> list[str]:
-    config_path = source / TRAIN_CONFIG
+def _training_section(folder: Path, source: str) -> list[str]:
+    """`folder` is the checkpoint read; `source` names it as the user did."""
+    config_path = folder / TRAIN_CONFIG
     if not config_path.is_file():
         return ["", "## Source", "", f"Exported from `{source}` (not a diffcse-train output)."]
     lines = ["", "## Training", "", f"Trained with `diffcse-train`; checkpoint `{source}`."]
-    metrics_path = source / TRAIN_METRICS
+    metrics_path = folder / TRAIN_METRICS
     if metrics_path.is_file():
         try:
             metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
@@ -163,25 +162,28 @@ def _usage_section(name: str) -> list[str]:
     ]
 
 
-def model_card(name: str, meta: ModelMeta, reports: list[VariantReport], source: Path) -> str:
-    """The full README.md text of one model directory."""
-    config_path = source / TRAIN_CONFIG
+def model_card(name: str, meta: ModelMeta, reports: list[VariantReport], folder: Path) -> str:
+    """The full README.md text of one model directory exported from checkpoint `folder`."""
+    config_path = folder / TRAIN_CONFIG
     config = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
     body = [
         *_model_section(name, meta),
-        *_training_section(source),
+        *_training_section(folder, meta.source),
         *_validation_section(meta, reports),
         *_usage_section(name),
     ]
-    return front_matter(meta, _base_model(config)) + "\n\n" + "\n".join(body) + "\n"
+    return front_matter(meta, _base_model(config, meta.source)) + "\n\n" + "\n".join(body) + "\n"
 
 
 def write_model_cards(
-    staged: dict[str, Path], targets: dict[str, Path], reports: list[VariantReport]
+    staged: dict[str, Path],
+    targets: dict[str, Path],
+    reports: list[VariantReport],
+    checkpoint: Path,
 ) -> None:
     """README.md into every staged model directory (named after its final folder)."""
     for variant, folder in staged.items():
         meta = load_metadata(folder, verify_hash=False)
-        text = model_card(targets[variant].name, meta, reports, Path(meta.source))
+        text = model_card(targets[variant].name, meta, reports, checkpoint)
         with atomic_file(folder / CARD_FILE, "w") as fh:
             fh.write(text)

