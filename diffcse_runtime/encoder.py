@@ -10,7 +10,7 @@ Three properties make it usable in batch jobs and servers:
   truncates, so one 10 MB line used to cost 1.6 GB and 9 s. A text longer than a window of
   `CUT_CHARS_PER_TOKEN * max_seq_length` characters is cut first, at a point proven not to
   change the tokens the model keeps, or, where no proof is found within the hard bound, at
-  that bound with a WARNING (see `Encoder._find_cuts`).
+  that bound, counted as truncated (see `Encoder._find_cuts`).
 - Truncation is visible: `encode` logs one WARNING with the count and the longest length,
   or hands the per-text counts back with `return_token_counts=True`.
 - An `Encoder` pickles by path and settings, so multiprocessing, Ray and Spark workers
@@ -67,6 +67,11 @@ CPU_DISABLED_FUSIONS = {"int8": ["SkipLayerNormFusion"]}
 CUT_CHARS_PER_TOKEN = 8
 CUT_GROWTH = 4
 CUT_MAX_CHARS_PER_TOKEN = 128
+# Characters handed to one tokenizers call. It builds every Encoding of a call at once
+# (~100-250 bytes per character measured, offsets and overflow pieces included), so calls of
+# at most this many characters keep tokenizing within ~64 MB whatever the number of texts;
+# the ids kept afterwards are at most max_seq_length per text.
+TOKENIZE_CHUNK_CHARS = 1 << 18
 
 
 def pick_providers(requested: Sequence[str] | None = None) -> list[str]:
@@ -341,22 +346,54 @@ class Encoder:
         bar.close()
         return out, counts
 
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], TokenCounts]:
+        """Token ids as the model reads them (truncated, special tokens added) and the
+        counts before truncation, with bounded work and memory per text.
+
+        A server counts and encodes from this one tokenization: `encode_token_ids` runs the
+        model on the ids without tokenizing again.
+        """
+        return self._tokenize(list(texts))
+
+    def encode_token_ids(self, ids: Sequence[Sequence[int]], normalize: bool = False) -> np.ndarray:
+        """(n, d) float32 rows for ids from `tokenize`, in one session run (the caller
+        batches; rows are padded to the longest)."""
+        if not ids:
+            return np.zeros((0, self.meta.embedding_dim), dtype=np.float32)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        if lengths.min() < 1 or lengths.max() > self.max_seq_length:
+            raise ValueError(f"each row of ids must hold 1 to {self.max_seq_length} token ids")
+        out = self._run_batch(ids, lengths)
+        if normalize:
+            _normalize_rows(out)
+        return out
+
     def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], TokenCounts]:
-        """Token ids (truncated, special tokens added) and the counts before truncation."""
+        """Token ids (truncated, special tokens added) and the counts before truncation.
+
+        Long texts are cut first (`_find_cuts`), and the texts go to the tokenizer in calls
+        of at most TOKENIZE_CHUNK_CHARS characters, keeping only ids and counts between
+        calls: memory is bounded by the chunk, not by the request or the longest text.
+        """
         window = CUT_CHARS_PER_TOKEN * self.max_seq_length
         long = {i: t for i, t in enumerate(texts) if len(t) > window}
         cuts = self._find_cuts(long) if long else {}
         if cuts:
             texts = [t[: cuts[i].at] if i in cuts else t for i, t in enumerate(texts)]
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
-        counts = np.fromiter(map(self._count, encodings), dtype=np.int64, count=len(texts))
+        ids: list[list[int]] = []
+        counts = np.zeros(len(texts), dtype=np.int64)
+        for start, stop in _char_chunks(list(map(len, texts)), TOKENIZE_CHUNK_CHARS):
+            encodings = self.tokenizer.encode_batch(texts[start:stop], add_special_tokens=True)
+            counts[start:stop] = [self._count(e) for e in encodings]
+            ids.extend(e.ids for e in encodings)
+            del encodings
         windowed = np.zeros(len(texts), dtype=bool)
         hard_cut = np.zeros(len(texts), dtype=bool)
         for i, cut in cuts.items():
             counts[i] = max(int(counts[i]), cut.tokens)
             windowed[i], hard_cut[i] = True, not cut.proven
-        counted = TokenCounts(counts, windowed, hard_cut, self.max_seq_length)
-        return [e.ids for e in encodings], counted
+        cut_at = CUT_MAX_CHARS_PER_TOKEN * self.max_seq_length
+        return ids, TokenCounts(counts, windowed, hard_cut, self.max_seq_length, cut_at)
 
     def _count(self, encoding: Encoding) -> int:
         """Tokens before truncation: the kept ones plus the overflowing pieces' own tokens."""
@@ -378,7 +415,7 @@ class Encoder:
         fixed characters-per-token ratio can promise this (a 10k-character word is one
         [UNK]; whitespace runs make no tokens), so the window is checked, not assumed, and
         grows until the check passes or it reaches the hard bound, where the text is cut
-        anyway and a WARNING says so.
+        anyway and counted as truncated (`TokenCounts.hard_cut`).
 
         Returns the cut per text; texts that fit a grown window whole are left out.
         """
@@ -388,26 +425,20 @@ class Encoder:
         cuts: dict[int, Cut] = {}
         while long:
             index = list(long)
-            windows = [long[i][:window] for i in index]
-            encodings = self._window_tokenizer().encode_batch(windows, add_special_tokens=False)
             grow = {}
-            for i, enc in zip(index, encodings, strict=True):
-                complete = kept_tokens_complete(enc.word_ids, keep)
-                if complete or window >= cap:
-                    cuts[i] = Cut(window, len(enc) + self._n_special, complete)
-                else:
-                    grow[i] = long[i]
+            for start, stop in _char_chunks([window] * len(index), TOKENIZE_CHUNK_CHARS):
+                part = index[start:stop]
+                windows = [long[i][:window] for i in part]
+                encodings = self._window_tokenizer().encode_batch(windows, add_special_tokens=False)
+                for i, enc in zip(part, encodings, strict=True):
+                    complete = kept_tokens_complete(enc.word_ids, keep)
+                    if complete or window >= cap:
+                        cuts[i] = Cut(window, len(enc) + self._n_special, complete)
+                    else:
+                        grow[i] = long[i]
+                del windows, encodings
             window = min(window * CUT_GROWTH, cap)
             long = {i: t for i, t in grow.items() if len(t) > window}
-        if hard := sum(not cut.proven for cut in cuts.values()):
-            log.warning(
-                "diffcse_runtime: %d text(s) had fewer than %d tokens in their first %d "
-                "characters (very long words or whitespace runs); they were cut there before "
-                "tokenizing",
-                hard,
-                keep,
-                cap,
-            )
         return cuts
 
     def _window_tokenizer(self) -> Tokenizer:
@@ -440,6 +471,19 @@ class Encoder:
     def similarity_pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Cosine of row i of `a` with row i of `b`: (n,) (sentence-transformers/MTEB name)."""
         return mteb_compat.pairwise_cosine(a, b)
+
+
+def _char_chunks(lengths: list[int], budget: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) runs of consecutive items of at most `budget` characters in all (at
+    least one item each): the unit of one tokenizers call."""
+    start, used = 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and used + n > budget:
+            yield start, i
+            start, used = i, 0
+        used += n
+    if start < len(lengths):
+        yield start, len(lengths)
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -8,7 +8,8 @@ The convention (docs/contributing.md says the same for writers):
 - `<!-- background: URL -->` starts the block in the background and waits until URL answers
   200 (a server); it is stopped with SIGTERM when the page is done;
 - `<!-- makes: my-model -->` marks README.md's block that makes the model every page uses:
-  it runs once per test session, and each page starts in a fresh folder holding `my-model`.
+  it runs once per test session, and each page starts in a fresh folder holding `my-model`
+  and the repository's `configs/`, as a checkout does.
 
 A page's blocks run in order in one folder, like a reader typing them in one shell: bash
 with `set -euo pipefail`, python with the interpreter running the tests, both with this
@@ -182,7 +183,9 @@ def session_model(base: Path) -> Path:
 
 
 def workspace(tmp: Path, model: Path) -> Path:
-    """A fresh folder for one page or example, holding `my-model` (a link to the session's)."""
+    """A fresh folder for one page or example, as a checkout looks to a reader: `configs/`
+    (a link to the repository's) and `my-model` (a link to the session's)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "my-model").symlink_to(model, target_is_directory=True)
+    (tmp / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
     return tmp

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import json
 import os
@@ -26,13 +27,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from tokenizers import Tokenizer
 
 from diffcse_runtime.conventions import ConventionError, check_dim, truncate_dims
 from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.model_dir import MODEL_FILE
 from diffcse_runtime.serve.batching import Batcher, BatchSettings, QueueFull
-from diffcse_runtime.serve.gate import ApiError, RequestGate, log
+from diffcse_runtime.serve.gate import (
+    LOOPBACK_HOSTS,
+    Access,
+    ApiError,
+    RequestGate,
+    Stopping,
+    check_api_key,
+    log,
+)
 from diffcse_runtime.serve.metrics import ServeMetrics
 from diffcse_runtime.serve.schemas import (
     EmbeddingRequest,
@@ -41,6 +49,7 @@ from diffcse_runtime.serve.schemas import (
     ModelCard,
     ModelList,
 )
+from diffcse_runtime.truncation import TokenCounts
 
 INLINE_CHARS = 16_384  # requests with more text are tokenized off the event loop
 PATHS = {"/v1/embeddings", "/v1/models", "/health", "/ready", "/metrics"}
@@ -59,34 +68,14 @@ class ServeSettings:
     """Limits and behaviour of one server (the diffcse-serve options)."""
 
     api_keys: tuple[str, ...] = ()
+    # Host header names served ('*': any) and browser origins allowed (CORS); see gate.py
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    cors_origins: tuple[str, ...] = ()
     max_inputs: int = 2048
     max_body_bytes: int = 8 * 1024 * 1024
     truncate: bool = False
     retry_after_s: int = 1
     batch: BatchSettings = field(default_factory=BatchSettings)
-
-
-class TokenCounter:
-    """Token counts of texts as the model reads them, and the full count of any text that
-    the model would cut (so a 400 can say how long it is)."""
-
-    def __init__(self, encoder: Encoder) -> None:
-        self.limit = encoder.max_seq_length
-        self._model = encoder.tokenizer  # truncates at the limit, as Encoder.encode does
-        self._full = Tokenizer.from_str(encoder.tokenizer.to_str())
-        self._full.no_truncation()
-        self._full.no_padding()
-
-    def count(self, texts: list[str]) -> tuple[list[int], dict[int, int]]:
-        """(tokens read per text, {index: full count} of the texts over the limit)."""
-        lengths = [len(e.ids) for e in self._model.encode_batch(texts)]
-        at_limit = [i for i, n in enumerate(lengths) if n >= self.limit]
-        over: dict[int, int] = {}
-        if at_limit:
-            full = self._full.encode_batch([texts[i] for i in at_limit])
-            counts = zip(at_limit, (len(e.ids) for e in full), strict=True)
-            over = {i: n for i, n in counts if n > self.limit}
-        return lengths, over
 
 
 @dataclass
@@ -102,14 +91,24 @@ class Embedded:
 
 
 class ServedModel:
-    """One model under its name: encoder, token counter and batcher."""
+    """One model under its name: encoder and batcher."""
 
-    def __init__(self, name: str, encoder: Encoder, settings: ServeSettings, metrics) -> None:
+    def __init__(
+        self,
+        name: str,
+        encoder: Encoder,
+        settings: ServeSettings,
+        metrics,
+        tokenizing: asyncio.Semaphore | None = None,
+    ) -> None:
         self.name = name
         self.encoder = encoder
         self.settings = settings
         self.metrics = metrics
-        self.counter = TokenCounter(encoder)
+        self.limit = encoder.max_seq_length
+        # large requests are tokenized off the loop one at a time (shared by the models of
+        # an app): tokenizing memory is then one bounded chunk, whatever the concurrency
+        self.tokenizing = tokenizing or asyncio.Semaphore(1)
         # Rows leave the workers raw and each route normalises (or not) after any cut to
         # `dimensions`: the TEI route lets a request choose, and it costs one division per row
         self.batcher = Batcher(name, encoder, replace(settings.batch, normalize=False), metrics)
@@ -132,20 +131,23 @@ class ServedModel:
         field: str = "input",
         remedy: str = OPENAI_REMEDY,
     ) -> Embedded:
-        """The one path from checked texts to rows, for every route: count tokens, refuse
-        (or cut and report) texts over the limit, queue on the Batcher, count metrics.
+        """The one path from checked texts to rows, for every route: tokenize once (bounded:
+        `Encoder.tokenize`), refuse (or cut and report) texts the model would not read
+        whole, queue the ids on the Batcher, count metrics.
 
         `field`, `single` and `remedy` only word the refusal for the route's own schema.
         """
         if sum(map(len, texts)) > INLINE_CHARS:
-            lengths, over = await asyncio.to_thread(self.counter.count, texts)
+            async with self.tokenizing:
+                ids, counts = await asyncio.to_thread(self.encoder.tokenize, texts)
         else:
-            lengths, over = self.counter.count(texts)
-        truncated = _check_lengths(self, over, truncate, _where(field, single), remedy)
+            ids, counts = self.encoder.tokenize(texts)
+        truncated = _check_lengths(self, counts, truncate, _where(field, single), remedy)
+        lengths = [len(row) for row in ids]
         request.state.log = {"model": self.name, "inputs": len(texts), "tokens": sum(lengths)}
         self.metrics.in_flight.inc()
         try:
-            rows = await self.batcher.embed(texts, lengths)
+            rows = await self.batcher.embed(ids)
         except QueueFull:
             retry = self.settings.retry_after_s
             raise ApiError(
@@ -176,12 +178,19 @@ def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = N
     settings = settings or ServeSettings()
     if not models:
         raise ValueError("create_app needs at least one model")
+    for key in settings.api_keys:
+        check_api_key(key, "ServeSettings.api_keys")
     metrics = ServeMetrics()
-    served = {name: ServedModel(name, enc, settings, metrics) for name, enc in models.items()}
+    tokenizing = asyncio.Semaphore(1)
+    served = {
+        name: ServedModel(name, enc, settings, metrics, tokenizing) for name, enc in models.items()
+    }
     state = {"ready": False}
+    stopping = Stopping()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        stopping.bind()
         for model in served.values():
             await model.batcher.start()
         state["ready"] = True
@@ -195,6 +204,7 @@ def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = N
     app = FastAPI(title="diffcse-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
     app.state.models = served
+    app.state.stopping = stopping  # set by the CLI's server when a stop begins
     _install_error_handlers(app)
     authorized = Depends(_key_check(settings.api_keys))
     from diffcse_runtime.serve import tei  # it builds on this module's checks
@@ -205,6 +215,8 @@ def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = N
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         paths=PATHS | tei.paths(served),
+        access=Access(settings.allowed_hosts, settings.cors_origins),
+        stopping=stopping,
     )
     errors: dict[int | str, dict[str, Any]] = {
         s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 503)
@@ -232,6 +244,11 @@ def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = N
     @app.get("/v1/models", response_model=ModelList, responses={401: errors[401]})
     async def list_models(_: None = authorized) -> ModelList:
         return ModelList(data=[m.card for m in served.values()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=errors)
+    async def retrieve_model(model_id: str, _: None = authorized) -> ModelCard:
+        """One model's card (the openai client's `models.retrieve`)."""
+        return _pick_model(served, model_id).card
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -270,7 +287,7 @@ def _parse_body(raw: bytes) -> EmbeddingRequest:
 
 def _key_check(keys: tuple[str, ...]):
     """A dependency refusing requests without one of `keys` (none configured: all pass)."""
-    expected = [k.encode() for k in keys]
+    expected = [_digest(k.encode()) for k in keys]
 
     async def check(authorization: str | None = Header(default=None)) -> None:
         if not expected:
@@ -280,14 +297,19 @@ def _key_check(keys: tuple[str, ...]):
                 401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
         scheme, _, token = authorization.partition(" ")
-        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        bearer = scheme.lower() == "bearer"  # header values arrive decoded as latin-1
+        given = token.strip().encode("latin-1", "replace") if bearer else b""
         ok = False
-        for key in expected:  # compare with every key, in constant time each
-            ok |= hmac.compare_digest(given, key)
+        for key in expected:  # digests of equal length: time tells neither key nor length
+            ok |= hmac.compare_digest(_digest(given), key)
         if not ok:
             raise ApiError(401, "the API key is not valid", code="invalid_api_key")
 
     return check
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
 
 
 def _pick_model(served: Mapping[str, ServedModel], name: str | None) -> ServedModel:
@@ -356,19 +378,28 @@ def _where(field: str, single: bool):
 
 
 def _check_lengths(
-    model: ServedModel, over: dict[int, int], truncate: bool, where, remedy: str
+    model: ServedModel, counts: TokenCounts, truncate: bool, where, remedy: str
 ) -> list[int]:
-    """Indices of the inputs the model will cut; a 400 for the first one if not allowed."""
-    if over and not truncate:
-        i = min(over)
-        raise ApiError(
-            400,
-            f"{where(i)} has {over[i]} tokens, over the limit of {model.counter.limit} of model "
-            f"{model.name!r}; {remedy}",
-            param=where(i),
-            code="context_length_exceeded",
-        )
-    return sorted(over)
+    """Indices of the inputs the model will not read whole (over the token limit, or cut
+    at the characters read per text); a 400 for the first one if cutting is not allowed."""
+    cut = [int(i) for i in np.flatnonzero(counts.truncated)]
+    if cut and not truncate:
+        i = cut[0]
+        if counts.cut_only[i]:
+            why = (
+                f"{where(i)} is longer than the {counts.cut_chars} characters model "
+                f"{model.name!r} reads of one text, and has fewer than {model.limit} tokens "
+                "within them (a long run of whitespace or one very long word): the rest "
+                "would not be embedded"
+            )
+        else:
+            bound = "at least " if counts.windowed[i] else ""
+            why = (
+                f"{where(i)} has {bound}{int(counts.counts[i])} tokens, over the limit of "
+                f"{model.limit} of model {model.name!r}"
+            )
+        raise ApiError(400, f"{why}; {remedy}", param=where(i), code="context_length_exceeded")
+    return cut
 
 
 # ------------------------------------------------------------------ responses

@@ -57,8 +57,8 @@ class BatchSettings:
 class _Job:
     """One request's texts on their way through the queue."""
 
-    texts: list[str]
-    lengths: list[int]  # tokens the model reads per text (after truncation)
+    ids: list[list[int]]  # token ids per text, as the model reads them (tokenized once)
+    lengths: list[int]  # tokens the model reads per text
     future: asyncio.Future
     out: np.ndarray
     order: list[int] = field(default_factory=list)  # longest first
@@ -117,23 +117,27 @@ class Batcher:
 
     # ------------------------------------------------------------ requests
 
-    async def embed(self, texts: list[str], lengths: list[int]) -> np.ndarray:
-        """(n, d) float32 rows for `texts`; raises QueueFull instead of queueing past the bound."""
-        if self._queued + len(texts) > self.settings.max_queue:
+    async def embed(self, ids: list[list[int]]) -> np.ndarray:
+        """(n, d) float32 rows for token ids from `Encoder.tokenize` (the request's one
+        tokenization: workers never tokenize); raises QueueFull instead of queueing past the
+        bound."""
+        n = len(ids)
+        lengths = [len(row) for row in ids]
+        if self._queued + n > self.settings.max_queue:
             self.metrics.rejected.labels(self.name).inc()
             raise QueueFull(f"{self._queued} texts are waiting for model {self.name!r}")
         loop = asyncio.get_running_loop()
         job = _Job(
-            texts=texts,
+            ids=ids,
             lengths=lengths,
             future=loop.create_future(),
-            out=np.empty((len(texts), self.encoder.embedding_dim), dtype=np.float32),
-            order=sorted(range(len(texts)), key=lambda i: -lengths[i]),
-            left=len(texts),
+            out=np.empty((n, self.encoder.embedding_dim), dtype=np.float32),
+            order=sorted(range(n), key=lambda i: -lengths[i]),
+            left=n,
             enqueued=time.monotonic(),
         )
         self._jobs.append(job)
-        self._set_queued(self._queued + len(texts))
+        self._set_queued(self._queued + n)
         self._wake.set()
         try:
             return await job.future
@@ -253,13 +257,8 @@ class Batcher:
         for start, stop in plan_runs(lengths, budget, self.run_overhead or 0.0):
             part = order[start:stop]
             began = time.perf_counter()
-            # return_token_counts: the server reports truncation per response and in
-            # /metrics, so the encoder's own WARNING per call is not wanted here
-            rows, _ = self.encoder.encode(
-                [job.texts[i] for job, i in part],
-                batch_size=len(part),
-                normalize=self.settings.normalize,
-                return_token_counts=True,
+            rows = self.encoder.encode_token_ids(
+                [job.ids[i] for job, i in part], normalize=self.settings.normalize
             )
             self.metrics.batch_seconds.labels(self.name).observe(time.perf_counter() - began)
             width = max(1, lengths[start])

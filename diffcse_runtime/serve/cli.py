@@ -7,7 +7,10 @@ accepting connections, lets the requests in flight finish, then the process exit
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+import re
 import signal
 from pathlib import Path
 
@@ -19,16 +22,23 @@ from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.parallel import usable_cpus
 from diffcse_runtime.serve.app import ServeSettings, create_app
 from diffcse_runtime.serve.batching import BatchSettings
+from diffcse_runtime.serve.gate import LOOPBACK_HOSTS, Stopping, check_api_key
 
 THREADS_PER_RUN = 4  # the default's upper bound; see worker_layout
+KEY_ENV = "DIFFCSE_API_KEY"
+ORIGIN = re.compile(r"^https?://[^/\s?#]+$")
 
 
 def parse_models(specs: tuple[str, ...]) -> dict[str, Path]:
-    """`NAME=DIR` or `DIR` (named after its folder) -> {name: dir}; names must be unique."""
+    """`DIR` (named after its folder) or `NAME=DIR` -> {name: dir}; names must be unique.
+
+    A spec naming an existing directory is always a DIR, even with '=' in its path
+    (`runs/lr=3e-5/best`); otherwise the text before the first '=' is the name.
+    """
     models: dict[str, Path] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep:
+        if not sep or Path(spec).is_dir():
             name, path = Path(spec).resolve().name, spec
         if not name or not path:
             raise click.BadParameter(f"{spec!r}: expected DIR or NAME=DIR", param_hint="--model")
@@ -38,6 +48,58 @@ def parse_models(specs: tuple[str, ...]) -> dict[str, Path]:
             )
         models[name] = Path(path)
     return models
+
+
+def api_keys_from(flags: tuple[str, ...], files: tuple[Path, ...]) -> tuple[str, ...]:
+    """The keys of --api-key and --api-key-file, else DIFFCSE_API_KEY: each one opaque
+    string (never split), refused in one sentence if empty or unusable in a header."""
+    keys = [check_api_key(key, "--api-key") for key in flags]
+    keys += [_key_from_file(path) for path in files]
+    if not keys and KEY_ENV in os.environ:
+        keys.append(check_api_key(os.environ[KEY_ENV], KEY_ENV))
+    return tuple(keys)
+
+
+def _key_from_file(path: Path) -> str:
+    """The one line of a key file, its line ending dropped (the key stays out of `ps`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DiffcseError(f"{path}: an API key file must be UTF-8 text") from None
+    key = text[:-1] if text.endswith("\n") else text
+    key = key[:-1] if key.endswith("\r") else key
+    if "\n" in key:
+        raise DiffcseError(f"{path}: an API key file holds one key on one line")
+    return check_api_key(key, f"--api-key-file {path}")
+
+
+def default_allowed_hosts(host: str) -> tuple[str, ...]:
+    """The Host names served by default: the bound address, plus the localhost names when
+    bound to loopback; any name when bound to all interfaces (0.0.0.0, ::)."""
+    name = host.strip("[]").lower()
+    if name in ("", "0.0.0.0", "::"):
+        return ("*",)
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        loopback = name == "localhost"
+    return tuple(dict.fromkeys((name, *LOOPBACK_HOSTS))) if loopback else (name,)
+
+
+def split_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeatable, comma-separated option values as one tuple, blanks dropped."""
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+def check_origins(origins: tuple[str, ...]) -> tuple[str, ...]:
+    for origin in origins:
+        if origin != "*" and not ORIGIN.match(origin):
+            raise click.BadParameter(
+                f"{origin!r} is not an origin; give scheme://host[:port], e.g. "
+                "https://app.example.com",
+                param_hint="--cors-origins",
+            )
+    return origins
 
 
 def worker_layout(workers: int | None, threads: int | None) -> tuple[int, int]:
@@ -67,7 +129,8 @@ def worker_layout(workers: int | None, threads: int | None) -> tuple[int, int]:
     "model_specs",
     multiple=True,
     required=True,
-    help="Model directory to serve, as DIR (named after the folder) or NAME=DIR; repeatable.",
+    help="Model directory to serve, as DIR (named after the folder) or NAME=DIR; repeatable. "
+    "An existing directory is a DIR even with '=' in its path.",
 )
 @click.option("--host", default="127.0.0.1", help="Address to bind (0.0.0.0 for all).")
 @click.option("--port", default=8080, type=click.IntRange(0, 65535), help="Port (0: any free).")
@@ -75,9 +138,31 @@ def worker_layout(workers: int | None, threads: int | None) -> tuple[int, int]:
     "--api-key",
     "api_keys",
     multiple=True,
-    envvar="DIFFCSE_API_KEY",
-    help="Require 'Authorization: Bearer KEY'; repeatable. Prefer the DIFFCSE_API_KEY "
-    "variable: a command line is visible to other users.",
+    help="Require 'Authorization: Bearer KEY'; repeatable (each one whole key). Prefer "
+    "--api-key-file or the DIFFCSE_API_KEY variable (one key, used when no key option is "
+    "given): a command line is visible to other users.",
+)
+@click.option(
+    "--api-key-file",
+    "api_key_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Read a key from a file holding it on one line; repeatable.",
+)
+@click.option(
+    "--allowed-hosts",
+    "allowed_hosts",
+    multiple=True,
+    help="Host header names to serve, comma-separated; '*' for any. Default: the --host "
+    "address, plus localhost, 127.0.0.1 and ::1 when it is a loopback address; any name "
+    "when bound to 0.0.0.0 or ::.",
+)
+@click.option(
+    "--cors-origins",
+    "cors_origins",
+    multiple=True,
+    help="Browser origins (https://app.example.com) allowed to call the API, comma-"
+    "separated; '*' for any. Default: none (requests carrying another Origin get 403).",
 )
 @click.option(
     "--max-batch-tokens",
@@ -146,6 +231,9 @@ def serve(
     host: str,
     port: int,
     api_keys: tuple[str, ...],
+    api_key_files: tuple[Path, ...],
+    allowed_hosts: tuple[str, ...],
+    cors_origins: tuple[str, ...],
     max_batch_tokens: int,
     max_wait_ms: float,
     no_batching: bool,
@@ -169,9 +257,16 @@ def serve(
             "could never be queued",
             param_hint="--max-queue",
         )
-    if any(not key.strip() for key in api_keys):
-        raise DiffcseError("--api-key: an API key must not be empty")
+    keys = api_keys_from(api_keys, api_key_files)
+    hosts = split_list(allowed_hosts) or default_allowed_hosts(host)
+    origins = check_origins(split_list(cors_origins))
     logging.basicConfig(level=log_level.upper(), format="%(message)s")
+    if "*" in hosts and not allowed_hosts:
+        logging.getLogger("diffcse_runtime.serve").warning(
+            "bound to %s: any Host header is served; name this server's hosts with "
+            "--allowed-hosts to refuse the others",
+            host,
+        )
     workers, threads = worker_layout(workers, threads)
     encoders = {
         name: Encoder(path, intra_op_threads=threads, spin=spin)
@@ -186,14 +281,17 @@ def serve(
         merge=not no_batching,
     )
     settings = ServeSettings(
-        api_keys=api_keys,
+        api_keys=keys,
+        allowed_hosts=hosts,
+        cors_origins=origins,
         max_inputs=max_inputs,
         max_body_bytes=max_body_bytes,
         truncate=truncate,
         batch=batch,
     )
+    app = create_app(encoders, settings)
     config = uvicorn.Config(
-        create_app(encoders, settings),
+        app,
         host=host,
         port=port,
         log_level=log_level,
@@ -204,7 +302,20 @@ def serve(
     # handler (restored by uvicorn after its own) makes that clean stop exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run()
+    run_server(config, app.state.stopping)
+
+
+def run_server(config, stopping: Stopping) -> None:
+    """Run uvicorn, telling the app when a stop begins, so bodies still arriving are answered
+    503 at once instead of holding the shutdown for the grace period."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            stopping.set()
+            super().handle_exit(sig, frame)
+
+    Server(config).run()
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ class ServeMetrics:
         )
         self.batch_seconds = Histogram(
             "diffcse_batch_duration_seconds",
-            "Time of one Encoder.encode call (tokenize + session run), by model.",
+            "Time of one session run (the ids were tokenized with the request), by model.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
