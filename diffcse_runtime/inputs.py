@@ -7,8 +7,19 @@ wrong type gets the same message everywhere, naming the item's position in the w
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+
+from diffcse_runtime.errors import DiffcseError
+
+# A lone surrogate is a str Python allows but no tokenizer takes (it is not valid Unicode:
+# JSON's "\ud800" or a surrogateescape'd byte gives one); one C-speed scan, no copy.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class TextValueError(DiffcseError, ValueError):
+    """A text that is a str but cannot be tokenized, named by its position in the input."""
 
 
 def as_text_list(texts: Any) -> tuple[list[str], bool]:
@@ -18,6 +29,7 @@ def as_text_list(texts: Any) -> tuple[list[str], bool]:
     encoded silently and wrongly; a set has no order, so row i could not be matched to a text.
     """
     if isinstance(texts, str):
+        _check_text(texts, 0)
         return [texts], True
     _refuse_container(texts)
     batch = list(texts)
@@ -42,6 +54,12 @@ def _refuse_container(texts: Any) -> None:
 
 def _check_text(text: Any, i: int) -> None:
     if isinstance(text, str):
+        if not text.isascii() and (bad := _SURROGATE.search(text)):
+            raise TextValueError(
+                f"texts[{i}] holds a lone surrogate (U+{ord(bad.group()):04X} at character "
+                f"{bad.start()}), which is not valid Unicode; decode the source with "
+                "errors='replace' or fix the text"
+            )
         return
     if isinstance(text, bytes | bytearray):
         raise TypeError(f"texts[{i}] is bytes, not text: decode it to str first")

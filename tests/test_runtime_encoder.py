@@ -67,6 +67,17 @@ def test_non_string_named_by_index(encoder):
         encoder.encode(["a", "b", 3])
 
 
+def test_a_lone_surrogate_is_named_by_index(encoder):
+    """Issue 23 defect 19: the tokenizer's TypeError named no text; one sentence names it."""
+    with pytest.raises(ValueError, match=r"texts\[1\] holds a lone surrogate \(U\+D800 at "):
+        encoder.encode(["fine", "ab\ud800c"])
+    with pytest.raises(ValueError, match=r"texts\[0\] holds a lone surrogate \(U\+DFFF"):
+        encoder.encode("\udfff")
+    with pytest.raises(ValueError, match=r"texts\[2\] holds a lone surrogate"):
+        list(encoder.embed(iter(["a", "b", "x\udc80"]), chunk_size=2))
+    assert encoder.encode(["😀 \U0001f600"]).shape == (1, 32)  # real astral characters pass
+
+
 def test_truncates_to_max_length(tiny_bert, tiny_model_dir, tmp_path):
     short = tmp_path / "short"
     shutil.copytree(tiny_model_dir, short)
