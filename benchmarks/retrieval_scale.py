@@ -128,66 +128,82 @@ def child(n: int, dim: int, backends: list[str], rounds: int, max_gb: float) -> 
     return {"n": n, "dim": dim, "data_mb": data.nbytes / 2**20, "interleaved": together, **out}
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     p = benchlib.parser("retrieval_scale", __doc__, "rounds")
-    p.add_argument("--sizes", default="10000,100000,1000000")
-    p.add_argument("--dims", default="384,768")
+    p.add_argument("--sizes", type=benchlib.positive_ints, default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--dims", type=benchlib.positive_ints, default=[384, 768])
     p.add_argument("--backends", default="numpy,faiss,usearch")
     p.add_argument(
         "--usearch-max-n",
-        type=int,
+        type=benchlib.positive_int,
         default=10000,
         help="largest n for usearch: its HNSW build took ~3 ms/vector on 2 busy cores",
     )
-    p.add_argument("--max-gb", type=float, default=8.0, help="memory for interleaving backends")
+    p.add_argument(
+        "--max-gb",
+        type=benchlib.positive_float,
+        default=8.0,
+        help="memory for interleaving backends",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one case, in a fresh process
     args = p.parse_args()
-    backends = [b for b in args.backends.split(",") if b]
+    args.backends = [b for b in args.backends.split(",") if b]
+    return args
+
+
+def run_case(n: int, dim: int, backends: list[str], args: argparse.Namespace) -> dict:
+    """One (n, dim) measured in a fresh child process, so its peak RSS is its own."""
+    cmd = [sys.executable, "-m", "benchmarks.retrieval_scale", "--child", f"{n}x{dim}"]
+    cmd += ["--backends", ",".join(backends)]
+    cmd += ["--rounds", str(args.rounds), "--max-gb", str(args.max_gb)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=benchlib.ROOT)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["killed"]
+        print(f"  {n}x{dim}: failed ({tail[0]})", file=sys.stderr)
+        return {"n": n, "dim": dim, "error": tail[0]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def case_rows(case: dict, backends: list[str]) -> list[dict]:
+    return [
+        {
+            "n": case["n"],
+            "dim": case["dim"],
+            "backend": b,
+            "build s": case[b]["build_s"],
+            "1 query ms": 1000 * benchlib.median(case[b]["one_query_s"]),
+            "1000 q/s": 1000 / benchlib.median(case[b]["batch_1000_s"]),
+            "recall@10": case[b].get("recall@10"),
+            "index MB": case[b]["added_mb"],
+            "peak MB": case[b]["peak_mb_build"],
+            "data MB": case["data_mb"],
+        }
+        for b in backends
+    ]
+
+
+def main() -> None:
+    args = arguments()
     if args.child:
         n, dim = map(int, args.child.split("x"))
-        res = child(n, dim, backends, args.rounds, args.max_gb)
-        print(json.dumps(res))
+        print(json.dumps(child(n, dim, args.backends, args.rounds, args.max_gb)))
         return
-
-    missing = [b for b in backends if b != "numpy" and importlib.util.find_spec(b) is None]
-    backends = [b for b in backends if b not in missing]
+    missing = [b for b in args.backends if b != "numpy" and importlib.util.find_spec(b) is None]
+    backends = [b for b in args.backends if b not in missing]
     info = benchlib.machine(threads=len(os.sched_getaffinity(0)))
     print(benchlib.describe(info))
     if "cuda" in benchlib.devices(args.device):
         print("# CUDA: the runtime's search is CPU numpy; faiss-gpu is not measured")
     result = {"benchmark": "retrieval_scale", "k": K, "not_installed": missing, "cases": []}
     rows = []
-    for n in map(int, args.sizes.split(",")):
-        for dim in map(int, args.dims.split(",")):
+    for n in args.sizes:
+        for dim in args.dims:
             here = [b for b in backends if b != "usearch" or n <= args.usearch_max_n]
-            cmd = [sys.executable, "-m", "benchmarks.retrieval_scale", "--child", f"{n}x{dim}"]
-            cmd += ["--backends", ",".join(here)]
-            cmd += ["--rounds", str(args.rounds), "--max-gb", str(args.max_gb)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=benchlib.ROOT)
-            if proc.returncode != 0:
-                tail = proc.stderr.strip().splitlines()[-1:] or ["killed"]
-                print(f"  {n}x{dim}: failed ({tail[0]})", file=sys.stderr)
-                result["cases"].append({"n": n, "dim": dim, "error": tail[0]})
-                continue
-            case = json.loads(proc.stdout.strip().splitlines()[-1])
+            case = run_case(n, dim, here, args)
             result["cases"].append(case)
-            for b in here:
-                m = case[b]
-                rows.append(
-                    {
-                        "n": n,
-                        "dim": dim,
-                        "backend": b,
-                        "build s": m["build_s"],
-                        "1 query ms": 1000 * benchlib.median(m["one_query_s"]),
-                        "1000 q/s": 1000 / benchlib.median(m["batch_1000_s"]),
-                        "recall@10": m.get("recall@10"),
-                        "index MB": m["added_mb"],
-                        "peak MB": m["peak_mb_build"],
-                        "data MB": case["data_mb"],
-                    }
-                )
-            print(f"  {n}x{dim} done", file=sys.stderr)
+            if "error" not in case:
+                rows += case_rows(case, here)
+                print(f"  {n}x{dim} done", file=sys.stderr)
     result["rows"] = rows
     result["usearch_max_n"] = args.usearch_max_n
     result["machine"] = benchlib.finish_machine(info)

@@ -13,9 +13,13 @@ are interleaved, rounds rotate their order, and the table holds medians over rou
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from benchmarks import benchlib, models
 
@@ -34,41 +38,27 @@ def half_fill(lengths: list[int]) -> list[tuple[int, int]]:
     return plan
 
 
-def main() -> None:
-    p = benchlib.parser(
-        "run_plan", __doc__, "model", "data", "threads", "rounds", threads=2, rounds=5
-    )
-    p.add_argument("--sizes", default="8,24,32,64", help="texts per batch, comma-separated")
-    args = p.parse_args()
-    from diffcse_runtime import Encoder
-    from diffcse_runtime.serve.run_plan import measure_overhead, plan_runs
+@dataclass
+class Bench:
+    """The encoder, the texts' token lengths and the batches every contender encodes."""
 
-    args.model = models.given_or_exported(args.model)
-    texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
-    enc = Encoder(args.model, intra_op_threads=args.threads, spin=False)
-    length = {t: len(e.ids) for t, e in zip(texts, enc.tokenizer.encode_batch(texts), strict=True)}
-    overhead = measure_overhead(enc, normalize=True)
-    info = benchlib.machine(args.threads, model=str(args.model), command=" ".join(sys.argv))
-    info["run_overhead_tokens"] = round(overhead, 1)
-    print(benchlib.describe(info), f"| measured run price {overhead:.1f} tokens", flush=True)
-    sizes = [int(x) for x in args.sizes.split(",")]
-    batches = {
-        b: [random.Random(b * 1000 + k).sample(texts, b) for k in range(max(8, 768 // b))]
-        for b in sizes
-    }
-    chunk = random.Random(1).sample(texts, 768)
-    planners = {"half-fill": half_fill, "run plan": lambda ls: plan_runs(ls, 8192, overhead)}
+    enc: Any
+    length: dict[str, int]
+    batches: dict[int, list[list[str]]]
+    chunk: list[str]  # offline: one encode() of these at batch 64
+    planners: dict[str, Callable[[list[int]], list[tuple[int, int]]]]
 
-    def cell(size: int | None, planner: str | None) -> dict:
+    def cell(self, size: int | None, planner: str | None) -> dict:
+        """Encode every batch of `size` cut by `planner` (None: the offline chunk)."""
         began, done, runs, padded, real = time.perf_counter(), 0, 0, 0, 0
         if size is None:
-            enc.encode(chunk, batch_size=64, normalize=True)
-            done = len(chunk)
-        for batch in batches.get(size, []):
-            order = sorted(batch, key=lambda t: -length[t])
-            lengths = [length[t] for t in order]
-            for start, stop in planners[planner](lengths):
-                enc.encode(order[start:stop], batch_size=stop - start, normalize=True)
+            self.enc.encode(self.chunk, batch_size=64, normalize=True)
+            done = len(self.chunk)
+        for batch in self.batches.get(size, []):
+            order = sorted(batch, key=lambda t: -self.length[t])
+            lengths = [self.length[t] for t in order]
+            for start, stop in self.planners[planner](lengths):
+                self.enc.encode(order[start:stop], batch_size=stop - start, normalize=True)
                 runs += 1
                 padded += (stop - start) * lengths[start]
             done, real = done + size, real + sum(lengths)
@@ -78,13 +68,26 @@ def main() -> None:
             "padded_per_real": padded / real if real else None,
         }
 
-    cells = [("offline", None, None)]
-    cells += [(f"B={b} {name}", b, name) for b in sizes for name in planners]
-    results: dict[str, list[dict]] = {c[0]: [] for c in cells}
-    for rnd in range(args.rounds):
-        shift = rnd % len(cells)
-        for name, size, planner in cells[shift:] + cells[:shift]:
-            results[name].append(cell(size, planner))
+
+def setup(args: argparse.Namespace, texts: list[str]) -> tuple[Bench, float]:
+    """The bench and the run price measure_overhead finds for this model and threads."""
+    from diffcse_runtime import Encoder
+    from diffcse_runtime.serve.run_plan import measure_overhead, plan_runs
+
+    enc = Encoder(args.model, intra_op_threads=args.threads, spin=False)
+    length = {t: len(e.ids) for t, e in zip(texts, enc.tokenizer.encode_batch(texts), strict=True)}
+    overhead = measure_overhead(enc, normalize=True)
+    batches = {
+        b: [random.Random(b * 1000 + k).sample(texts, b) for k in range(max(8, 768 // b))]
+        for b in args.sizes
+    }
+    planners = {"half-fill": half_fill, "run plan": lambda ls: plan_runs(ls, 8192, overhead)}
+    bench = Bench(enc, length, batches, random.Random(1).sample(texts, 768), planners)
+    return bench, overhead
+
+
+def table_rows(results: dict[str, list[dict]]) -> list[dict]:
+    """Medians over rounds, each contender against offline."""
     med = benchlib.median
     offline = med([r["sent_per_s"] for r in results["offline"]])
     rows = []
@@ -94,6 +97,29 @@ def main() -> None:
         for key in ("texts_per_run", "padded_per_real"):
             row[key.replace("_", " ")] = runs[0][key]
         rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = benchlib.parser(
+        "run_plan", __doc__, "model", "data", "threads", "rounds", threads=2, rounds=5
+    )
+    p.add_argument("--sizes", type=benchlib.positive_ints, default=[8, 24, 32, 64])
+    args = p.parse_args()
+    args.model = models.given_or_exported(args.model)
+    texts = benchlib.stsb_dev_sentences(benchlib.sts_data_dir(args.data))
+    bench, overhead = setup(args, texts)
+    info = benchlib.machine(args.threads, model=str(args.model), command=" ".join(sys.argv))
+    info["run_overhead_tokens"] = round(overhead, 1)
+    print(benchlib.describe(info), f"| measured run price {overhead:.1f} tokens", flush=True)
+    cells = [("offline", None, None)]
+    cells += [(f"B={b} {name}", b, name) for b in args.sizes for name in bench.planners]
+    results: dict[str, list[dict]] = {c[0]: [] for c in cells}
+    for rnd in range(args.rounds):
+        shift = rnd % len(cells)
+        for name, size, planner in cells[shift:] + cells[:shift]:
+            results[name].append(bench.cell(size, planner))
+    rows = table_rows(results)
     print(benchlib.table(rows, list(rows[0])))
     info = benchlib.finish_machine(info)
     benchlib.write_json(args.out, {"machine": info, "rows": rows, "runs": results})
