@@ -18,6 +18,7 @@ Run: python -m benchmarks.profile_encoder
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import time
@@ -27,8 +28,9 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks import benchlib
-from benchmarks.benchlib import BenchSkip
+from benchmarks.benchlib import VARIANTS, BenchSkip
 from benchmarks.models import given_or_exported
+from diffcse_runtime.encoder import OUTPUT_NAME
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -134,7 +136,7 @@ def run_unsorted(encoder, texts: list[str], batch_size: int) -> None:
     enc = encoder.tokenizer.encode_batch(texts)
     for s in range(0, len(texts), batch_size):
         ids = [e.ids for e in enc[s : s + batch_size]]
-        encoder._run_batch(ids, max(len(i) for i in ids))
+        encoder._run_batch(ids, np.array([len(i) for i in ids]))  # (ids, lengths)
 
 
 def breakdown(encoder, texts: list[str], batch_size: int, repeats: int) -> dict:
@@ -205,7 +207,7 @@ def per_sentence(encoder, texts: list[str], batch_size: int) -> None:
     order = np.argsort(-lengths, kind="stable")
     for s in range(0, len(texts), batch_size):
         rows = order[s : s + batch_size]
-        encoder._run_batch([enc[i].ids for i in rows], int(lengths[rows[0]]))
+        encoder._run_batch([enc[i].ids for i in rows], lengths[rows])
 
 
 def bucketed(encoder, texts: list[str], batch_size: int, multiple: int = 8) -> None:
@@ -216,7 +218,19 @@ def bucketed(encoder, texts: list[str], batch_size: int, multiple: int = 8) -> N
     for s in range(0, len(texts), batch_size):
         rows = order[s : s + batch_size]
         width = -(-int(lengths[rows[0]]) // multiple) * multiple
-        encoder._run_batch([enc[i].ids for i in rows], width)
+        run_padded(encoder, [enc[i].ids for i in rows], lengths[rows], width)
+
+
+def run_padded(encoder, ids: list[list[int]], lengths: np.ndarray, width: int) -> np.ndarray:
+    """One session run padded to `width`, wider than the runtime's own batches (which pad to
+    their longest text, Encoder._run_batch): the feed is built here the same way."""
+    mask = np.arange(width) < lengths[:, None]
+    input_ids = np.full((len(ids), width), encoder.meta.pad_token_id, dtype=np.int64)
+    input_ids[mask] = np.concatenate([np.asarray(i, dtype=np.int64) for i in ids])
+    feed = {"input_ids": input_ids, "attention_mask": mask.astype(np.int64)}
+    if "token_type_ids" in {i.name for i in encoder.session.get_inputs()}:
+        feed["token_type_ids"] = np.zeros_like(input_ids)
+    return encoder.session.run([OUTPUT_NAME], feed)[0]
 
 
 def compare_options(encoder, model, texts, batch_size, threads, repeats) -> dict[str, float]:
@@ -256,59 +270,58 @@ def session_create_times(model: Path, threads: int, repeats: int = 3) -> dict[st
     return out
 
 
-def main() -> None:
-    from diffcse_runtime import Encoder
-
+def arguments() -> argparse.Namespace:
     p = benchlib.parser(
         "profile_encoder", __doc__, "data", "threads", "rounds", "variant-dirs", rounds=5
     )
-    p.add_argument("--variants", default="fp32,optimized,int8")
-    p.add_argument("--batch-sizes", default="1,32,128")
-    p.add_argument("--option-batch-sizes", default="32", help="batch sizes of part 2")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="from " + ",".join(VARIANTS))
+    p.add_argument("--batch-sizes", type=benchlib.positive_ints, default=[1, 32, 128])
+    p.add_argument(
+        "--option-batch-sizes",
+        type=benchlib.positive_ints,
+        default=[32],
+        help="batch sizes of part 2 (the options)",
+    )
     p.add_argument("--limit", type=benchlib.positive_int, default=256, help="texts per set")
     args = p.parse_args()
-    if benchlib.devices(args.device) != ["cpu"]:
-        print("# the profile is CPU-only: the session options compared are CPU ones")
-    data = benchlib.sts_data_dir(args.data)
+    args.variants = args.variants.split(",")
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    return args
+
+
+def text_sets(data: Path, limit: int) -> dict[str, list[str]]:
+    """`limit` random STS-B dev sentences, and as many ~128-token texts made of them."""
     dev = benchlib.stsb_dev_sentences(data)
-    tok_json = benchlib.minilm_dir() / "tokenizer.json"
     rng = np.random.default_rng(0)
-    sets = {
-        "short": [dev[i] for i in sorted(rng.permutation(len(dev))[: args.limit])],
-        "long": benchlib.long_texts(dev, tok_json)[: args.limit],
+    return {
+        "short": [dev[i] for i in sorted(rng.permutation(len(dev))[:limit])],
+        "long": benchlib.long_texts(dev, benchlib.minilm_dir() / "tokenizer.json")[:limit],
     }
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    option_batches = [int(b) for b in args.option_batch_sizes.split(",")]
-    info = benchlib.machine(args.threads)
-    print(benchlib.describe(info))
-    result = {"benchmark": "profile_encoder", "breakdown": [], "options": [], "create_s": {}}
-    unavailable = {}
-    for variant in args.variants.split(","):
-        try:
-            model = given_or_exported(getattr(args, f"{variant}_dir"), variant)
-        except BenchSkip as exc:
-            unavailable[variant] = str(exc)
-            print(f"  {variant}: unavailable, {exc}")
-            continue
-        encoder = Encoder(model, intra_op_threads=args.threads)
-        result["create_s"][variant] = session_create_times(model, args.threads)
-        for set_name, texts in sets.items():
-            for bs in batch_sizes:
-                row = {"variant": variant, "texts": set_name, "batch": bs}
-                result["breakdown"].append(row | breakdown(encoder, texts, bs, args.rounds))
-                print(f"  {variant} {set_name} bs={bs}: breakdown done", flush=True)
-                if bs not in option_batches:
-                    continue
-                opts = compare_options(encoder, model, texts, bs, args.threads, args.rounds)
-                base = opts["default"]
-                result["options"] += [
-                    row | {"option": n, "median_s": t, "x default": base / t}
-                    for n, t in opts.items()
-                ]
-    if not result["breakdown"]:
-        raise BenchSkip(f"no model variant available: {unavailable}")
-    result["unavailable"] = unavailable
-    result["machine"] = benchlib.finish_machine(info)
+
+
+def profile_variant(model: Path, variant: str, sets, args, result: dict) -> None:
+    """Part 1 for every set and batch size, part 2 where the batch size is asked for."""
+    from diffcse_runtime import Encoder
+
+    encoder = Encoder(model, intra_op_threads=args.threads)
+    result["create_s"][variant] = session_create_times(model, args.threads)
+    for set_name, texts in sets.items():
+        for bs in args.batch_sizes:
+            row = {"variant": variant, "texts": set_name, "batch": bs}
+            result["breakdown"].append(row | breakdown(encoder, texts, bs, args.rounds))
+            print(f"  {variant} {set_name} bs={bs}: breakdown done", flush=True)
+            if bs not in args.option_batch_sizes:
+                continue
+            opts = compare_options(encoder, model, texts, bs, args.threads, args.rounds)
+            base = opts["default"]
+            result["options"] += [
+                row | {"option": n, "median_s": t, "x default": base / t} for n, t in opts.items()
+            ]
+
+
+def report(result: dict) -> None:
     cols = ["variant", "texts", "batch", "total_s", "tokenize_%", "session_run_%", "other_%"]
     cols += ["pad_ratio_sorted", "pad_ratio_input_order", "session_run_unsorted_s"]
     print(benchlib.table(result["breakdown"], cols, 3))
@@ -318,6 +331,30 @@ def main() -> None:
     rows = [{"variant": v, **t} for v, t in result["create_s"].items()]
     print("session creation seconds by graph optimization level:")
     print(benchlib.table(rows, ["variant", *LEVELS], 3))
+
+
+def main() -> None:
+    args = arguments()
+    if benchlib.devices(args.device) != ["cpu"]:
+        print("# the profile is CPU-only: the session options compared are CPU ones")
+    sets = text_sets(benchlib.sts_data_dir(args.data), args.limit)
+    info = benchlib.machine(args.threads)
+    print(benchlib.describe(info))
+    result = {"benchmark": "profile_encoder", "breakdown": [], "options": [], "create_s": {}}
+    unavailable = {}
+    for variant in args.variants:
+        try:
+            model = given_or_exported(getattr(args, f"{variant}_dir"), variant)
+        except BenchSkip as exc:
+            unavailable[variant] = str(exc)
+            print(f"  {variant}: unavailable, {exc}")
+            continue
+        profile_variant(model, variant, sets, args, result)
+    if not result["breakdown"]:
+        raise BenchSkip(f"no model variant available: {unavailable}")
+    result["unavailable"] = unavailable
+    result["machine"] = benchlib.finish_machine(info)
+    report(result)
     print(f"wrote {benchlib.write_json(args.out, result)}")
 
 
