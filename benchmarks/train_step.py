@@ -25,6 +25,7 @@ Run: python -m benchmarks.train_step
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -244,19 +245,25 @@ def run_device(device: str, size: str, args, tmp: Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     p = benchlib.parser("train_step", __doc__, "threads", "rounds", rounds=4)
+    positive = benchlib.positive_int
     p.add_argument("--size", choices=["auto", "small", "base"], default="auto")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--batch-size", type=positive, default=64)
+    p.add_argument("--max-length", type=positive, default=32)
     p.add_argument("--cpu-variants", default=",".join(CPU_VARIANTS))
     p.add_argument("--gpu-variants", default=",".join(GPU_VARIANTS))
     p.add_argument("--generator", type=Path, default=None, help="fitted MLM generator folder")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--steps", type=positive, default=3, help="steps per variant per round")
     args = p.parse_args()
     if args.generator is None and (ROOT / "runs" / "generator-minilm").is_dir():
         args.generator = ROOT / "runs" / "generator-minilm"
+    return args
+
+
+def quiet_trainer() -> None:
+    """The trainer importable (else a skip), and its and transformers' chatter off."""
     try:
         import diffcse_train.trainer  # noqa: F401
     except ImportError as exc:
@@ -271,6 +278,11 @@ def main() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def main() -> None:
+    args = arguments()
+    quiet_trainer()
     devs = benchlib.devices(args.device)
     info = benchlib.machine(args.threads)
     print(benchlib.describe(info))
