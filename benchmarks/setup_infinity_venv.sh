@@ -16,7 +16,7 @@ VENV=${1:-benchmarks/.venv-infinity}
 MODEL=${2:-benchmarks/.cache/infinity-minilm}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off HF_HUB_OFFLINE=1
 ORT_VERSION=$(.venv/bin/python -c "import onnxruntime; print(onnxruntime.__version__)" 2>/dev/null || echo 1.32.0)
-SRC=$(.venv/bin/python -c "import sys; sys.path.insert(0, 'benchmarks'); import benchlib; print(benchlib.minilm_dir())")
+SRC=$(.venv/bin/python -c "from benchmarks import benchlib; print(benchlib.minilm_dir())")
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q torch==2.13.0
 "$VENV/bin/pip" install -q "onnxruntime==$ORT_VERSION" "transformers==4.57.6" \
