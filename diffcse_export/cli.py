@@ -40,6 +40,19 @@ def parse_limits(values: tuple[str, ...], option: str, opts: ExportOptions) -> N
         opts.thresholds[variant] = dataclasses.replace(opts.thresholds[variant], **{key: value})
 
 
+def parse_prompts(values: tuple[str, ...]) -> dict[str, str]:
+    """`NAME=TEXT` items -> {NAME: TEXT}; TEXT is kept exactly (its trailing space matters)."""
+    prompts: dict[str, str] = {}
+    for item in values:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ExportError(f"--prompt {item!r}: expected NAME=TEXT, e.g. 'query=query: '")
+        if name in prompts:
+            raise ExportError(f"--prompt {name!r} is given twice")
+        prompts[name] = text
+    return prompts
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint")
 @click.argument("output", type=click.Path(path_type=Path))
@@ -94,6 +107,20 @@ def parse_limits(values: tuple[str, ...], option: str, opts: ExportOptions) -> N
     metavar="VARIANT=X",
     help="Max |STS-B dev delta| (fp32 0.05, int8 0.5).",
 )
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    metavar="NAME=TEXT",
+    help="Record a sentence-transformers prompt, e.g. --prompt 'query=query: ' (repeatable; "
+    "over the source's own). encode_query/encode_document use 'query'/'document'.",
+)
+@click.option(
+    "--default-prompt-name",
+    default=None,
+    metavar="NAME",
+    help="The prompt encode uses when none is named (default: the source's own, if any).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Print only the table and errors.")
 @friendly_errors
 def main(
@@ -110,6 +137,8 @@ def main(
     atol: tuple[str, ...],
     min_cosine: tuple[str, ...],
     max_sts_delta: tuple[str, ...],
+    prompts: tuple[str, ...],
+    default_prompt_name: str | None,
     quiet: bool,
 ) -> None:
     """Export CHECKPOINT (a diffcse-train output, any HF encoder folder, or
@@ -132,6 +161,8 @@ def main(
         max_seq_length=max_seq_length,
         sts_data=sts_data,
         overwrite=overwrite,
+        prompts=parse_prompts(prompts),
+        default_prompt_name=default_prompt_name,
     )
     for values, option in (
         (atol, "--atol"),

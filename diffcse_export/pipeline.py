@@ -11,6 +11,7 @@ complete (`overwrite`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from diffcse_export.model_card import write_model_cards
 from diffcse_export.tokenizer_files import write_tokenizer_files
 from diffcse_export.validate import Thresholds, VariantReport
 from diffcse_runtime.atomic import atomic_dir, check_replaceable, remove_stale
+from diffcse_runtime.conventions import export_prompts
 from diffcse_runtime.model_dir import (
     MODEL_FILE,
     TOKENIZER_FILE,
@@ -48,6 +50,8 @@ class ExportOptions:
     sts_data: Path | None = None  # None: semantic parity skipped, noted in the metadata
     overwrite: bool = False
     thresholds: dict[str, Thresholds] = field(default_factory=validate.default_thresholds)
+    prompts: dict[str, str] = field(default_factory=dict)  # --prompt NAME=TEXT, over the source's
+    default_prompt_name: str | None = None  # default: the source's own, if any
 
     def variants(self) -> list[str]:
         if self.quantize not in (None, "int8"):
@@ -115,6 +119,10 @@ def export_model(
     _check_targets(targets, opts.overwrite, Path(checkpoint))
     remove_stale_staging(output)
     ckpt = graph.load_checkpoint(checkpoint, opts.pooling)
+    prompts, default = export_prompts(
+        ckpt.path, ckpt.pooling, opts.prompts, opts.default_prompt_name
+    )  # checked before any work; recorded in every variant's diffcse.json
+    opts = dataclasses.replace(opts, prompts=prompts, default_prompt_name=default)
     max_len = graph.resolve_max_seq_length(ckpt, opts.max_seq_length)
     reference, to_export = graph.embedding_modules(ckpt, opts.with_projector)
     with contextlib.ExitStack() as stack:
@@ -229,6 +237,8 @@ def _meta(ckpt: graph.Checkpoint, opts: ExportOptions, max_len: int, variant: st
         normalized=ckpt.normalize and not opts.with_projector,
         variant=variant,
         source=ckpt.source,  # as the user named it: the folder travels
+        prompts=dict(opts.prompts),
+        default_prompt_name=opts.default_prompt_name,
     )
 
 

@@ -9,12 +9,15 @@ so vectors quantized here can be searched against ones quantized there.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.model_dir import _field_problem
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 
@@ -260,3 +263,79 @@ class Finish:
                 "call, and one text gives none: pass calibration_embeddings (embeddings of a "
                 "representative set of texts) or ranges"
             )
+
+
+# ---------------------------------------------------------------- prompts at export
+
+ST_SETTINGS_FILE = "config_sentence_transformers.json"  # a source folder's own prompts
+_ST_DEFAULT_PROMPTS = ("query", "document")  # sentence-transformers 5+ adds these, empty
+
+
+def read_source_prompts(folder: str | Path) -> tuple[dict[str, str], str | None]:
+    """The prompts and default prompt name a sentence-transformers folder declares.
+
+    The empty "query"/"document" prompts sentence-transformers 5+ writes are its defaults,
+    and the runtime's too, so they are left out (a folder without other prompts stays a
+    format-1 model directory).
+    """
+    path = Path(folder) / ST_SETTINGS_FILE
+    if not path.is_file():
+        return {}, None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DiffcseError(f"{path}: cannot be read as JSON ({exc})") from None
+    prompts = raw.get("prompts") if isinstance(raw, dict) else None
+    default = raw.get("default_prompt_name") if isinstance(raw, dict) else None
+    if prompts is None:
+        prompts = {}
+    if not isinstance(prompts, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
+    ):
+        raise DiffcseError(f"{path}: 'prompts' must map names to prompt strings")
+    if default is not None and not isinstance(default, str):
+        raise DiffcseError(f"{path}: 'default_prompt_name' must be a string or null")
+    kept = {k: v for k, v in prompts.items() if v or k not in _ST_DEFAULT_PROMPTS}
+    return kept, default or None
+
+
+def pooling_includes_prompt(folder: str | Path) -> bool:
+    """False when a sentence-transformers folder's Pooling leaves prompt tokens out of its
+    mean (`include_prompt: false`, e.g. INSTRUCTOR-style models); the exported graph always
+    averages every real token, so such a model's prompted vectors cannot be reproduced."""
+    folder = Path(folder)
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        for module in modules:
+            if str(module.get("type", "")).endswith(".Pooling"):
+                config = folder / str(module.get("path", "")) / "config.json"
+                return json.loads(config.read_text(encoding="utf-8")).get("include_prompt", True)
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # no (readable) sentence-transformers stack: the checkpoint's own files rule
+    return True
+
+
+def export_prompts(
+    folder: str | Path,
+    pooling: str,
+    given: dict[str, str] | None,
+    default_name: str | None,
+) -> tuple[dict[str, str], str | None]:
+    """The prompts diffcse-export records: the source's own, then `--prompt NAME=TEXT`
+    (replacing a same-named one), and the default name (given, else the source's)."""
+    prompts, source_default = read_source_prompts(folder)
+    prompts.update(given or {})
+    if problem := _field_problem("prompts", prompts):
+        raise DiffcseError(f"prompts {problem}")
+    default_name = default_name or source_default
+    if default_name is not None and default_name not in prompts:
+        names = ", ".join(prompts) or "none"
+        raise DiffcseError(
+            f"default prompt name {default_name!r} is not one of the prompts ({names})"
+        )
+    if prompts and pooling == "mean" and not pooling_includes_prompt(folder):
+        raise DiffcseError(
+            f"{folder}: its Pooling leaves prompt tokens out of the mean (include_prompt: "
+            "false), which the exported graph cannot do; its prompted vectors would differ"
+        )
+    return prompts, default_name
