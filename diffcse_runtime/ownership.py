@@ -171,18 +171,19 @@ def check_owned(path: Path, tool: str, what: str) -> None:
 
 
 def _no_manifest(path: Path, tool: str, what: str) -> str:
-    legacy = next((m for m in LEGACY_MARKERS if (path / m).is_file()), None)
-    if legacy is not None:
-        return (
-            f"{path}: has {legacy} but no {MANIFEST_FILE}, so it may be {what} from an "
-            "older diffcse or a folder of yours; refusing to replace it even with "
-            f"--overwrite: look inside, and if nothing there is yours remove it by hand "
-            f"(rm -r {path}) and rerun"
-        )
-    first = min(os.listdir(path))
-    return (
+    """Name the first entry; for a folder an older diffcse wrote, say how to remove it."""
+    names = os.listdir(path)
+    first = min((n for n in names if n not in LEGACY_MARKERS), default=min(names))
+    said = (
         f"{path}: holds {first} but no {MANIFEST_FILE} naming {tool}, so it is not {what}; "
         "refusing to replace it even with --overwrite"
+    )
+    legacy = next((m for m in LEGACY_MARKERS if (path / m).is_file()), None)
+    if legacy is None:
+        return said
+    return (
+        f"{said} (if it is {what} from an older diffcse, with {legacy} and no manifest, "
+        f"and nothing in it is yours, remove it by hand: rm -r {path})"
     )
 
 

@@ -145,7 +145,7 @@ def test_a_folder_from_before_manifests_is_refused_with_how_to_remove_it(tmp_pat
     old.mkdir()
     (old / "index.json").write_text('{"format_version": 1}')
     (old / "embeddings.npy").write_bytes(b"x")
-    with pytest.raises(NotOursError, match=r"older diffcse.*remove it by hand \(rm -r"):
+    with pytest.raises(NotOursError, match=r"holds embeddings.npy.*older diffcse.*rm -r"):
         check_owned(old, TOOL, "an index folder")
 
 
@@ -256,3 +256,18 @@ def test_a_training_run_overwrite_replaces_only_what_the_run_wrote(tmp_path):
     (out / "summary.json").write_text("{}")  # as the run writes it: claimed by the record
     (out / "notes.txt").write_text("kept")
     assert RunDir(out).check(None, resume=False, overwrite=True) == [out / "summary.json"]
+
+
+def test_train_overwrite_refuses_a_user_export_dir_before_training(tmp_path):
+    """Not after hours of training: the export target is checked when the run starts."""
+    from types import SimpleNamespace
+
+    from diffcse_train.release import check_before_training
+
+    target = tmp_path / "model"
+    before = user_folder(target)
+    (target / "diffcse.json").write_text("{}")
+    cfg = SimpleNamespace(export_dir=str(target), export_variants="")
+    with pytest.raises(NotOursError, match="even with --overwrite"):
+        check_before_training(cfg, overwrite=True)
+    assert snapshot(target) == {**before, "diffcse.json": b"{}"}
