@@ -4,20 +4,39 @@
     reports = export_model("runs/demo/best", "models/demo", ExportOptions(quantize="int8"))
 
 Needs the `export` extra (torch, transformers, onnx, onnxscript); the model directories it
-writes need only `diffcse_runtime`.
+writes need only `diffcse_runtime`. Names load on first use (PEP 562), so the
+`diffcse-export` script (`main`) can say what to install when the extra is missing.
 """
 
-from diffcse_export.errors import ExportError, ValidationError
-from diffcse_export.pipeline import ExportOptions, export_model, target_dirs
-from diffcse_export.validate import Thresholds, VariantReport, format_table
+from __future__ import annotations
 
-__all__ = [
-    "ExportError",
-    "ExportOptions",
-    "Thresholds",
-    "ValidationError",
-    "VariantReport",
-    "export_model",
-    "format_table",
-    "target_dirs",
-]
+import importlib
+from typing import Any
+
+from diffcse_runtime.extras import entry_point
+
+_HOME = {
+    "ExportError": "errors",
+    "ValidationError": "errors",
+    "ExportOptions": "pipeline",
+    "export_model": "pipeline",
+    "target_dirs": "pipeline",
+    "Thresholds": "validate",
+    "VariantReport": "validate",
+    "format_table": "validate",
+}
+__all__ = sorted(_HOME)
+
+main = entry_point("diffcse-export", "export", "diffcse_export.cli:main")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'diffcse_export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"diffcse_export.{_HOME[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

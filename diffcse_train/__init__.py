@@ -8,13 +8,16 @@ The public surface, importable from the package itself:
     from diffcse_train import DiffCSE                       # the objective, one nn.Module
 
 Names are loaded on first use (PEP 562), so `import diffcse_train` stays cheap and does not
-import torch until one of them is asked for.
+import torch until one of them is asked for, and the `diffcse-train` script (`main`) can say
+what to install when the extra is missing.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from diffcse_runtime.extras import entry_point
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,8 @@ _HOME = {
     "DiffCSE": "model",
 }
 __all__ = ["__version__", *_HOME]
+
+main = entry_point("diffcse-train", "train", "diffcse_train.cli:main")  # the console script
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,7 @@
 """Prove the base install is slim: `build DIR` (full env) makes a tiny model directory,
-`check DIR` (base-only env) asserts torch/transformers are absent, then encodes with the
-Python API and with diffcse-embed."""
+`check DIR` (base-only env) asserts torch/transformers are absent, encodes with the
+Python API and with diffcse-embed, and checks that each command of an extra answers
+`--help` with the one line saying which extra to install (no traceback)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,28 @@ def check(model_dir: Path) -> None:
             [str(embed), str(src), "--model", str(model_dir), "-o", str(out)], check=True
         )
         assert np.load(out).shape == (2, emb.shape[1])
+    check_extras_hints()
     print(f"slim runtime OK: no torch, no transformers, embeddings {emb.shape}")
+
+
+EXTRA_COMMANDS = {"diffcse-train": "train", "diffcse-export": "export", "diffcse-serve": "serve"}
+
+
+def check_extras_hints() -> None:
+    """Without its extra, a command's --help is one line naming `pip install "diffcse[X]"`."""
+    bin_dir = Path(sys.executable).parent
+    for command, extra in EXTRA_COMMANDS.items():
+        result = subprocess.run(
+            [str(bin_dir / command), "--help"], capture_output=True, text=True, timeout=60
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1, (command, result.returncode, result.stderr)
+        assert "Traceback" not in result.stderr and len(lines) == 1, (command, result.stderr)
+        assert f'pip install "diffcse[{extra}]"' in lines[0], (command, lines[0])
+    ray = subprocess.run(
+        [str(bin_dir / "diffcse-embed-ray"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert ray.returncode == 0 and "Usage:" in ray.stdout, ray.stderr  # its hint is at run time
 
 
 if __name__ == "__main__":
