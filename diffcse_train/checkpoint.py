@@ -37,6 +37,7 @@ renamed into place, so a crash never leaves a half-written checkpoint):
                                 "batchnorm_eps": 1e-05 (batchnorm only)}
         train_config.yaml      the run's config
         metrics.json           {"step", "epoch", "stsb_dev", "initial_stsb_dev"}
+        README.md              the model card (diffcse_train/card.py)
       last/                    what --resume needs (not for export)
         model.safetensors      every trainable tensor: encoder.*, projector.*,
                                discriminator.encoder.*, discriminator.head.* (G is reloaded)
@@ -69,6 +70,7 @@ from diffcse_runtime.checkpoint_files import (
 )
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.remote_code import refuse_custom_code
+from diffcse_train.card import CARD_FILE, best_card
 from diffcse_train.config import TrainConfig
 from diffcse_train.st_files import write_sentence_transformers_files
 
@@ -113,6 +115,7 @@ def save_best(folder: Path, model, tokenizer, cfg: TrainConfig, metrics: dict) -
         (tmp / HEAD_FILE).write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
         (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_FILE).write_text(best_card(cfg, head, metrics), encoding="utf-8")
 
 
 def load_best(folder: str | Path):
