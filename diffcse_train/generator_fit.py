@@ -41,8 +41,8 @@ from diffcse_runtime import builtin
 from diffcse_runtime.atomic import atomic_dir, check_replaceable
 from diffcse_runtime.bounds import bounded, check_bounds
 from diffcse_runtime.errors import DataFormatError, DiffcseError, first_line
-from diffcse_runtime.remote_code import refuse_custom_code
 from diffcse_runtime.ownership import check_not_in_use
+from diffcse_runtime.remote_code import refuse_custom_code
 from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train.data import load_corpus
 from diffcse_train.distributed import pick_device
