@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffcse_runtime import builtin, sts
-from diffcse_runtime.atomic import atomic_file
+from diffcse_runtime.atomic import atomic_file, check_replaceable
 from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.errors import DiffcseError
 from diffcse_train.config import TrainConfig
@@ -175,6 +175,7 @@ def check_before_training(cfg: TrainConfig, overwrite: bool) -> None:
     wrong, or an export target exists that this run may not replace."""
     try:
         from diffcse_export import target_dirs
+        from diffcse_export.pipeline import EXPORT_TOOL
     except ImportError:
         raise DiffcseError(
             'export_dir is set but diffcse_export is not installed: pip install "diffcse[export]"'
@@ -187,3 +188,5 @@ def check_before_training(cfg: TrainConfig, overwrite: bool) -> None:
                 f"export_dir: {target} already exists; pass --overwrite (or --resume) to "
                 "replace the model directory this command wrote there"
             )
+        if overwrite:  # a folder the export would refuse after training is refused now
+            check_replaceable(target, True, EXPORT_TOOL, "a model directory")

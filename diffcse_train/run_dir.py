@@ -132,6 +132,7 @@ class RunDir:
             fh.write(cfg.to_yaml())
 
     def append_metrics(self, record: dict) -> None:
+        check_output_file(self.metrics)  # append to a regular file only, never through a link
         with open(self.metrics, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({k: jsonable(v) for k, v in record.items()}) + "\n")
 

@@ -166,3 +166,14 @@ def test_embed_to_stdout_prints_json_lines(tiny_model_dir, target):
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert [r["text"] for r in rows] == ["a cat", "hello"]
     assert np.isfinite(np.asarray(rows[0]["embedding"])).all()
+
+
+def test_training_metrics_are_never_appended_through_a_symlink(tmp_path):
+    pytest.importorskip("torch")
+    from diffcse_train.run_dir import RunDir
+
+    (tmp_path / "elsewhere.txt").write_text("the user's\n")
+    (tmp_path / "metrics.jsonl").symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises(DiffcseError, match="metrics.jsonl: is a symbolic link"):
+        RunDir(tmp_path).append_metrics({"step": 1, "loss": 0.5})
+    assert (tmp_path / "elsewhere.txt").read_text() == "the user's\n"
