@@ -21,6 +21,7 @@ from click.testing import CliRunner
 ray = pytest.importorskip("ray")
 
 from diffcse_runtime import Encoder  # noqa: E402
+from diffcse_runtime.errors import DiffcseError  # noqa: E402
 from diffcse_runtime.ray_embed import JobSpec, ShardWriter, TextEmbedder, run_job  # noqa: E402
 from diffcse_runtime.ray_embed.batch import text_hashes  # noqa: E402
 from diffcse_runtime.ray_embed.cli import main as embed_ray  # noqa: E402
@@ -256,3 +257,170 @@ def test_cli_without_the_ray_extra_says_what_to_install(tmp_path):
     assert res.returncode == 1
     assert "needs Ray Data and pyarrow" in res.stderr and 'pip install "diffcse[ray]"' in res.stderr
     assert "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------- issue 23: 11 and 17
+
+
+def _assert_rows_match_file(out, src, encoder):
+    """Every row of the output is the file's current line, embedded from that text."""
+    lines = src.read_text().splitlines()
+    table = read_parts(out)
+    by_id = dict(zip(table.column("id").to_pylist(), range(table.num_rows), strict=True))
+    assert sorted(by_id) == sorted(f"{src}:{i}" for i in range(1, len(lines) + 1))
+    order = [by_id[f"{src}:{i}"] for i in range(1, len(lines) + 1)]
+    assert [table.column("text")[k].as_py() for k in order] == lines
+    got = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(-1, 32)
+    np.testing.assert_allclose(got[order], encoder.encode(lines), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rerun_embeds_exactly_the_changed_and_appended_lines(
+    local_ray, deadline, tiny_model_dir, encoder, tmp_path
+):
+    """The issue's reproduction: 300 lines, --shard-rows 100; append 50 lines and rerun
+    (was: "rows in 300, rows out 300", the new lines never embedded); then delete one part,
+    edit a line it covered and a line of a finished part, and rerun (was: the old text)."""
+    src = tmp_path / "a.txt"
+    src.write_text("".join(f"{t}\n" for t in sentences(300, seed=5)))
+    out = tmp_path / "out"
+    args = [str(src), str(out), "-m", str(tiny_model_dir), "--shard-rows", "100"]
+    args += ["--actors", "1", "--keep-text"]
+    res = CliRunner().invoke(embed_ray, args)
+    assert res.exit_code == 0, res.output
+    with open(src, "a") as fh:
+        fh.write("".join(f"{t} again\n" for t in sentences(50, seed=6)))
+    res = CliRunner().invoke(embed_ray, args)
+    assert res.exit_code == 0, res.output
+    assert "rows in 350, rows out 350; parts written 1, already done 3" in res.output
+    assert f"{src}: changed since the last run, part 3 added" in res.output
+    _assert_rows_match_file(out, src, encoder)
+
+    lines = src.read_text().splitlines()
+    lines[149] = "a freshly edited line in a deleted part ."
+    lines[249] = "a freshly edited line in a finished part ."
+    src.write_text("".join(f"{t}\n" for t in lines))
+    os.unlink(out / "part-000001.parquet")
+    kept = os.stat(out / "part-000000.parquet")
+    res = CliRunner().invoke(embed_ray, args)
+    assert res.exit_code == 0, res.output
+    assert f"{src}: changed since the last run, parts 1, 2 redone" in res.output
+    assert "parts written 2, already done 2" in res.output
+    now = os.stat(out / "part-000000.parquet")
+    assert (now.st_ino, now.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+    _assert_rows_match_file(out, src, encoder)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["files"][str(src)]["size"] == src.stat().st_size
+    assert manifest["files"][str(src)]["mtime_ns"] == src.stat().st_mtime_ns
+    assert len({p["input_sha256"] for p in manifest["parts"]}) == 4
+
+
+def appending_worker(path: str) -> type[ShardWriter]:
+    """A ShardWriter that appends a line to the input while the job reads it."""
+
+    class Appender(ShardWriter):
+        def write_shard(self, shard):
+            if shard.index == 0:
+                with open(path, "a") as fh:
+                    fh.write("a line written while the job ran .\n")
+            return super().write_shard(shard)
+
+    return Appender
+
+
+@pytest.mark.slow
+def test_an_input_changing_while_read_publishes_no_manifest(
+    local_ray, deadline, tiny_model_dir, encoder, tmp_path
+):
+    src = tmp_path / "a.txt"
+    src.write_text("".join(f"{t}\n" for t in sentences(60, seed=7)))
+    out = tmp_path / "out"
+    spec = spec_for(tiny_model_dir, [src], shard_rows=20, keep_text=True)
+    with pytest.raises(DiffcseError, match=rf"{src}: changed while the job read it"):
+        run_job(spec, tiny_model_dir, str(out), actors=1, worker=appending_worker(str(src)))
+    assert not (out / MANIFEST_FILE).exists()
+    result = run_job(spec, tiny_model_dir, str(out), actors=1)
+    assert result.rows_in == result.rows_out == 61
+    assert result.changes == [f"{src}: changed since the last run, part 3 added"]
+    _assert_rows_match_file(out, src, encoder)
+
+
+@pytest.mark.slow
+def test_truncated_part_is_redone_and_a_damaged_record_is_one_sentence(
+    local_ray, deadline, tiny_model_dir, tmp_path
+):
+    src = tmp_path / "a.txt"
+    src.write_text("".join(f"{t}\n" for t in sentences(40, seed=8)))
+    out = tmp_path / "out"
+    args = [str(src), str(out), "-m", str(tiny_model_dir), "--shard-rows", "20", "--actors", "1"]
+    assert CliRunner().invoke(embed_ray, args).exit_code == 0
+    part = out / "part-000001.parquet"
+    part.write_bytes(part.read_bytes()[:100])  # a truncated part (a disk that filled up)
+    res = CliRunner().invoke(embed_ray, args)
+    assert res.exit_code == 0, res.output
+    assert f"{part}: unreadable" in res.output and "embedding its rows again" in res.output
+    assert "parts written 1, already done 1" in res.output
+    assert pq.read_table(part).num_rows == 20
+    (out / "_diffcse_job.json").write_text('{"spec": {"inputs": [')
+    res = CliRunner().invoke(embed_ray, args)
+    assert res.exit_code == 1
+    assert f"{out}/_diffcse_job.json: damaged job record (not valid JSON" in res.output
+    assert "Traceback" not in res.output and "JSONDecodeError" not in res.output
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes whose environment holds `marker` (Ray's workers inherit it)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = fh.read()
+            with open(f"/proc/{pid}/stat") as fh:
+                zombie = fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if marker.encode() in env and not zombie:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.slow
+def test_sigterm_exits_143_with_one_sentence_and_leaves_no_ray_processes(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "a.txt"
+    src.write_text("".join(f"{t}\n" for t in sentences(500, seed=9)) * 60)  # 30k lines
+    out = tmp_path / "out"
+    short = tempfile.mkdtemp(prefix="drk-")  # TMPDIR: Ray's session files, and our marker
+    env = {**os.environ, "TMPDIR": short, "RAY_USAGE_STATS_ENABLED": "0"}
+    code = "from diffcse_runtime.ray_embed.cli import main; main()"
+    cmd = [sys.executable, "-c", code, str(src), str(out), "-m", str(tiny_model_dir)]
+    cmd += ["--shard-rows", "500", "--actors", "1", "--num-cpus", "2"]
+    log = open(tmp_path / "log", "w+b")  # noqa: SIM115 - read below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+    try:
+        end = time.monotonic() + 120
+        while not (out.is_dir() and any(p.startswith("part-") for p in os.listdir(out))):
+            assert proc.poll() is None, (tmp_path / "log").read_text(errors="replace")[-3000:]
+            assert time.monotonic() < end, "no part written in 120 s"
+            time.sleep(0.05)
+        assert _processes_with(short), "the marker does not find Ray's processes"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = (tmp_path / "log").read_text(errors="replace")
+    assert proc.returncode == 143, text[-3000:]
+    assert "interrupted; finished parts are kept, rerun to resume" in text
+    assert "Traceback" not in text and "*** " not in text and " @ " not in text, text[-3000:]
+    end = time.monotonic() + 15  # workers notice their parent's end within seconds
+    while _processes_with(short) and time.monotonic() < end:
+        time.sleep(0.2)
+    left = _processes_with(short)
+    for pid in left:  # never leave them running past the test
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(short, ignore_errors=True)
+    assert left == [], f"Ray processes still alive after the parent exited: {left}"

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import click
 
-from diffcse_runtime.errors import DiffcseError, friendly_errors
+from diffcse_runtime.errors import (
+    DiffcseError,
+    friendly_errors,
+    signals_deferred,
+    sigterm_as_interrupt,
+)
 from diffcse_runtime.model_dir import load_metadata
 from diffcse_runtime.ray_embed import FORMATS
 from diffcse_runtime.textio import ERROR_MODES
@@ -162,7 +167,7 @@ def main(
         raise DiffcseError(
             f'diffcse-embed-ray needs Ray Data and pyarrow ({exc.msg}): pip install "diffcse[ray]"'
         ) from None
-    from diffcse_runtime.ray_embed.job import JobSpec, run_job
+    from diffcse_runtime.ray_embed.job import JobSpec
 
     if shard_rows < 1 or threads < 1 or batch_size < 1 or (actors is not None and actors < 1):
         raise click.UsageError("--shard-rows, --threads, --batch-size and --actors must be >= 1")
@@ -179,26 +184,19 @@ def main(
         errors=errors,
     )
     owns_ray = not ray.is_initialized()  # a caller's (or a test's) running Ray is reused
-    if owns_ray and address:
-        connect(address)
-    elif owns_ray:
-        start_local_ray(num_cpus or os.cpu_count() or 1)
-    quiet_ray_data(verbose)
     try:
-        n = actors or default_actors(threads)
-        click.echo(f"diffcse-embed-ray: {n} actor(s) x {threads} thread(s)", err=True)
-        result = run_job(
-            spec,
-            model.resolve(),
-            output_dir,
-            actors=n,
-            cpus_per_actor=threads,
-            threads=threads,
-            batch_size=batch_size,
-            progress=_progress,
-        )
+        # ray.init installs its own SIGTERM handler (exit 15 with the core worker's C++
+        # stack): the inner block puts ours back, so a kill unwinds like Ctrl-C, shuts the
+        # local Ray down in `finally` and exits 143 with one sentence, as the other tools do
+        with signals_deferred():  # a kill during ray.init lands once ours is back
+            if owns_ray and address:
+                connect(address)
+            elif owns_ray:
+                start_local_ray(num_cpus or os.cpu_count() or 1)
+        with sigterm_as_interrupt():
+            result = _run(spec, model, output_dir, actors, threads, batch_size, verbose)
     finally:
-        if owns_ray:
+        if owns_ray and ray.is_initialized():
             ray.shutdown()
     click.echo(
         f"rows in {result.rows_in}, rows out {result.rows_out}; parts written "
@@ -207,6 +205,25 @@ def main(
     )
     if result.rows_out != result.rows_in:
         raise DiffcseError(f"{result.manifest}: {result.rows_in - result.rows_out} rows missing")
+
+
+def _run(spec, model: Path, output_dir: str, actors, threads: int, batch_size: int, verbose):
+    from diffcse_runtime.ray_embed.job import run_job
+
+    quiet_ray_data(verbose)
+    n = actors or default_actors(threads)
+    click.echo(f"diffcse-embed-ray: {n} actor(s) x {threads} thread(s)", err=True)
+    return run_job(
+        spec,
+        model.resolve(),
+        output_dir,
+        actors=n,
+        cpus_per_actor=threads,
+        threads=threads,
+        batch_size=batch_size,
+        progress=_progress,
+        notify=lambda note: click.echo(f"diffcse-embed-ray: {note}", err=True),
+    )
 
 
 def _progress(done: int, total: int) -> None:

@@ -5,11 +5,17 @@ a text/JSONL file, or a run of row groups of a Parquet file. Shards are planned 
 input alone (line offsets, Parquet footers), so a rerun plans the very same shards and can
 skip the ones already written. Files are read through pyarrow filesystems, so `s3://`,
 `gs://`, `hdfs://` and local paths work alike.
+
+Each shard carries the SHA-256 of the bytes it covers (its lines, or its row groups' column
+chunks), and each planned file its size and modification time. Reading a shard checks its
+bytes against the digest, so a part is never built from bytes other than the planned ones,
+and a rerun compares stamps and digests to find exactly the shards whose input changed.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -39,6 +45,7 @@ class Shard:
     start: int = 0
     end: int = 0
     row_groups: tuple[int, ...] = ()
+    digest: str = ""  # SHA-256 of the bytes the shard covers ("" in jobs from before it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +53,26 @@ class Shard:
     @classmethod
     def from_dict(cls, raw: dict) -> Shard:
         return cls(**{**raw, "row_groups": tuple(raw.get("row_groups") or ())})
+
+    def same_input(self, other: Shard) -> bool:
+        """The same rows from the same bytes: only then may one's part stand for the other.
+        Where the bytes sit (`start`, `row_groups`) does not matter: a line edited to another
+        length moves every later shard's bytes, but not their rows or contents."""
+        keys = ("path", "fmt", "first_row", "rows", "digest")
+        return bool(self.digest) and all(getattr(self, k) == getattr(other, k) for k in keys)
+
+
+def stamp(fs: pafs.FileSystem, path: str) -> dict:
+    """What identifies a file's version cheaply: its size and modification time (None
+    where the filesystem keeps none, which then never matches, so the file is rehashed)."""
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise DataFormatError(f"{path}: no longer exists or is not a file")
+    return {"size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def same_stamp(a: dict | None, b: dict | None) -> bool:
+    return bool(a and b) and a.get("mtime_ns") is not None and a == b
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -101,25 +128,46 @@ def file_format(path: str, fmt: str) -> str:
     return "text"
 
 
-def plan_file(fs: pafs.FileSystem, path: str, fmt: str, shard_rows: int) -> list[Shard]:
-    """Cut one file into shards of about `shard_rows` rows (index filled in by the caller)."""
+def plan_file(
+    fs: pafs.FileSystem, path: str, fmt: str, shard_rows: int
+) -> tuple[list[Shard], dict]:
+    """Cut one file into shards of about `shard_rows` rows (index filled in by the caller),
+    each with the digest of its bytes, and the file's stamp. A file that changes while it
+    is read (its stamp, or the bytes read against its size) is refused: a plan must
+    describe one version of the file."""
+    before = stamp(fs, path)
     if fmt == "parquet":
-        return _plan_parquet(fs, path, shard_rows)
+        shards, read = _plan_parquet(fs, path, shard_rows), before["size"]
+    else:
+        shards, read = _plan_lines(fs, path, fmt, shard_rows)
+    if stamp(fs, path) != before or read != before["size"]:
+        raise DataFormatError(f"{path}: changed while it was read; rerun once nothing writes to it")
+    return shards, before
+
+
+def _plan_lines(fs: pafs.FileSystem, path: str, fmt: str, shard_rows: int):
     shards, first, rows, start, offset, line_end = [], 1, 0, 0, 0, 0
+    digest = hashlib.sha256()
     with fs.open_input_stream(path) as fh:
         while block := fh.read(_BLOCK):
-            pos = 0
+            pos = hashed = 0
             while (nl := block.find(b"\n", pos)) >= 0:
                 rows, pos = rows + 1, nl + 1
                 line_end = offset + pos
                 if rows == shard_rows:
-                    shards.append(Shard(-1, path, fmt, first, rows, start, line_end))
+                    digest.update(block[hashed:pos])
+                    hashed = pos
+                    shards.append(
+                        Shard(-1, path, fmt, first, rows, start, line_end, (), digest.hexdigest())
+                    )
                     first, rows, start = first + rows, 0, line_end
+                    digest = hashlib.sha256()
+            digest.update(block[hashed:])
             offset += len(block)
     rows += offset > line_end  # a last line without a newline is still a line
     if rows:
-        shards.append(Shard(-1, path, fmt, first, rows, start, offset))
-    return shards
+        shards.append(Shard(-1, path, fmt, first, rows, start, offset, (), digest.hexdigest()))
+    return shards, offset
 
 
 def _plan_parquet(fs: pafs.FileSystem, path: str, shard_rows: int) -> list[Shard]:
@@ -128,15 +176,35 @@ def _plan_parquet(fs: pafs.FileSystem, path: str, shard_rows: int) -> list[Shard
     except pa.ArrowInvalid as exc:
         raise DataFormatError(f"{path}: not a readable Parquet file ({exc})") from None
     shards, groups, first, rows = [], [], 0, 0
-    for g in range(meta.num_row_groups):
-        groups.append(g)
-        rows += meta.row_group(g).num_rows
-        if rows >= shard_rows:
-            shards.append(Shard(-1, path, "parquet", first, rows, row_groups=tuple(groups)))
-            groups, first, rows = [], first + rows, 0
-    if groups:
-        shards.append(Shard(-1, path, "parquet", first, rows, row_groups=tuple(groups)))
+    with fs.open_input_file(path) as fh:
+        for g in range(meta.num_row_groups):
+            groups.append(g)
+            rows += meta.row_group(g).num_rows
+            if rows >= shard_rows or g == meta.num_row_groups - 1:
+                digest = _row_groups_digest(fh, meta, groups)
+                shards.append(Shard(-1, path, "parquet", first, rows, 0, 0, tuple(groups), digest))
+                groups, first, rows = [], first + rows, 0
     return shards
+
+
+def _row_groups_digest(fh, meta, groups) -> str:
+    """SHA-256 of the stored bytes of `groups` (every column chunk, in order)."""
+    digest = hashlib.sha256()
+    for g in groups:
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            col = group.column(c)
+            starts = [col.data_page_offset]
+            if col.has_dictionary_page and col.dictionary_page_offset:
+                starts.append(col.dictionary_page_offset)
+            start, left = min(starts), col.total_compressed_size
+            while left > 0:
+                chunk = fh.read_at(min(left, _BLOCK), start)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                start, left = start + len(chunk), left - len(chunk)
+    return digest.hexdigest()
 
 
 def read_shard(
@@ -147,11 +215,14 @@ def read_shard(
         return _read_parquet(fs, shard, text_field, id_field)
     with fs.open_input_file(shard.path) as fh:
         fh.seek(shard.start)
-        raw_lines = fh.read(shard.end - shard.start).split(b"\n")
+        data = fh.read(shard.end - shard.start)
+    raw_lines = data.split(b"\n")
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()
-    if len(raw_lines) != shard.rows:
-        raise DataFormatError(f"{shard.path}: changed since the job was planned; start a new job")
+    if len(raw_lines) != shard.rows or (
+        shard.digest and hashlib.sha256(data).hexdigest() != shard.digest
+    ):
+        raise changed_error(shard)
     ids, texts = [], []
     for k, raw in enumerate(raw_lines):
         lineno = shard.first_row + k
@@ -188,13 +259,21 @@ def _read_parquet(
     fs: pafs.FileSystem, shard: Shard, text_field: str, id_field: str | None
 ) -> tuple[list[str], list[str]]:
     columns = [text_field] + ([id_field] if id_field else [])
-    pf = pq.ParquetFile(fs.open_input_file(shard.path))
+    fh = fs.open_input_file(shard.path)  # one handle: the bytes hashed are the bytes read
+    pf = pq.ParquetFile(fh)
+    groups = list(shard.row_groups)
+    if pf.metadata.num_row_groups <= max(groups, default=-1) or (
+        shard.digest and _row_groups_digest(fh, pf.metadata, groups) != shard.digest
+    ):
+        raise changed_error(shard)
     names = pf.schema_arrow.names
     for col in columns:
         if col not in names:
             option = "--text-field" if col == text_field else "--id-field"
             raise DataFormatError(f"{shard.path}: no column {col!r} (columns: {names}; {option})")
-    table = pf.read_row_groups(list(shard.row_groups), columns=columns)
+    table = pf.read_row_groups(groups, columns=columns)
+    if table.num_rows != shard.rows:
+        raise changed_error(shard)
     texts = table.column(text_field).to_pylist()
     for k, text in enumerate(texts):
         if not isinstance(text, str):
@@ -205,3 +284,13 @@ def _read_parquet(
     else:
         ids = [f"{shard.path}#{shard.first_row + k}" for k in range(len(texts))]
     return ids, texts
+
+
+def changed_error(shard: Shard) -> DataFormatError:
+    """A shard's bytes differ from the planned ones: the input changed after planning."""
+    last = shard.first_row + shard.rows - 1
+    where = f"lines {shard.first_row}-{last}" if shard.fmt != "parquet" else "its row groups"
+    return DataFormatError(
+        f"{shard.path}: changed since the job was planned ({where} differ); rerun the same "
+        "command to redo exactly the changed parts"
+    )

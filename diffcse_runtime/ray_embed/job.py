@@ -9,10 +9,16 @@ Each shard is written whole or not at all, under a name fixed by the plan. That 
 gives both guarantees the job needs: a retried task (an actor killed and restarted by Ray)
 rewrites the same part with the same rows, so every row lands exactly once; and a rerun
 after a failure finds the finished parts and embeds only the missing ones.
+
+Input changes: every part carries the digest of the bytes it was embedded from, a rerun
+plans again only the inputs whose stamp changed and redoes exactly the shards whose bytes
+differ (record.py), and the manifest is written only if no input changed while the job
+read it. So no part, and no manifest, ever describes an input other than the one read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -29,13 +35,22 @@ from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.model_dir import load_metadata
 from diffcse_runtime.ray_embed.batch import TextEmbedder, embedding_array, text_hashes
-from diffcse_runtime.ray_embed.inputs import Shard, file_format, list_files, plan_file, read_shard
+from diffcse_runtime.ray_embed.inputs import (
+    Shard,
+    file_format,
+    list_files,
+    plan_file,
+    read_shard,
+    same_stamp,
+    stamp,
+)
 from diffcse_runtime.ray_embed.inputs import resolve as resolve_fs
+from diffcse_runtime.ray_embed.record import JOB_FILE, Record, parse_record, reconcile
 
 log = logging.getLogger("diffcse_runtime.ray_embed")
-JOB_FILE = "_diffcse_job.json"  # the plan: a rerun resumes only the same job
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "diffcse-embed-ray/1"
+MANIFEST_FORMAT = "diffcse-embed-ray/2"
+PART_DIGEST_KEY = b"diffcse.input_sha256"  # Parquet metadata: the bytes a part came from
 
 
 @dataclass
@@ -63,6 +78,7 @@ class JobResult:
     seconds: float
     manifest: str
     written: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)  # inputs changed since the last run
 
 
 def part_name(shard: Shard) -> str:
@@ -105,7 +121,8 @@ class ShardWriter(TextEmbedder):
         }
         if spec["keep_text"]:
             columns["text"] = pa.array(texts, type=pa.string())
-        write_table(pa.table(columns), self.out_fs, f"{self.out_path}/{part_name(shard)}")
+        table = pa.table(columns).replace_schema_metadata({PART_DIGEST_KEY: shard.digest})
+        write_table(table, self.out_fs, f"{self.out_path}/{part_name(shard)}")
         return shard.index, len(ids)
 
 
@@ -120,67 +137,121 @@ def write_table(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
             pq.write_table(table, fh)
 
 
-def plan(spec: JobSpec) -> tuple[list[Shard], dict[str, str]]:
-    """Shards of every input file, planned in parallel Ray tasks (one per file)."""
-    files: list[tuple[str, str]] = []  # (path on its filesystem, the URI to reopen it by)
+def input_files(spec: JobSpec) -> dict[str, str]:
+    """{path on its filesystem: the URI to reopen it by} of every input file, in order."""
+    files: dict[str, str] = {}
     for pattern in spec.inputs:
-        fs, paths = list_files(pattern)
+        _, paths = list_files(pattern)
         prefix = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
-        files += [(p, prefix + p if prefix and "://" not in p else p) for p in paths]
+        files.update({p: prefix + p if prefix and "://" not in p else p for p in paths})
+    return files
+
+
+def plan(spec: JobSpec, files: dict[str, str]) -> dict[str, tuple[list[Shard], dict]]:
+    """{path: (shards, stamp)} of `files`, planned in parallel Ray tasks (one per file)."""
 
     @ray.remote(num_cpus=0.25)
-    def plan_one(uri: str, path: str) -> list[Shard]:
+    def plan_one(uri: str, path: str) -> tuple[list[Shard], dict]:
         fs = resolve_fs(uri)[0]
         return plan_file(fs, path, file_format(path, spec.fmt), spec.shard_rows)
 
     try:
-        per_file = ray.get([plan_one.remote(uri, path) for path, uri in files])
+        planned = ray.get([plan_one.remote(uri, path) for path, uri in files.items()])
     except ray.exceptions.RayTaskError as exc:  # a bad file: its one sentence, no traceback
         if isinstance(exc.cause, DiffcseError):
             raise DiffcseError(str(exc.cause)) from None
         raise
-    shards = [s for chunk in per_file for s in chunk]
-    shards = [Shard(**{**s.to_dict(), "index": i}) for i, s in enumerate(shards)]
-    return shards, {path: uri for path, uri in files}
+    return dict(zip(files, planned, strict=True))
 
 
-def load_or_plan(out_fs, out_path: str, spec: JobSpec) -> tuple[list[Shard], dict[str, str]]:
-    """The saved plan of this output folder, or a new one; another job's plan is refused."""
+def read_saved(out_fs, job_path: str) -> Record | None:
+    if out_fs.get_file_info(job_path).type != pafs.FileType.File:
+        return None
+    with out_fs.open_input_stream(job_path) as fh:
+        return parse_record(fh.read(), job_path)
+
+
+def load_or_plan(out_fs, out_path: str, spec: JobSpec) -> tuple[Record, list[str]]:
+    """This output folder's plan brought up to date with the inputs (and the notes saying
+    which inputs changed), or a new plan; another job's folder is refused."""
     job_path = f"{out_path}/{JOB_FILE}"
-    if out_fs.get_file_info(job_path).type == pafs.FileType.File:
-        with out_fs.open_input_stream(job_path) as fh:
-            saved = json.loads(fh.read())
-        if saved["spec"] != vars(spec):
-            changed = sorted(k for k in saved["spec"] if saved["spec"][k] != vars(spec).get(k))
-            raise DiffcseError(
-                f"{out_path}: holds a different job (changed: {', '.join(changed)}); "
-                "use a new output folder"
-            )
-        return [Shard.from_dict(s) for s in saved["shards"]], saved["uris"]
+    saved = read_saved(out_fs, job_path)
+    if saved is None:
+        _check_new_output(out_fs, out_path)
+    elif saved.spec != vars(spec):
+        changed = sorted(k for k in saved.spec if saved.spec[k] != vars(spec).get(k))
+        raise DiffcseError(
+            f"{out_path}: holds a different job (changed: {', '.join(changed)}); "
+            "use a new output folder"
+        )
+    files = input_files(spec)
+    old_stamps = saved.files if saved else {}
+    now = {p: stamp(resolve_fs(u)[0], p) for p, u in files.items()}
+    again = [p for p in files if not same_stamp(old_stamps.get(p), now[p])]
+    planned = plan(spec, {p: files[p] for p in again}) if again else {}
+    old_shards = saved.shards if saved else []
+    shards, retired, notes = reconcile(
+        old_shards, {p: planned[p][0] for p in planned}, list(files), saved.retired if saved else []
+    )
+    stamps = {p: planned[p][1] if p in planned else old_stamps[p] for p in files}
+    record = Record(vars(spec), files, stamps, shards, retired)
+    if saved is None or record.to_json() != saved.to_json():
+        if saved is None:
+            out_fs.create_dir(out_path, recursive=True)
+        _write_json(out_fs, job_path, record.to_json())
+    return record, notes
+
+
+def _check_new_output(out_fs, out_path: str) -> None:
+    """A new job writes only into a new or empty folder."""
     info = out_fs.get_file_info(out_path)
     if info.type == pafs.FileType.Directory and out_fs.get_file_info(pafs.FileSelector(out_path)):
         raise DiffcseError(f"{out_path}: exists and is not a diffcse-embed-ray output folder")
     if info.type == pafs.FileType.File:
         raise DiffcseError(f"{out_path}: is a file, expected an output folder")
-    shards, uris = plan(spec)
-    out_fs.create_dir(out_path, recursive=True)
-    body = {"spec": vars(spec), "uris": uris, "shards": [s.to_dict() for s in shards]}
-    _write_json(out_fs, job_path, body)
-    return shards, uris
 
 
-def finished(out_fs, out_path: str, shards: list[Shard]) -> dict[int, int]:
-    """{shard index: rows} of the parts already published whole with the planned rows."""
+def remove_retired(out_fs, out_path: str, retired: list[int]) -> None:
+    """Delete the parts the plan retired (rows now gone from the input): they are ours,
+    listed by number in our own record, and would otherwise be read as live rows."""
+    for index in retired:
+        with contextlib.suppress(FileNotFoundError):
+            out_fs.delete_file(f"{out_path}/{part_name(Shard(index, '', '', 0, 0))}")
+
+
+def finished(out_fs, out_path: str, shards: list[Shard]) -> tuple[dict[int, int], list[str]]:
+    """{shard index: rows} of the parts already published whole, with the planned rows,
+    from the planned bytes; and a note for each part that could not be read (redone)."""
     infos = out_fs.get_file_info(pafs.FileSelector(out_path))
     present = {i.base_name for i in infos if i.type == pafs.FileType.File}
-    done = {}
+    done, notes = {}, []
     for shard in shards:
         name = part_name(shard)
-        if name in present:
-            rows = pq.ParquetFile(out_fs.open_input_file(f"{out_path}/{name}")).metadata.num_rows
-            if rows == shard.rows:
-                done[shard.index] = rows
-    return done
+        if name not in present:
+            continue
+        try:
+            pf = pq.ParquetFile(out_fs.open_input_file(f"{out_path}/{name}"))
+            rows, meta = pf.metadata.num_rows, pf.schema_arrow.metadata or {}
+        except (pa.ArrowInvalid, OSError) as exc:
+            notes.append(f"{out_path}/{name}: unreadable ({exc}); embedding its rows again")
+            continue
+        if (
+            rows == shard.rows
+            and shard.digest
+            and meta.get(PART_DIGEST_KEY) == shard.digest.encode()
+        ):
+            done[shard.index] = rows
+    return done, notes
+
+
+def check_inputs_unchanged(record: Record) -> None:
+    """Publish nothing built from an input that changed while the job read it."""
+    for path, uri in record.uris.items():
+        if stamp(resolve_fs(uri)[0], path) != record.files[path]:
+            raise DiffcseError(
+                f"{path}: changed while the job read it, so no manifest was written; rerun "
+                "the same command to redo exactly the changed parts"
+            )
 
 
 def run_job(
@@ -193,6 +264,7 @@ def run_job(
     batch_size: int = 64,
     worker: type[ShardWriter] = ShardWriter,
     progress: Callable[[int, int], None] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> JobResult:
     """Embed every shard not yet written, then write the manifest. Ray must be running.
 
@@ -203,8 +275,13 @@ def run_job(
     """
     started = time.perf_counter()
     out_fs, out_path = resolve_fs(output_dir)
-    shards, uris = load_or_plan(out_fs, out_path, spec)
-    done = finished(out_fs, out_path, shards)
+    record, changes = load_or_plan(out_fs, out_path, spec)
+    shards, uris = record.shards, record.uris
+    remove_retired(out_fs, out_path, record.retired)
+    done, unreadable = finished(out_fs, out_path, shards)
+    changes += unreadable
+    for note in changes:  # before the work: which inputs changed and what is redone
+        (notify or log.warning)(note)
     todo = [s for s in shards if s.index not in done]
     rows_out = sum(done.values())
     if todo:
@@ -233,7 +310,8 @@ def run_job(
             if progress:
                 progress(len(done), len(shards))
     rows_in = sum(s.rows for s in shards)
-    manifest = _manifest(spec, model_dir, shards, rows_in, rows_out)
+    check_inputs_unchanged(record)
+    manifest = _manifest(spec, model_dir, record, rows_in, rows_out)
     _write_json(out_fs, f"{out_path}/{MANIFEST_FILE}", manifest)
     return JobResult(
         rows_in=rows_in,
@@ -244,10 +322,11 @@ def run_job(
         seconds=time.perf_counter() - started,
         manifest=f"{out_path}/{MANIFEST_FILE}",
         written=[part_name(s) for s in todo],
+        changes=changes,
     )
 
 
-def _manifest(spec: JobSpec, model_dir, shards: list[Shard], rows_in: int, rows_out: int):
+def _manifest(spec: JobSpec, model_dir, record: Record, rows_in: int, rows_out: int):
     meta = load_metadata(model_dir, verify_hash=False)
     return {
         "format": MANIFEST_FORMAT,
@@ -258,16 +337,26 @@ def _manifest(spec: JobSpec, model_dir, shards: list[Shard], rows_in: int, rows_
             "normalized": spec.normalize,
         },
         "inputs": spec.inputs,
+        "files": record.files,  # each input file's size and mtime_ns when it was read
         "rows_in": rows_in,
         "rows_out": rows_out,
         "complete": rows_in == rows_out,
         "columns": {"id": "string", "text_hash": "blake2b-128", "embedding": "float32 list"},
-        "parts": [{"file": part_name(s), "rows": s.rows, "source": s.path} for s in shards],
+        "parts": [
+            {
+                "file": part_name(s),
+                "rows": s.rows,
+                "source": s.path,
+                "first_row": s.first_row,
+                "input_sha256": s.digest,  # of the bytes the part was embedded from
+            }
+            for s in record.shards
+        ],
     }
 
 
 def _write_json(fs: pafs.FileSystem, path: str, body: dict) -> None:
-    data = (json.dumps(body, indent=1) + "\n").encode("utf-8")
+    data = (json.dumps(body, indent=1, allow_nan=False) + "\n").encode("utf-8")
     if isinstance(fs, pafs.LocalFileSystem):
         with atomic_file(path) as fh:
             fh.write(data)
