@@ -115,3 +115,48 @@ def test_langchain_with_its_documented_setting_matches_the_encoder(url, offline)
     short = langchain(url, check_embedding_ctx_length=False, dimensions=16)
     got = np.array(short.embed_documents(texts))
     assert_same_rows(got, truncate_dims(offline.encode(texts), 16, normalize=True))
+
+
+# ------------------------------------------------------------------ prompts
+
+
+@pytest.fixture(scope="module")
+def prompted(tiny_model_dir, tmp_path_factory) -> Encoder:
+    """The tiny model with sentence-transformers prompts and a default prompt."""
+    import shutil
+
+    from diffcse_runtime.model_dir import load_metadata, write_metadata
+
+    folder = tmp_path_factory.mktemp("prompted") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    meta = load_metadata(folder)
+    meta.prompts = {"query": "query: ", "document": "passage: "}
+    meta.default_prompt_name = "document"
+    write_metadata(folder, meta)
+    return Encoder(folder, intra_op_threads=1)
+
+
+def test_prompts_on_both_routes_match_the_encoder(prompted):
+    """No prompt named: the model's default, as Encoder.encode; a named one on request."""
+    tei_client = pytest.importorskip("tei_client")
+    texts = SHORT[:3]
+    plain = prompted.encode(texts, prompt="", normalize=True)
+    document = prompted.encode(texts, normalize=True)  # the default prompt
+    query = prompted.encode_query(texts, normalize=True)
+    assert not np.allclose(plain, document) and not np.allclose(query, document)
+    with thread_server({"p": prompted}, ServeSettings()) as base:
+        openai_client = openai.OpenAI(base_url=f"{base}/v1", api_key="-", max_retries=0)
+        got = openai_client.embeddings.create(input=texts, model="p")
+        assert_same_rows(np.array([d.embedding for d in got.data]), document)
+        asked = {"prompt_name": "query"}
+        got = openai_client.embeddings.create(input=texts, model="p", extra_body=asked)
+        assert_same_rows(np.array([d.embedding for d in got.data]), query)
+        with pytest.raises(openai.BadRequestError) as caught:
+            openai_client.embeddings.create(input=texts, model="p", extra_body={"prompt_name": "x"})
+        assert caught.value.body["param"] == "prompt_name"
+        tei = tei_client.HttpClient(base, timeout=30)
+        assert tei.prompt_names() == ["query", "document"]
+        assert_same_rows(np.array(tei.embed(texts)), document)
+        assert_same_rows(np.array(tei.embed(texts, prompt_name="query")), query)
+        tokens = tei.tokenize("a dog", prompt_name="query")[0].tokens
+        assert [t.text for t in tokens[1:-1]][:2] == ["query", ":"]

@@ -139,12 +139,13 @@ def test_truncation_follows_the_request(url, offline):
     assert_same_rows(np.array(rows), offline.encode(["short"], normalize=True))  # nothing cut
 
 
-def test_embed_all_and_prompts_say_what_the_model_lacks(url):
+def test_embed_all_says_what_the_model_lacks_and_prompts_are_listed(url, offline):
     r = post(url, "/embed_all", {"inputs": "hi"})
     assert "pooled sentence_embedding output only" in tei_error(r, 424, "backend")
-    assert client(url).prompt_names() == []  # the tiny model has no prompts
-    r = post(url, "/embed", {"inputs": "hi", "prompt_name": "query"})
-    assert "has no prompts" in tei_error(r, 400, "validation")
+    # sentence-transformers' prompts: every model has "query" and "document" ("" unless set)
+    assert client(url).prompt_names() == list(offline.prompts) == ["query", "document"]
+    r = post(url, "/embed", {"inputs": "hi", "prompt_name": "nope"})
+    assert 'Available prompts: ["query", "document"]' in tei_error(r, 400, "validation")
 
 
 # ------------------------------------------------------------------ shared limits and errors
@@ -167,7 +168,8 @@ def test_refusals_use_teis_error_body(url):
     assert err.startswith("inputs must be a string")
     err = tei_error(post(url, "/embed", {"inputs": "x", "normalize": "yes"}), 422, "validation")
     assert err.startswith("normalize:")
-    r = httpx.post(f"{url}/tokenize", content=b"{nope", headers=AUTH)
+    json_type = {**AUTH, "Content-Type": "application/json"}
+    r = httpx.post(f"{url}/tokenize", content=b"{nope", headers=json_type)
     assert tei_error(r, 422, "validation") == "the request body is not valid JSON"
 
 

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from diffcse_runtime.conventions import ConventionError, check_dim, truncate_dims
+from diffcse_runtime.conventions import ConventionError, check_dim, resolve_prompt, truncate_dims
 from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.model_dir import MODEL_FILE
 from diffcse_runtime.serve.batching import Batcher, BatchSettings, QueueFull
@@ -130,13 +130,17 @@ class ServedModel:
         single: bool,
         field: str = "input",
         remedy: str = OPENAI_REMEDY,
+        prompt_name: str | None = None,
     ) -> Embedded:
         """The one path from checked texts to rows, for every route: tokenize once (bounded:
         `Encoder.tokenize`), refuse (or cut and report) texts the model would not read
         whole, queue the ids on the Batcher, count metrics.
 
         `field`, `single` and `remedy` only word the refusal for the route's own schema.
+        The prompt goes first, as `Encoder.encode` puts it, and counts towards the limit.
         """
+        if prefix := self.prompt(prompt_name):
+            texts = [prefix + text for text in texts]
         if sum(map(len, texts)) > INLINE_CHARS:
             async with self.tokenizing:
                 ids, counts = await asyncio.to_thread(self.encoder.tokenize, texts)
@@ -165,6 +169,15 @@ class ServedModel:
             self.metrics.truncated.labels(self.name).inc(len(truncated))
             request.state.log["truncated"] = len(truncated)
         return Embedded(rows, lengths, truncated)
+
+    def prompt(self, name: str | None) -> str:
+        """The text put before each input: prompt `name`, else the model's default prompt,
+        as `Encoder.encode` chooses it (so served rows equal Encoder.encode's)."""
+        enc = self.encoder
+        try:
+            return resolve_prompt(enc.prompts, enc.default_prompt_name, prompt_name=name)
+        except ConventionError as exc:
+            raise ApiError(400, f"{exc} (model {self.name!r})", param="prompt_name") from None
 
     def finish(self, rows: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
         """Raw rows cut to `dimensions` (if given), then made unit length if `normalize`."""
@@ -234,7 +247,9 @@ def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = N
         model = _pick_model(served, body.model)
         texts, single = _check_inputs(body.input, settings.max_inputs)
         dimensions = check_dimensions(model, body.dimensions)
-        out = await model.embed(texts, request, truncate=settings.truncate, single=single)
+        out = await model.embed(
+            texts, request, truncate=settings.truncate, single=single, prompt_name=body.prompt_name
+        )
         rows = model.finish(out.rows, dimensions, model.normalized)
         payload = render_embeddings(
             rows, body.encoding_format, model.name, out.lengths, out.truncated

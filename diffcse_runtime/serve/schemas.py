@@ -34,6 +34,11 @@ class EmbeddingRequest(BaseModel):
         "renormalised to unit length when the server normalises.",
     )
     user: str | None = Field(default=None, description="Accepted and ignored (never logged).")
+    prompt_name: str | None = Field(
+        default=None,
+        description="diffcse extension: one of the model's prompts (diffcse.json), put before "
+        "each input; none: the model's default prompt, as Encoder.encode does.",
+    )
 
 
 class Embedding(BaseModel):

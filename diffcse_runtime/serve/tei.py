@@ -229,24 +229,22 @@ def _texts(model: ServedModel, inputs: str | list[Any], settings: ServeSettings)
 
 
 def _prompt(model: ServedModel, name: str | None) -> str:
-    """The text of prompt `name` ("" for none); an unknown name lists the model's prompts in
-    TEI's words, which `tei-client`'s prompt_names() reads back."""
-    if name is None:
-        return ""
-    prompts: Mapping[str, str] = getattr(model.encoder.meta, "prompts", None) or {}
-    if name in prompts:
-        return prompts[name]
-    if not prompts:
+    """The text put first: prompt `name`, else the model's default prompt (`ServedModel.
+    prompt`). An unknown name lists the model's prompts in TEI's words, which
+    `tei-client`'s prompt_names() reads back."""
+    prompts = model.encoder.prompts
+    if name is not None and name not in prompts:
+        if not prompts:
+            message = f"prompt_name {name!r}: model {model.name!r} has no prompts"
+            raise ApiError(400, message, param="prompt_name")
+        known = ", ".join(json.dumps(p) for p in prompts)
         raise ApiError(
-            400, f"prompt_name {name!r}: model {model.name!r} has no prompts", param="prompt_name"
+            400,
+            f"prompt_name {name!r} is not a prompt of model {model.name!r}. "
+            f"Available prompts: [{known}]",
+            param="prompt_name",
         )
-    known = ", ".join(json.dumps(p) for p in prompts)
-    raise ApiError(
-        400,
-        f"prompt_name {name!r} is not a prompt of model {model.name!r}. "
-        f"Available prompts: [{known}]",
-        param="prompt_name",
-    )
+    return model.prompt(name)
 
 
 async def _embed(
@@ -254,14 +252,19 @@ async def _embed(
 ):
     """Texts through the shared path with TEI's prompt and truncation fields applied: a
     request's `truncate` (null: the server's --truncate); a cut from the left is refused."""
-    prompt = _prompt(model, body.prompt_name)
+    _prompt(model, body.prompt_name)  # TEI's wording for an unknown name
     truncate = settings.truncate if body.truncate is None else body.truncate
     remedy = TRUNCATE_REMEDY
     if truncate and body.truncation_direction == "left":
         truncate, remedy = False, LEFT_REMEDY  # a cut from the left is refused, not faked
-    texts = [prompt + t for t in texts] if prompt else texts
     return await model.embed(
-        texts, request, truncate=truncate, single=single, field="inputs", remedy=remedy
+        texts,
+        request,
+        truncate=truncate,
+        single=single,
+        field="inputs",
+        remedy=remedy,
+        prompt_name=body.prompt_name,
     )
 
 
