@@ -172,8 +172,11 @@ _MODEL: Path | None = None
 
 
 def session_model(base: Path) -> Path:
-    """`my-model`, made once per session by README.md's block marked `makes: my-model`."""
+    """`my-model`, made once per session by README.md's block marked `makes: my-model`
+    (or `$DIFFCSE_DOCS_MODEL`, a folder it made before, to iterate on the docs faster)."""
     global _MODEL
+    if _MODEL is None and os.environ.get("DIFFCSE_DOCS_MODEL"):  # iterating on the docs
+        _MODEL = Path(os.environ["DIFFCSE_DOCS_MODEL"]).resolve()
     if _MODEL is None:
         (maker,) = [b for b in blocks(ROOT / "README.md") if b.marker == "makes"]
         run_block(maker, base)
