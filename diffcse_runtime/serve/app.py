@@ -52,6 +52,9 @@ from diffcse_runtime.serve.schemas import (
 from diffcse_runtime.truncation import TokenCounts
 
 INLINE_CHARS = 16_384  # requests with more text are tokenized off the event loop
+# Server-wide memory of tokenizing: requests over INLINE_CHARS are tokenized one at a time,
+# in tokenizers calls of TOKENIZE_CHUNK_CHARS characters at up to ~250 bytes each.
+TOKENIZING_BYTES = 64 * 2**20
 PATHS = {"/v1/embeddings", "/v1/models", "/health", "/ready", "/metrics"}
 OPENAI_REMEDY = "shorten it, or start the server with --truncate"
 # LangChain's OpenAIEmbeddings sends tiktoken ids by default: OpenAI's token numbering, which
@@ -76,6 +79,23 @@ class ServeSettings:
     truncate: bool = False
     retry_after_s: int = 1
     batch: BatchSettings = field(default_factory=BatchSettings)
+
+
+def memory_bound(settings: ServeSettings, max_seq_length: int, embedding_dim: int) -> int:
+    """Bytes one request can hold at its peak, with the limits in `settings` (B: max body
+    bytes, n: max inputs, L: max_seq_length, d: embedding_dim):
+
+        6 B + n (36 L + 100 d)
+
+    6 B: the raw body, its join, and its texts as Python strings (up to 4 bytes per
+    character when one character needs it; 4 B more when the model puts a prompt before
+    each text); 36 L per text: the kept token ids as Python ints; 100 d per text: the rows
+    as floats, their JSON text and the bytes being sent.
+    Tokenizing adds TOKENIZING_BYTES once for the whole server, whatever the number of
+    requests (`Encoder.tokenize` works in bounded calls, one request at a time).
+    """
+    b, n = settings.max_body_bytes, settings.max_inputs
+    return 6 * b + n * (36 * max_seq_length + 100 * embedding_dim)
 
 
 @dataclass
