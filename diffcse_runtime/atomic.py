@@ -28,7 +28,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from diffcse_runtime.errors import DiffcseError
-from diffcse_runtime.ownership import NotOursError, check_not_in_use, check_owned, write_manifest
+from diffcse_runtime.ownership import (
+    NotOursError,
+    check_not_in_use,
+    check_owned,
+    write_manifest,
+)
 
 
 def _read_umask() -> int:
@@ -324,7 +329,11 @@ def atomic_dir(
             write_manifest(tmp, tool)
             _fix_modes(tmp)
             _publish(
-                tmp, path, overwrite, lambda: check_replaceable(path, overwrite, tool, what, inputs)
+                tmp,
+                path,
+                overwrite,
+                lambda: check_replaceable(path, overwrite, tool, what, inputs),
+                lambda aside: check_owned(aside, tool, what, shown=path),
             )
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -342,7 +351,13 @@ def _check_parent_or_create(path: Path) -> None:
     _check_parent(path)
 
 
-def _publish(tmp: Path, path: Path, overwrite: bool, check: Callable[[], None]) -> None:
+def _publish(
+    tmp: Path,
+    path: Path,
+    overwrite: bool,
+    check: Callable[[], None],
+    check_aside: Callable[[Path], None],
+) -> None:
     """Rename `tmp` to `path`; what is at `path` now is re-checked, never swapped blindly."""
     if not os.path.lexists(path):
         try:
@@ -358,6 +373,9 @@ def _publish(tmp: Path, path: Path, overwrite: bool, check: Callable[[], None]) 
     os.rmdir(old)
     os.rename(path, old)  # `old` is our fresh unique name: nothing to replace there
     try:
+        # once more, now that no one can add to it by its name: what was added between
+        # the check and the move is the user's, and the folder goes back untouched
+        check_aside(old)
         rename_noreplace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

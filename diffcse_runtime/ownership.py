@@ -147,35 +147,39 @@ def first_foreign_entry(folder: Path, listed: dict[str, str]) -> str | None:
 # ---------------------------------------------------------------- the one check
 
 
-def check_owned(path: Path, tool: str, what: str) -> None:
-    """Raise NotOursError unless `path` is empty or a folder `tool` wrote, entry for entry."""
+def check_owned(path: Path, tool: str, what: str, shown: Path | None = None) -> None:
+    """Raise NotOursError unless `path` is empty or a folder `tool` wrote, entry for entry.
+
+    `shown` is the name to give in messages when `path` is the folder moved aside.
+    """
+    name = shown or path
     refuse = "refusing to replace it even with --overwrite"
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
-        raise NotOursError(f"{path}: is a symbolic link, not {what}; {refuse}")
+        raise NotOursError(f"{name}: is a symbolic link, not {what}; {refuse}")
     if not stat.S_ISDIR(st.st_mode):
-        raise NotOursError(f"{path}: is a file, not {what}; {refuse}")
+        raise NotOursError(f"{name}: is a file, not {what}; {refuse}")
     if not any(os.scandir(path)):
         return
     listed = _read_manifest(path, tool)
     if listed == "":
-        raise NotOursError(_no_manifest(path, tool, what))
+        raise NotOursError(_no_manifest(path, name, tool, what))
     if isinstance(listed, str):
-        raise NotOursError(f"{path}: {listed}, so it is not {what}; {refuse}")
+        raise NotOursError(f"{name}: {listed}, so it is not {what}; {refuse}")
     foreign = first_foreign_entry(path, listed)
     if foreign is not None:
         raise NotOursError(
-            f"{path}: holds {foreign}, which {tool} did not write (its {MANIFEST_FILE} does "
+            f"{name}: holds {foreign}, which {tool} did not write (its {MANIFEST_FILE} does "
             f"not list it); {refuse}: move it out or choose another folder"
         )
 
 
-def _no_manifest(path: Path, tool: str, what: str) -> str:
+def _no_manifest(path: Path, name: Path, tool: str, what: str) -> str:
     """Name the first entry; for a folder an older diffcse wrote, say how to remove it."""
     names = os.listdir(path)
     first = min((n for n in names if n not in LEGACY_MARKERS), default=min(names))
     said = (
-        f"{path}: holds {first} but no {MANIFEST_FILE} naming {tool}, so it is not {what}; "
+        f"{name}: holds {first} but no {MANIFEST_FILE} naming {tool}, so it is not {what}; "
         "refusing to replace it even with --overwrite"
     )
     legacy = next((m for m in LEGACY_MARKERS if (path / m).is_file()), None)
@@ -183,7 +187,7 @@ def _no_manifest(path: Path, tool: str, what: str) -> str:
         return said
     return (
         f"{said} (if it is {what} from an older diffcse, with {legacy} and no manifest, "
-        f"and nothing in it is yours, remove it by hand: rm -r {path})"
+        f"and nothing in it is yours, remove it by hand: rm -r {name})"
     )
 
 

@@ -271,3 +271,30 @@ def test_train_overwrite_refuses_a_user_export_dir_before_training(tmp_path):
     with pytest.raises(NotOursError, match="even with --overwrite"):
         check_before_training(cfg, overwrite=True)
     assert snapshot(target) == {**before, "diffcse.json": b"{}"}
+
+
+def test_a_file_added_between_the_check_and_the_swap_is_kept(tmp_path, monkeypatch):
+    """The folder is checked once more after it is moved aside, where no one can add to it
+    by name: a file the user wrote just after the first check puts it back untouched."""
+    from diffcse_runtime import atomic
+
+    out = tmp_path / "idx"
+    with atomic_dir(out, tool=TOOL) as tmp:
+        (tmp / "a").write_text("old")
+    real = atomic.check_replaceable
+    calls = []
+
+    def check_then_user_writes(path, *args):
+        real(path, *args)
+        calls.append(path)
+        if len(calls) == 2:  # the check at publish time: the user writes right after it
+            (Path(path) / "late.txt").write_text("mine")
+
+    monkeypatch.setattr(atomic, "check_replaceable", check_then_user_writes)
+    with (
+        pytest.raises(NotOursError, match=f"{out}: holds late.txt"),
+        atomic_dir(out, True, TOOL) as tmp,
+    ):
+        (tmp / "a").write_text("new")
+    assert (out / "a").read_text() == "old" and (out / "late.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
