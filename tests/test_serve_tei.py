@@ -97,6 +97,11 @@ def test_tokenize_and_decode_use_the_models_tokenizer(url, offline):
                 assert text.encode()[token.start : token.stop].decode() == token.text
     long = client(url).tokenize(TOO_LONG)[0].tokens  # every token, not cut at the limit
     assert len(long) == len(full.encode(TOO_LONG).ids) > offline.max_seq_length
+    big = "word " * 4000  # over INLINE_CHARS: tokenized off the event loop
+    assert len(client(url).tokenize(big)[0].tokens) == len(full.encode(big).ids)
+    over = ["x" * (2**17 + 1)] * 2  # more characters than one /tokenize call takes
+    err = tei_error(post(url, "/tokenize", {"inputs": over}), 413, "validation")
+    assert err.startswith("inputs hold 262146 characters, over the 262144 this server")
     ids = results[0].get_ids()
     assert client(url).decode(ids) == [full.decode(ids)]
     assert client(url).decode([ids, ids[:3]], skip_special_tokens=False)[1].startswith("[CLS]")

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
 from diffcse_runtime import __version__
-from diffcse_runtime.encoder import CUT_MAX_CHARS_PER_TOKEN
+from diffcse_runtime.encoder import TOKENIZE_CHUNK_CHARS
 from diffcse_runtime.encoder import similarity as cosine
 from diffcse_runtime.serve.app import (
     INLINE_CHARS,
@@ -51,6 +51,9 @@ DTYPES = {"fp32": "float32", "optimized": "float32", "fp16": "float16", "int8": 
 KINDS = {400: "validation", 401: "unauthorized", 404: "not_found", 413: "validation"}
 KINDS |= {422: "validation", 424: "backend", 429: "overloaded", 503: "unhealthy"}
 REMAP = {"queue_full": (429, "overloaded"), "context_length_exceeded": (413, "validation")}
+# /tokenize answers every token, untruncated: one tokenizers call of at most the encoder's
+# own chunk (its memory bound), whose answer (~100 bytes of JSON a token) stays bounded too
+TOKENIZE_MAX_CHARS = TOKENIZE_CHUNK_CHARS
 TRUNCATE_REMEDY = 'shorten it, or send "truncate": true'
 LEFT_REMEDY = (
     'truncation_direction "Left" is not supported (this server keeps the first tokens of a '
@@ -331,6 +334,11 @@ def _byte_offsets(text: str) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(sizes)))
 
 
+def _tokenize_all(tokenizer: Tokenizer, texts: list[str], special: bool) -> list[list[dict]]:
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=special)
+    return [_tokens(text, e) for text, e in zip(texts, encodings, strict=True)]
+
+
 def _tokens(text: str, encoding) -> list[dict[str, Any]]:
     """TEI's SimpleToken list: special tokens by name, others by their span of the text."""
     at = _byte_offsets(text)
@@ -353,15 +361,13 @@ def _tokens(text: str, encoding) -> list[dict[str, Any]]:
 
 class _TeiModel:
     """What the TEI routes keep per model: a tokenizer that does not truncate (/tokenize
-    shows every token) and the longest text it will tokenize whole."""
+    shows every token)."""
 
     def __init__(self, model: ServedModel) -> None:
         self.model = model
         self.tokenizer = Tokenizer.from_str(model.encoder.tokenizer.to_str())
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
-        # the encoder's own hard bound on the characters it tokenizes per text
-        self.max_chars = CUT_MAX_CHARS_PER_TOKEN * model.encoder.max_seq_length
 
 
 def _several(names: list[str]) -> ApiError:
@@ -458,20 +464,19 @@ def _add_routes(
         texts, _single = _texts(tei.model, body.inputs, settings)
         prompt = _prompt(tei.model, body.prompt_name)
         texts = [prompt + t for t in texts] if prompt else texts
-        for i, text in enumerate(texts):
-            if len(text) > tei.max_chars:
-                raise ApiError(
-                    413,
-                    f"inputs[{i}] has {len(text)} characters, over the {tei.max_chars} this "
-                    "server tokenizes whole; split it",
-                    type="validation",
-                )
-        work = partial(
-            tei.tokenizer.encode_batch, texts, add_special_tokens=body.add_special_tokens
-        )
-        big = sum(map(len, texts)) > INLINE_CHARS
-        encodings = await asyncio.to_thread(work) if big else work()
-        return _json([_tokens(t, e) for t, e in zip(texts, encodings, strict=True)])
+        chars = sum(map(len, texts))
+        if chars > TOKENIZE_MAX_CHARS:
+            raise ApiError(
+                413,
+                f"inputs hold {chars} characters, over the {TOKENIZE_MAX_CHARS} this server "
+                "tokenizes in one /tokenize request; split them",
+            )
+        special = body.add_special_tokens
+        work = partial(_tokenize_all, tei.tokenizer, texts, special)
+        if chars <= INLINE_CHARS:
+            return _json(work())
+        async with tei.model.tokenizing:  # the server's one large tokenizing at a time
+            return _json(await asyncio.to_thread(work))
 
     @api.post(f"{prefix}/decode", openapi_extra={"requestBody": _schema_of(DecodeRequest)})
     async def decode(request: Request, _: None = authorized) -> Response:
