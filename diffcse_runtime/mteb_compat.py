@@ -64,7 +64,7 @@ def model_meta(encoder: Any) -> Any:
         overwrites={
             "name": f"diffcse/{encoder.path.resolve().name}",
             "revision": meta.onnx_sha256[:12] or "unknown",
-            "embed_dim": meta.embedding_dim,
+            "embed_dim": encoder.get_sentence_embedding_dimension(),  # truncate_dim counts
             "max_tokens": meta.max_seq_length,
             "similarity_fn_name": ScoringFunction.COSINE,
             "framework": ["ONNX"],

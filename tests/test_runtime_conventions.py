@@ -268,3 +268,8 @@ def test_prompts_and_truncation_match_sentence_transformers(st_pair, one_torch_t
     )
     expected = theirs.encode_query(TEXTS, normalize_embeddings=True, precision="ubinary")
     np.testing.assert_array_equal(ours.encode_query(TEXTS, precision="ubinary"), expected)
+
+
+def test_mteb_reads_the_truncated_width(tiny_model_dir):
+    pytest.importorskip("mteb")
+    assert Encoder(tiny_model_dir, truncate_dim=6).mteb_model_meta.embed_dim == 6
