@@ -160,3 +160,19 @@ def test_prompts_on_both_routes_match_the_encoder(prompted):
         assert_same_rows(np.array(tei.embed(texts, prompt_name="query")), query)
         tokens = tei.tokenize("a dog", prompt_name="query")[0].tokens
         assert [t.text for t in tokens[1:-1]][:2] == ["query", ":"]
+
+
+# ------------------------------------------------------------------ LlamaIndex
+
+
+def test_llamaindex_openai_like_embedding_matches_the_encoder(url, offline):
+    """LlamaIndex's OpenAI-like class sends strings: it works with no setting."""
+    openai_like = pytest.importorskip("llama_index.embeddings.openai_like")
+    embedding = openai_like.OpenAILikeEmbedding(
+        model_name="tiny", api_base=f"{url}/v1", api_key=KEY, max_retries=0
+    )
+    texts = SHORT[:4]
+    got = np.array(embedding.get_text_embedding_batch(texts))
+    assert_same_rows(got, offline.encode(texts, normalize=True))
+    query = embedding.get_query_embedding("a dog runs")
+    assert_same_rows(np.array([query]), offline.encode(["a dog runs"], normalize=True))
