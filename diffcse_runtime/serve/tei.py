@@ -2,13 +2,12 @@
 /invocations, as TEI has it), /embed_all, /similarity, /tokenize and /decode, with TEI's
 request and response schemas and its error body.
 
-TEI clients (`tei-client`, LangChain's and LlamaIndex's TEI classes, Haystack's) read
-`/info` first, then call `/embed`. These routes are a second face of the same server, not a
-second server: they share the API key check, the input and token limits, the `Batcher` and
-the metrics with `/v1/embeddings`, and encode through `ServedModel.embed`, the one path from
-texts to rows. Only the wording differs: TEI's field names (`inputs`) and its error body
-`{"error": "...", "error_type": "validation"}`, with TEI's statuses (413 for limits, 429 when
-overloaded, 424 for what the model cannot do).
+TEI clients (`tei-client` reads `/info` first; huggingface_hub's InferenceClient posts to
+the URL itself) get a second face of the same server: the API key check, the limits, the
+`Batcher`, the prompts and the metrics are those of `/v1/embeddings`, through
+`ServedModel.embed`, the one path from texts to rows. Only the wording differs: TEI's field
+names (`inputs`), its error body `{"error": "...", "error_type": "validation"}` and its
+statuses (413 for limits, 429 when overloaded, 424 for what the model cannot do).
 
 A TEI server serves one model. With one model served the routes sit at the root (base URL
 `http://HOST:PORT`); every model also has them under `/tei/NAME` (base URL
