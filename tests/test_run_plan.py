@@ -93,7 +93,7 @@ def test_the_batcher_prices_runs_at_start_unless_told(tiny_model_dir):
     async def started(settings: BatchSettings) -> float | None:
         batcher = Batcher("m", encoder, settings, ServeMetrics())
         await batcher.start()
-        rows = await batcher.embed(["a b c", "a"], [5, 3])
+        rows = await batcher.embed(encoder.tokenize(["a b c", "a"])[0])
         await batcher.stop()
         assert rows.shape == (2, encoder.embedding_dim)
         return batcher.run_overhead
@@ -118,8 +118,8 @@ def test_idle_workers_share_the_waiting_requests(tiny_model_dir):
         settings = BatchSettings(workers=workers, run_overhead_tokens=1000.0)
         batcher = Batcher("m", encoder, settings, metrics)
         await batcher.start()
-        n = len(encoder.tokenizer.encode("a b c d").ids)
-        rows = await asyncio.gather(*(batcher.embed(["a b c d"], [n]) for _ in range(4)))
+        ids, _ = encoder.tokenize(["a b c d"])
+        rows = await asyncio.gather(*(batcher.embed(ids) for _ in range(4)))
         await batcher.stop()
         assert all(r.shape == (1, encoder.embedding_dim) for r in rows)
         sample = metrics.registry.get_sample_value

@@ -52,7 +52,8 @@ def plan_runs(lengths: list[int], budget: int, overhead: float) -> list[tuple[in
 
 
 def measure_overhead(encoder: Encoder, normalize: bool) -> float:
-    """The fixed cost of one `encode` call on `encoder`, in token-times of its own model.
+    """The fixed cost of one session run on `encoder` (what a server worker does: the ids
+    come tokenized with the request), in token-times of its own model.
 
     Times one probe text alone and PROBE_ROWS copies of it (medians of PROBE_REPEATS after a
     warm-up call): the per-token price is the slope, the fixed price what is left of the
@@ -62,11 +63,12 @@ def measure_overhead(encoder: Encoder, normalize: bool) -> float:
     tokens = len(encoder.tokenizer.encode(text).ids)
 
     def timed(texts: list[str]) -> float:
-        encoder.encode(texts, batch_size=len(texts), normalize=normalize)  # warm-up
+        ids, _ = encoder.tokenize(texts)
+        encoder.encode_token_ids(ids, normalize=normalize)  # warm-up
         times = []
         for _ in range(PROBE_REPEATS):
             began = time.perf_counter()
-            encoder.encode(texts, batch_size=len(texts), normalize=normalize)
+            encoder.encode_token_ids(ids, normalize=normalize)
             times.append(time.perf_counter() - began)
         return statistics.median(times)
 
