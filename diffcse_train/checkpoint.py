@@ -53,11 +53,15 @@ users who want the training-time head) is needed to embed sentences.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffcse_runtime.atomic import atomic_dir
@@ -68,7 +72,7 @@ from diffcse_runtime.checkpoint_files import (
     HEAD_FILE,
     PROJECTOR_FILE,
 )
-from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.errors import DiffcseError, first_line
 from diffcse_runtime.remote_code import refuse_custom_code
 from diffcse_train.card import CARD_FILE, best_card
 from diffcse_train.config import TrainConfig
@@ -94,11 +98,52 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+class _Staging:
+    """The staging folder of a checkpoint; `staging("name")` is the path of the file about
+    to be written, remembered so that a failed write names it (a full disk raised
+    SafetensorError, or torch's "unexpected pos", naming no file)."""
+
+    def __init__(self, folder: Path, tmp: Path) -> None:
+        self.folder, self.tmp, self.writing = folder, tmp, ""
+
+    def __call__(self, name: str) -> Path:
+        self.writing = name
+        return self.tmp / name
+
+    def failed(self, exc: Exception) -> DiffcseError:
+        """One sentence: the file of the final folder, why, and the space left on its disk."""
+        name, path = self.writing, Path(getattr(exc, "filename", None) or "")
+        if path.is_relative_to(self.tmp):
+            name = str(path.relative_to(self.tmp))
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        free = shutil.disk_usage(self.tmp if self.tmp.exists() else self.folder.parent).free
+        if free < 1e6 and not isinstance(exc, OSError):  # torch says "unexpected pos 165568"
+            reason = "No space left on device"
+        return DiffcseError(
+            f"{self.folder / name}: could not be written ({reason}; {free / 1e6:.1f} MB free "
+            "on its disk)"
+        )
+
+
+@contextlib.contextmanager
+def _staged(folder: Path) -> Iterator[_Staging]:
+    """A checkpoint folder staged and published whole (atomic_dir), write failures named."""
+    with atomic_dir(folder, True, CHECKPOINT_TOOL, CHECKPOINT_WHAT) as tmp:
+        staging = _Staging(folder, tmp)
+        try:
+            yield staging
+        except (OSError, SafetensorError, RuntimeError) as exc:
+            raise staging.failed(exc) from None
+
+
 def save_best(folder: Path, model, tokenizer, cfg: TrainConfig, metrics: dict) -> None:
     """Write f as an HF folder plus projector, head description, config and metrics."""
-    with atomic_dir(folder, True, CHECKPOINT_TOOL, CHECKPOINT_WHAT) as tmp:
+    with _staged(folder) as staging:
+        tmp = staging("model.safetensors").parent
         model.encoder.save_pretrained(tmp)  # safetensors by default
+        staging("tokenizer.json")
         tokenizer.save_pretrained(tmp)
+        staging("modules.json")
         write_sentence_transformers_files(tmp, model, tokenizer, cfg.model_name_or_path)
         head = {
             "format": "diffcse-head",
@@ -109,13 +154,13 @@ def save_best(folder: Path, model, tokenizer, cfg: TrainConfig, metrics: dict) -
             "normalize": bool(model.normalize),
         }
         if cfg.projector != "none":
-            save_file(_tensors(model.projector.state_dict()), str(tmp / PROJECTOR_FILE))
+            save_file(_tensors(model.projector.state_dict()), str(staging(PROJECTOR_FILE)))
         if cfg.projector == "batchnorm":
             head["batchnorm_eps"] = float(model.projector.bn1.eps)
-        (tmp / HEAD_FILE).write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
-        (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        (tmp / CARD_FILE).write_text(best_card(cfg, head, metrics), encoding="utf-8")
+        staging(HEAD_FILE).write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
+        staging(CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        staging("metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        staging(CARD_FILE).write_text(best_card(cfg, head, metrics), encoding="utf-8")
 
 
 def load_best(folder: str | Path):
@@ -161,11 +206,11 @@ def save_last(
     }
     if rank_rngs and len(rank_rngs) > 1:
         extra["rng_ranks"] = rank_rngs
-    with atomic_dir(folder, True, CHECKPOINT_TOOL, CHECKPOINT_WHAT) as tmp:
-        save_file(_tensors(model.trainable_state_dict()), str(tmp / "model.safetensors"))
-        torch.save(extra, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
-        (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+    with _staged(folder) as staging:
+        save_file(_tensors(model.trainable_state_dict()), str(staging("model.safetensors")))
+        torch.save(extra, staging("optimizer.pt"))
+        staging("trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+        staging(CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
 
 
 def rng_state(data_generator: torch.Generator) -> dict:

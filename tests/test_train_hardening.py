@@ -59,3 +59,61 @@ def test_export_of_a_run_names_its_best_folder_as_given(tiny_bert, tmp_path, mon
     assert result.exit_code == 0, result.output
     assert json.loads(Path("m/diffcse.json").read_text())["source"] == "runs/demo/best"
     assert "checkpoint `runs/demo/best`" in Path("m/README.md").read_text()
+
+
+# ---------------------------------------------------------------- a full disk (issue 23, 16)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 96 KiB tmpfs: the run's small files fit, its weights do not. Skips where mounting
+    is not permitted (not root, or a container without CAP_SYS_ADMIN)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def _assert_one_sentence_naming_a_file(result, under: Path) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "SafetensorError" not in result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"Error: {under}") and "could not be written" in line, line
+    return line
+
+
+def test_a_full_disk_names_the_file_that_could_not_be_written(
+    tiny_bert, tmp_path, full_disk, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    result = train(write_config(tmp_path, str(tiny_bert), str(full_disk / "run")))
+    line = _assert_one_sentence_naming_a_file(result, full_disk / "run")
+    assert "No space left on device" in line or "free on its disk" in line, line
+
+
+def test_a_failed_weights_write_is_one_sentence(tiny_bert, tmp_path, monkeypatch):
+    """The same without a tmpfs: safetensors' own ENOSPC error, raised at the write."""
+    from safetensors import SafetensorError
+
+    from diffcse_train import checkpoint
+
+    def no_space(tensors, filename, *args, **kwargs):  # as safetensors fails: a part written
+        Path(filename).write_bytes(b"\0" * 16)
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(checkpoint, "save_file", no_space)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    result = train(write_config(tmp_path, str(tiny_bert), str(out), projector="batchnorm"))
+    line = _assert_one_sentence_naming_a_file(result, out)
+    assert "model.safetensors" in line or "projector.safetensors" in line, line
+    assert "No space left on device" in line, line
