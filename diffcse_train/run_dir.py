@@ -68,8 +68,16 @@ class RunDir:
         self.metrics = self.out / "metrics.jsonl"
 
     def ours(self) -> tuple[Path, ...]:
-        """Every name a run writes, the only ones --overwrite replaces."""
-        return (self.best, self.last, self.metrics, self.out / SUMMARY_FILE, self.out / SCORES_FILE)
+        """Every name a run writes, the only ones --overwrite replaces (the config too: a
+        user's file of that name is never rewritten unless the run record claims it)."""
+        return (
+            self.best,
+            self.last,
+            self.metrics,
+            self.out / SUMMARY_FILE,
+            self.out / SCORES_FILE,
+            self.out / CONFIG_FILE,
+        )
 
     def check(self, cfg: TrainConfig, resume: bool, overwrite: bool) -> list[Path]:
         """Refuse to clobber an earlier run; return the paths --overwrite will replace."""

@@ -255,7 +255,21 @@ def test_a_training_run_overwrite_replaces_only_what_the_run_wrote(tmp_path):
     run_dir.start(type("Cfg", (), {"to_yaml": lambda self: "a: 1\n"})(), [])
     (out / "summary.json").write_text("{}")  # as the run writes it: claimed by the record
     (out / "notes.txt").write_text("kept")
-    assert RunDir(out).check(None, resume=False, overwrite=True) == [out / "summary.json"]
+    replaced = RunDir(out).check(None, resume=False, overwrite=True)
+    assert sorted(p.name for p in replaced) == ["summary.json", "train_config.yaml"]
+
+
+def test_a_users_config_in_output_dir_is_never_rewritten(tmp_path):
+    from diffcse_train.run_dir import RunDir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_config.yaml").write_text("# my notes\nlearning_rate: 1e-5\n")
+    with pytest.raises(DiffcseError, match="already holds a training run"):
+        RunDir(out).check(None, resume=False, overwrite=False)
+    with pytest.raises(NotOursError, match="train_config.yaml: no .diffcse-run.json"):
+        RunDir(out).check(None, resume=False, overwrite=True)
+    assert (out / "train_config.yaml").read_text().startswith("# my notes")
 
 
 def test_train_overwrite_refuses_a_user_export_dir_before_training(tmp_path):
