@@ -215,3 +215,37 @@ def test_an_existing_directory_with_equals_in_its_name_is_a_path(tmp_path, tiny_
     assert parse_models((str(folder),)) == {"run=3": folder}
     assert parse_models((f"name={folder}",)) == {"name": folder}
     assert parse_models((f"name={tiny_model_dir}",)) == {"name": tiny_model_dir}
+
+
+# ------------------------------------------------------------------ the CLI's checks
+
+
+def test_default_allowed_hosts_follow_the_bound_address():
+    from diffcse_runtime.serve.cli import default_allowed_hosts
+
+    assert default_allowed_hosts("127.0.0.1") == ("127.0.0.1", "localhost", "::1")
+    assert set(default_allowed_hosts("::1")) == {"::1", "127.0.0.1", "localhost"}
+    assert set(default_allowed_hosts("localhost")) == {"localhost", "127.0.0.1", "::1"}
+    assert default_allowed_hosts("10.0.0.5") == ("10.0.0.5",)
+    assert default_allowed_hosts("0.0.0.0") == ("*",) == default_allowed_hosts("::")
+
+
+def test_keys_an_http_header_cannot_carry_are_refused(tiny_model_dir, encoder):
+    from click.testing import CliRunner
+
+    from diffcse_runtime.errors import DiffcseError
+    from diffcse_runtime.serve import create_app
+    from diffcse_runtime.serve.cli import serve
+
+    for key, why in (
+        (" lead", "begins or ends with whitespace"),
+        ("trail ", "begins or ends with whitespace"),
+        ("caf\u00e9", "printable ASCII"),
+        ("a\tb", "printable ASCII"),
+    ):
+        r = CliRunner().invoke(serve, ["-m", str(tiny_model_dir), "--api-key", key])
+        assert r.exit_code == 1 and why in r.output and "Traceback" not in r.output, r.output
+    r = CliRunner().invoke(serve, ["-m", str(tiny_model_dir), "--cors-origins", "evil.example"])
+    assert r.exit_code == 2 and "--cors-origins" in r.output
+    with pytest.raises(DiffcseError, match="empty or only whitespace"):
+        create_app({"tiny": encoder}, ServeSettings(api_keys=(" ",)))
