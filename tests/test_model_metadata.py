@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -122,3 +124,17 @@ def test_a_folder_with_prompts_needs_a_runtime_that_reads_them(model_copy):
     raw = json.loads((model_copy / METADATA_FILE).read_text())
     assert raw["format_version"] == 2 and raw["prompts"] == {"query": "query: "}
     assert load_metadata(model_copy).prompts == {"query": "query: "}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("values", [{"embedding_dim": 128}, {"max_seq_length": 16384}])
+def test_the_server_refuses_bad_metadata_at_start_up(model_copy, values):
+    """Was a start-up traceback (embedding_dim) or a 500 per long input (max_seq_length)."""
+    pytest.importorskip("fastapi")
+    edit(model_copy, keep_hash=False, **values)
+    cmd = [sys.executable, "-m", "diffcse_runtime.serve.cli", "--model", str(model_copy)]
+    res = subprocess.run(cmd + ["--port", "0"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    key = next(iter(values))
+    assert f"diffcse.json: key '{key}' is {values[key]}" in res.stderr.strip().splitlines()[-1]
