@@ -98,11 +98,14 @@ def check_bounds(obj: Any, describe: Callable[[str], str] = lambda name: f"key {
 
 def click_type(cls: type, name: str):
     """The click parameter type of a bounded field: a finite number (or integer) in range."""
-    import click
-
-    bound = field_bound(cls, name)
     field = {f.name: f for f in dataclasses.fields(cls)}[name]
-    integer = _is_int_field(field)
+    return option_type(field.metadata.get(BOUND) or Bound(), integer=_is_int_field(field))
+
+
+def option_type(bound: Bound, integer: bool = False):
+    """A click parameter type for a number in `bound`; unlike click's FloatRange it refuses
+    NaN and infinities (`option_type(Bound(ge=0))` for a CLI option with no settings field)."""
+    import click
 
     class _Bounded(click.ParamType):
         name = "integer" if integer else "float"
@@ -112,8 +115,9 @@ def click_type(cls: type, name: str):
                 try:
                     value = int(value) if integer else float(value)
                 except ValueError:
-                    self.fail(f"{value!r} is not {'an integer' if integer else 'a number'}")
-            problem = (bound or Bound()).problem(value, integer=integer)
+                    kind = "an integer" if integer else "a number"
+                    self.fail(f"{value!r} is not {kind}", param, ctx)
+            problem = bound.problem(value, integer=integer)
             if problem:
                 self.fail(problem, param, ctx)
             return value

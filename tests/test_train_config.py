@@ -275,3 +275,16 @@ def test_simcse_config_refuses_a_nan_lambda_instead_of_turning_d_off(tmp_path):
 
     with pytest.raises(ConfigError, match="'lambda_weight' must be a finite number >= 0"):
         validate(cfg)
+
+
+def test_option_type_refuses_what_click_float_range_lets_through():
+    import click
+
+    from diffcse_runtime.bounds import Bound, option_type
+
+    assert click.FloatRange(min=0).convert("nan", None, None) != 0  # click: NaN passes
+    kind = option_type(Bound(ge=0))
+    for raw in ("nan", "inf", "-1", "x"):
+        with pytest.raises(click.BadParameter):
+            kind.convert(raw, None, None)
+    assert kind.convert("2.5", None, None) == 2.5
