@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from diffcse_runtime.errors import DiffcseError
-from diffcse_runtime.model_dir import _field_problem
+from diffcse_runtime.model_dir import field_problem
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 
@@ -325,7 +325,7 @@ def export_prompts(
     (replacing a same-named one), and the default name (given, else the source's)."""
     prompts, source_default = read_source_prompts(folder)
     prompts.update(given or {})
-    if problem := _field_problem("prompts", prompts):
+    if problem := field_problem("prompts", prompts):
         raise DiffcseError(f"prompts {problem}")
     default_name = default_name or source_default
     if default_name is not None and default_name not in prompts:

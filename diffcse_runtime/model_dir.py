@@ -218,7 +218,7 @@ def _meta_from_json(raw: dict[str, Any], meta_path: Path) -> ModelMeta:
         raise ModelDirError(f"{meta_path}: missing key(s) {', '.join(absent)}")
     values = {k: v for k, v in raw.items() if k in known}
     for key, value in values.items():
-        problem = _field_problem(key, value)
+        problem = field_problem(key, value)
         if problem:
             raise ModelDirError(f"{meta_path}: key '{key}' {problem} (got {value!r:.60})")
     if "onnx_sha256" not in values and "files" not in values:
@@ -258,7 +258,7 @@ def _is_sha(value: Any) -> bool:
 HEX = set("0123456789abcdef")
 
 
-def _field_problem(key: str, value: Any) -> str | None:
+def field_problem(key: str, value: Any) -> str | None:
     """Why `value` is not valid for `key`, or None: every field is checked before use."""
     checks = {
         "embedding_dim": (lambda v: _int_in(v, 1, 1 << 16), "must be an integer from 1 to 65536"),
