@@ -171,6 +171,8 @@ def test_refusals_use_teis_error_body(url):
     assert "over this server's limit of 16" in err
     err = tei_error(post(url, "/embed", {"inputs": {"a": 1}}), 422, "validation")
     assert err.startswith("inputs must be a string")
+    body = {"inputs": "x", "encoding_format": "base64"}  # not ignored: /embed answers floats
+    assert "encoding_format" in tei_error(post(url, "/embed", body), 422, "validation")
     err = tei_error(post(url, "/embed", {"inputs": "x", "normalize": "yes"}), 422, "validation")
     assert err.startswith("normalize:")
     json_type = {**AUTH, "Content-Type": "application/json"}

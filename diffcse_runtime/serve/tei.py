@@ -103,6 +103,8 @@ class EmbedRequest(_Embedding):
     dimensions: int | None = Field(
         default=None, description="Keep the first N dimensions (renormalised if normalize)."
     )
+    # huggingface_hub passes it on when asked: refused rather than ignored (floats only here)
+    encoding_format: Literal["float"] = "float"
 
 
 class EmbedAllRequest(_Embedding):
