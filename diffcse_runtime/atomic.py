@@ -52,7 +52,8 @@ DIR_MODE = 0o777 & ~_UMASK
 OLD_SUFFIX = ".old.tmp"  # a previous version moved aside for a moment while publishing
 _ACTIVE: set[Path] = set()  # targets this process is staging now (nested blocks are refused)
 _ACTIVE_LOCK = threading.Lock()
-WRITE_THROUGH = ("-", "/dev/stdout")  # outputs that clearly mean "print it": not replaced
+# outputs that clearly mean "print it": written to the stream itself, never replaced
+WRITE_THROUGH = {"-": "stdout", "/dev/stdout": "stdout", "/dev/stderr": "stderr"}
 __all__ = ["NotOursError", "atomic_dir", "atomic_file", "check_output_file", "check_replaceable"]
 
 # ---------------------------------------------------------------- temporary names
@@ -178,7 +179,7 @@ _KINDS = {
 
 
 def is_write_through(path: str | Path) -> bool:
-    """`-` and `/dev/stdout` mean standard output: written to directly, never replaced."""
+    """`-`, `/dev/stdout` (and `/dev/stderr`) name a stream: written to, never replaced."""
     return str(path) in WRITE_THROUGH
 
 
@@ -204,9 +205,10 @@ def check_output_file(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def _write_through(mode: str) -> Iterator:
-    """Standard output itself, flushed at the end and left open (it is not ours to close)."""
-    stream = sys.stdout.buffer if "b" in mode else sys.stdout
+def _write_through(path: str | Path, mode: str) -> Iterator:
+    """The stream itself, flushed at the end and left open (it is not ours to close)."""
+    text = getattr(sys, WRITE_THROUGH[str(path)])
+    stream = text.buffer if "b" in mode else text
     yield stream
     stream.flush()
 
@@ -221,7 +223,7 @@ def atomic_file(path: str | Path, mode: str = "wb", overwrite: bool = True) -> I
     `/dev/stdout` write to standard output directly.
     """
     if is_write_through(path):
-        with _write_through(mode) as fh:
+        with _write_through(path, mode) as fh:
             yield fh
         return
     path = Path(path)

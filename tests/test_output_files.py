@@ -124,6 +124,12 @@ def test_dash_and_dev_stdout_write_through(target, capsys):
     assert capsys.readouterr().out == "text out\nbytes out\n"
 
 
+def test_dev_stderr_writes_through_too(capsys):
+    with atomic_file("/dev/stderr", "w") as fh:
+        fh.write("to stderr\n")
+    assert capsys.readouterr().err == "to stderr\n"
+
+
 # ---------------------------------------------------------------- through the commands
 
 
