@@ -94,7 +94,12 @@ def parse_prompts(values: tuple[str, ...]) -> dict[str, str]:
     envvar="DIFFCSE_STS_DATA",
     help="SentEval-layout folder with STSBenchmark/sts-dev.csv; absent = STS parity skipped.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace existing output model directories.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace output model directories diffcse-export wrote (their .diffcse-manifest.json "
+    "lists every entry; anything else there is refused).",
+)
 @click.option(
     "--atol", multiple=True, metavar="VARIANT=X", help="Max abs diff to PyTorch (fp32 1e-4)."
 )

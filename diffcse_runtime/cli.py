@@ -134,7 +134,9 @@ def _write_jsonl(pool: EncoderPool, path, out: Path, opts: dict) -> None:
 )
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--normalize", is_flag=True, help="L2-normalise each embedding.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing output file (a regular file only)."
+)
 @click.option(
     "--errors",
     type=click.Choice(ERROR_MODES),
@@ -362,7 +364,8 @@ def _check_writable(path: Path) -> None:
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Replace an existing index folder with --build (only an index folder, never other files).",
+    help="Replace an index folder diffcse-search wrote (its .diffcse-manifest.json lists "
+    "every entry; anything else there is refused).",
 )
 @click.option(
     "--errors",

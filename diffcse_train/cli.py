@@ -62,7 +62,11 @@ def setup_logging(quiet: bool = False) -> None:
     help="Override one config key (repeatable), e.g. --set learning_rate=1e-5.",
 )
 @click.option("--resume", is_flag=True, help="Continue the run in output_dir from last/.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier run in output_dir.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an earlier run in output_dir (only the entries that run wrote).",
+)
 @click.option("--quiet", is_flag=True, help="Only warnings and errors.")
 @friendly_errors(interrupted="interrupted; continue later with --resume (from the last checkpoint)")
 def train_cmd(config_path, overrides, resume, overwrite, quiet):
@@ -194,7 +198,12 @@ def _fit_type(name: str):
     show_default=True,
     help="Bad UTF-8 in --corpus: stop with FILE:LINE, or replace it.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an --out folder fit-generator wrote (its .diffcse-manifest.json lists "
+    "every entry; anything else there is refused).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars; only the result.")
 @friendly_errors
 def fit_generator_cmd(encoder, corpus, out, all_sentences, overwrite, quiet, **options):
