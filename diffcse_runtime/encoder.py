@@ -311,13 +311,17 @@ class Encoder:
         `chunk_size` texts at a time, each chunk tokenized, length-sorted into batches and
         encoded before the next is read, so memory is bounded by the chunk, not the input.
         The rows of one chunk are views of one (chunk, d) array. Truncation is logged once,
-        as a total, when the generator finishes. The Encoder's `truncate_dim` applies.
+        as a total, when the generator finishes. The Encoder's `truncate_dim` and the
+        model's default prompt (`default_prompt_name`) apply, as they do in `encode`.
         """
         _check_batch_size(batch_size)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         tally = TruncationTally(self.max_seq_length)
+        prefix = resolve_prompt(self.prompts, self.default_prompt_name)
         for chunk in iter_text_chunks(texts, chunk_size):
+            if prefix:
+                chunk = [prefix + text for text in chunk]
             out, counts = self._encode_all(chunk, batch_size, progress=False)
             tally.add(counts)
             if self.truncate_dim is not None:

@@ -83,6 +83,7 @@ def test_mteb_prompt_type_picks_the_same_prompt(prompted):
 def test_default_prompt_name_and_an_empty_prompt(tiny_model_dir, tmp_path):
     enc = Encoder(with_prompts(tiny_model_dir, tmp_path / "m", default="query"))
     np.testing.assert_array_equal(enc.encode(TEXTS), enc.encode(TEXTS, prompt_name="query"))
+    np.testing.assert_allclose(np.stack(list(enc.embed(TEXTS))), enc.encode(TEXTS), atol=1e-6)
     np.testing.assert_array_equal(
         enc.encode(TEXTS, prompt=""), Encoder(tiny_model_dir).encode(TEXTS)
     )
