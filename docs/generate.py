@@ -6,10 +6,10 @@
 Generated pages:
 - docs/benchmarks.md and benchmarks/README.md: one table per benchmark, read from
   benchmarks/results/*.json (every figure with the machine and date its JSON records);
-- docs/reference/train-config.md: every TrainConfig key with its type, default and the
-  comment beside it in diffcse_train/config.py.
-
-Nothing here imports torch: TrainConfig's source is read as text.
+- docs/reference/train-config.md: every TrainConfig key with its type, default, range and
+  the comment beside it in diffcse_train/config.py (read as text);
+- docs/reference/cli.md: every command's --help, from the click commands themselves (this
+  imports the train and export CLIs, so it needs the dev install).
 """
 
 from __future__ import annotations
@@ -517,6 +517,41 @@ def train_config_page() -> str:
     return "\n\n".join(parts) + "\n"
 
 
+# ---------------------------------------------------------------- CLI reference
+
+COMMANDS = [
+    ("diffcse-embed", "diffcse_runtime.cli:embed"),
+    ("diffcse-search", "diffcse_runtime.cli:search"),
+    ("diffcse-eval", "diffcse_runtime.cli:evaluate_cmd"),
+    ("diffcse-serve", "diffcse_runtime.serve.cli:serve"),
+    ("diffcse-embed-ray", "diffcse_runtime.ray_embed.cli:main"),
+    ("diffcse-export", "diffcse_export.cli:main"),
+    ("diffcse-train", "diffcse_train.cli:train_cmd"),
+    ("diffcse-train fit-generator", "diffcse_train.cli:fit_generator_cmd"),
+]
+
+
+def cli_page() -> str:
+    """Every command's --help, as click prints it at 100 columns."""
+    import importlib
+
+    import click
+
+    parts = [
+        GENERATED.format(source="the click commands"),
+        "# Command-line reference",
+        "Each command's `--help`. The guides explain when to use which option: "
+        "[runtime](../runtime.md), [serving](../serving.md), [scale-out](../scale-out.md), "
+        "[export](../export.md), [training](../training.md), [evaluation](../evaluation.md).",
+    ]
+    for name, target in COMMANDS:
+        module, attr = target.split(":")
+        command = getattr(importlib.import_module(module), attr)
+        ctx = click.Context(command, info_name=name, terminal_width=100, max_content_width=100)
+        parts += [f"## {name}", "```text\n" + command.get_help(ctx).rstrip() + "\n```"]
+    return "\n\n".join(parts) + "\n"
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -529,6 +564,7 @@ def pages() -> dict[Path, str]:
             lambda n: f"[notes/{n}](notes/{n})", "results/"
         ),
         ROOT / "docs" / "reference" / "train-config.md": train_config_page(),
+        ROOT / "docs" / "reference" / "cli.md": cli_page(),
     }
 
 
