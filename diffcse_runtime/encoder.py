@@ -350,14 +350,19 @@ class Encoder:
         bar.close()
         return out, counts
 
-    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], TokenCounts]:
+    def tokenize(
+        self, texts: Sequence[str], *, prompt: str | None = None, prompt_name: str | None = None
+    ) -> tuple[list[list[int]], TokenCounts]:
         """Token ids as the model reads them (truncated, special tokens added) and the
         counts before truncation, with bounded work and memory per text.
 
         A server counts and encodes from this one tokenization: `encode_token_ids` runs the
-        model on the ids without tokenizing again.
+        model on the ids without tokenizing again. Texts are checked and prompted as in
+        `encode` (the model's default prompt when none is named), so the rows match it.
         """
-        return self._tokenize(list(texts))
+        batch, _ = as_text_list(texts)
+        prefix = resolve_prompt(self.prompts, self.default_prompt_name, prompt, prompt_name)
+        return self._tokenize([prefix + text for text in batch] if prefix else batch)
 
     def encode_token_ids(self, ids: Sequence[Sequence[int]], normalize: bool = False) -> np.ndarray:
         """(n, d) float32 rows for ids from `tokenize`, in one session run (the caller

@@ -84,6 +84,9 @@ def test_default_prompt_name_and_an_empty_prompt(tiny_model_dir, tmp_path):
     enc = Encoder(with_prompts(tiny_model_dir, tmp_path / "m", default="query"))
     np.testing.assert_array_equal(enc.encode(TEXTS), enc.encode(TEXTS, prompt_name="query"))
     np.testing.assert_allclose(np.stack(list(enc.embed(TEXTS))), enc.encode(TEXTS), atol=1e-6)
+    ids, _ = enc.tokenize(TEXTS)  # the server's path: same prompt, same rows
+    np.testing.assert_allclose(enc.encode_token_ids(ids[:3]), enc.encode(TEXTS[:3]), atol=1e-6)
+    assert enc.tokenize(TEXTS, prompt="")[0] == Encoder(tiny_model_dir).tokenize(TEXTS)[0]
     np.testing.assert_array_equal(
         enc.encode(TEXTS, prompt=""), Encoder(tiny_model_dir).encode(TEXTS)
     )

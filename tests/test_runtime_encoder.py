@@ -75,6 +75,8 @@ def test_a_lone_surrogate_is_named_by_index(encoder):
         encoder.encode("\udfff")
     with pytest.raises(ValueError, match=r"texts\[2\] holds a lone surrogate"):
         list(encoder.embed(iter(["a", "b", "x\udc80"]), chunk_size=2))
+    with pytest.raises(ValueError, match=r"texts\[1\] holds a lone surrogate"):
+        encoder.tokenize(["a", "\ud800"])  # the server's path
     assert encoder.encode(["😀 \U0001f600"]).shape == (1, 32)  # real astral characters pass
 
 
