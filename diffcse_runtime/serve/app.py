@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -159,13 +160,13 @@ class ServedModel:
         `field`, `single` and `remedy` only word the refusal for the route's own schema.
         The prompt goes first, as `Encoder.encode` puts it, and counts towards the limit.
         """
-        if prefix := self.prompt(prompt_name):
-            texts = [prefix + text for text in texts]
+        self.prompt(prompt_name)  # a 400 naming prompt_name; Encoder.tokenize applies it
+        tokenize = functools.partial(self.encoder.tokenize, prompt_name=prompt_name)
         if sum(map(len, texts)) > INLINE_CHARS:
             async with self.tokenizing:
-                ids, counts = await asyncio.to_thread(self.encoder.tokenize, texts)
+                ids, counts = await asyncio.to_thread(tokenize, texts)
         else:
-            ids, counts = self.encoder.tokenize(texts)
+            ids, counts = tokenize(texts)
         truncated = _check_lengths(self, counts, truncate, _where(field, single), remedy)
         lengths = [len(row) for row in ids]
         request.state.log = {"model": self.name, "inputs": len(texts), "tokens": sum(lengths)}
