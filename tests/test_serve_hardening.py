@@ -7,6 +7,7 @@ driven by httpx and the real `openai` client; each test sends a bounded number o
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -249,3 +250,28 @@ def test_keys_an_http_header_cannot_carry_are_refused(tiny_model_dir, encoder):
     assert r.exit_code == 2 and "--cors-origins" in r.output
     with pytest.raises(DiffcseError, match="empty or only whitespace"):
         create_app({"tiny": encoder}, ServeSettings(api_keys=(" ",)))
+
+
+def test_a_stalled_body_gets_408_json(encoder):
+    """A client that sends half its body and stalls held its connection for ever."""
+    import socket
+    import time
+
+    with thread_server({"tiny": encoder}, ServeSettings(body_timeout_s=1.0)) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+            began = time.monotonic()
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                b'{"input": "a'
+            )
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+            waited = time.monotonic() - began
+        assert httpx.post(f"{base}/v1/embeddings", json={"input": "x"}).status_code == 200
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert 0.9 < waited < 10

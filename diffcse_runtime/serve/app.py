@@ -77,6 +77,7 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()
     max_inputs: int = 2048
     max_body_bytes: int = 8 * 1024 * 1024
+    body_timeout_s: float = 30.0  # the whole body must arrive within it (else 408)
     truncate: bool = False
     retry_after_s: int = 1
     batch: BatchSettings = field(default_factory=BatchSettings)
@@ -251,6 +252,7 @@ def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = N
         paths=PATHS | tei.paths(served),
         access=Access(settings.allowed_hosts, settings.cors_origins),
         stopping=stopping,
+        body_timeout_s=settings.body_timeout_s,
     )
     errors: dict[int | str, dict[str, Any]] = {
         s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 503)

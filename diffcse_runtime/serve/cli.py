@@ -183,6 +183,12 @@ def worker_layout(workers: int | None, threads: int | None) -> tuple[int, int]:
     "--max-body-bytes", default=8 * 1024 * 1024, type=click.IntRange(min=1), help="Body size."
 )
 @click.option(
+    "--body-timeout",
+    default=30.0,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request's whole body may take to arrive; a stalled upload gets 408.",
+)
+@click.option(
     "--max-queue",
     default=8192,
     type=click.IntRange(min=1),
@@ -239,6 +245,7 @@ def serve(
     no_batching: bool,
     max_inputs: int,
     max_body_bytes: int,
+    body_timeout: float,
     max_queue: int,
     threads: int | None,
     workers: int | None,
@@ -286,6 +293,7 @@ def serve(
         cors_origins=origins,
         max_inputs=max_inputs,
         max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout,
         truncate=truncate,
         batch=batch,
     )

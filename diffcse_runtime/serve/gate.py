@@ -163,6 +163,7 @@ class RequestGate:
         paths: set[str],
         access: Access | None = None,
         stopping: Stopping | None = None,
+        body_timeout_s: float = 30.0,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -170,6 +171,7 @@ class RequestGate:
         self.paths = paths
         self.access = access or Access()
         self.stopping = stopping or Stopping()
+        self.body_timeout = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -242,14 +244,17 @@ class RequestGate:
         return None
 
     def _limited(self, receive: Callable) -> Callable:
-        """`receive` that raises 413 once the body passes the limit (chunked uploads), and
-        503 if the server starts shutting down while the body is still arriving."""
+        """`receive` that raises 413 once the body passes the limit (chunked uploads), 408
+        if the whole body has not arrived within `body_timeout_s` (a client that stalls
+        would hold its connection and memory for ever), and 503 if the server starts
+        shutting down while the body is still arriving."""
         seen = 0
         done = False
+        deadline = time.monotonic() + self.body_timeout
 
         async def wrapped() -> Message:
             nonlocal seen, done
-            message = await (receive() if done else self._body_part(receive))
+            message = await (receive() if done else self._body_part(receive, deadline))
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
@@ -259,21 +264,33 @@ class RequestGate:
 
         return wrapped
 
-    async def _body_part(self, receive: Callable) -> Message:
-        """The next body message, unless the server starts stopping first."""
+    async def _body_part(self, receive: Callable, deadline: float) -> Message:
+        """The next body message, unless the server starts stopping or the deadline passes
+        first."""
         if self.stopping.is_set:
             raise shutting_down()
         part = asyncio.ensure_future(receive())
         stop = asyncio.ensure_future(self.stopping.wait())
         try:
-            await asyncio.wait({part, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {part, stop},
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             stop.cancel()
             if not part.done():
                 part.cancel()
-        if part.cancelled() or not part.done():
+        if part.done() and not part.cancelled():
+            return part.result()
+        if self.stopping.is_set:
             raise shutting_down()
-        return part.result()
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {self.body_timeout:g} s",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        )
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         path = scope["path"] if scope["path"] in self.paths else "other"
