@@ -275,3 +275,18 @@ def test_a_stalled_body_gets_408_json(encoder):
     assert head.startswith(b"HTTP/1.1 408"), reply
     assert json.loads(body)["error"]["code"] == "request_timeout"
     assert 0.9 < waited < 10
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--max-wait-ms", "nan"), ("--body-timeout", "inf"), ("--graceful-timeout", "-1")],
+)
+def test_time_options_must_be_finite_and_in_range(tmp_path, option, value):
+    """click's FloatRange lets NaN through (nan < 0 is False); these are refused by name."""
+    from click.testing import CliRunner
+
+    from diffcse_runtime.serve.cli import serve
+
+    result = CliRunner().invoke(serve, ["-m", str(tmp_path), option, value])
+    assert result.exit_code == 2
+    assert option in result.output and "finite number" in result.output

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from diffcse_runtime.bounds import Bound, option_type
 from diffcse_runtime.cli import friendly_errors
 from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.errors import DiffcseError
@@ -173,7 +174,7 @@ def worker_layout(workers: int | None, threads: int | None) -> tuple[int, int]:
 @click.option(
     "--max-wait-ms",
     default=0.0,
-    type=click.FloatRange(min=0),
+    type=option_type(Bound(ge=0, le=60_000)),
     help="How long a free worker waits for a batch to fill. 0: run at once; requests "
     "arriving while workers are busy are merged anyway.",
 )
@@ -185,7 +186,7 @@ def worker_layout(workers: int | None, threads: int | None) -> tuple[int, int]:
 @click.option(
     "--body-timeout",
     default=30.0,
-    type=click.FloatRange(min=0, min_open=True),
+    type=option_type(Bound(gt=0, le=86_400)),
     help="Seconds a request's whole body may take to arrive; a stalled upload gets 408.",
 )
 @click.option(
@@ -223,7 +224,10 @@ def worker_layout(workers: int | None, threads: int | None) -> tuple[int, int]:
     "--normalize/--no-normalize", default=True, help="Unit-length embeddings, as OpenAI's are."
 )
 @click.option(
-    "--graceful-timeout", default=30.0, type=float, help="Seconds to finish requests on SIGTERM."
+    "--graceful-timeout",
+    default=30.0,
+    type=option_type(Bound(ge=0, le=86_400)),
+    help="Seconds to finish requests on SIGTERM.",
 )
 @click.option(
     "--log-level",
