@@ -6,6 +6,7 @@ scheduling hang (an actor pool starving other work) fails the test instead of CI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -384,43 +385,79 @@ def _processes_with(marker: str) -> list[int]:
     return pids
 
 
-@pytest.mark.slow
-def test_sigterm_exits_143_with_one_sentence_and_leaves_no_ray_processes(tiny_model_dir, tmp_path):
-    import subprocess
-    import sys
+def _wait_for_a_part(proc, out, log) -> None:
     import time
 
+    end = time.monotonic() + 120
+    done = set(os.listdir(out)) if out.is_dir() else set()
+    while not (out.is_dir() and any(p.startswith("part-") for p in set(os.listdir(out)) - done)):
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < end, "no part written in 120 s"
+        time.sleep(0.05)
+
+
+def _no_processes_left(marker: str) -> list[int]:
+    """Wait up to 15 s for `marker`'s processes to end; kill and return any still alive."""
+    import time
+
+    end = time.monotonic() + 15  # workers notice their parent's end within seconds
+    while _processes_with(marker) and time.monotonic() < end:
+        time.sleep(0.2)
+    left = []
+    for pid in _processes_with(marker):  # never leave them running past the test
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
+            left.append(fh.read().replace(b"\0", b" ")[:60].decode(errors="replace"))
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
+@pytest.mark.slow
+def test_killed_job_exits_cleanly_leaves_no_ray_processes_and_resumes(tiny_model_dir, tmp_path):
+    """SIGTERM: exit 143 with one sentence (was 15 with Ray's C++ stack lines); SIGKILL:
+    no cleanup runs. After either, no Ray process of the job is left, and the next run
+    resumes from the finished parts to every row exactly once."""
+    import subprocess
+    import sys
+
     src = tmp_path / "a.txt"
-    src.write_text("".join(f"{t}\n" for t in sentences(500, seed=9)) * 60)  # 30k lines
+    src.write_text("".join(f"{t}\n" for t in sentences(500, seed=9)) * 20)  # 10k lines
     out = tmp_path / "out"
-    short = tempfile.mkdtemp(prefix="drk-")  # TMPDIR: Ray's session files, and our marker
-    env = {**os.environ, "TMPDIR": short, "RAY_USAGE_STATS_ENABLED": "0"}
     code = "from diffcse_runtime.ray_embed.cli import main; main()"
     cmd = [sys.executable, "-c", code, str(src), str(out), "-m", str(tiny_model_dir)]
-    cmd += ["--shard-rows", "500", "--actors", "1", "--num-cpus", "2"]
-    log = open(tmp_path / "log", "w+b")  # noqa: SIM115 - read below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
-    try:
-        end = time.monotonic() + 120
-        while not (out.is_dir() and any(p.startswith("part-") for p in os.listdir(out))):
-            assert proc.poll() is None, (tmp_path / "log").read_text(errors="replace")[-3000:]
-            assert time.monotonic() < end, "no part written in 120 s"
-            time.sleep(0.05)
-        assert _processes_with(short), "the marker does not find Ray's processes"
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = (tmp_path / "log").read_text(errors="replace")
-    assert proc.returncode == 143, text[-3000:]
-    assert "interrupted; finished parts are kept, rerun to resume" in text
-    assert "Traceback" not in text and "*** " not in text and " @ " not in text, text[-3000:]
-    end = time.monotonic() + 15  # workers notice their parent's end within seconds
-    while _processes_with(short) and time.monotonic() < end:
-        time.sleep(0.2)
-    left = _processes_with(short)
-    for pid in left:  # never leave them running past the test
-        os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(short, ignore_errors=True)
-    assert left == [], f"Ray processes still alive after the parent exited: {left}"
+    cmd += ["--shard-rows", "200", "--actors", "1", "--num-cpus", "2"]
+    kept = {}
+    for sig in (signal.SIGTERM, signal.SIGKILL, None):
+        short = tempfile.mkdtemp(prefix="drk-")  # TMPDIR: Ray's session files, our marker
+        env = {**os.environ, "TMPDIR": short, "RAY_USAGE_STATS_ENABLED": "0"}
+        log = tmp_path / f"log-{sig}"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=fh)
+            try:
+                if sig is not None:
+                    _wait_for_a_part(proc, out, log)
+                    assert _processes_with(short), "the marker does not find Ray's processes"
+                    proc.send_signal(sig)
+                proc.wait(timeout=180)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        text = log.read_text(errors="replace")
+        left = _no_processes_left(short)
+        shutil.rmtree(short, ignore_errors=True)
+        assert left == [], f"alive after the parent exited ({sig}): {left}"
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143, text[-3000:]
+            assert "interrupted; finished parts are kept, rerun to resume" in text
+            assert "Traceback" not in text and "*** " not in text and " @ " not in text, text
+        elif sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        else:
+            assert proc.returncode == 0, text[-3000:]
+            assert f"already done {len(kept)}" in text
+        for name, st in kept.items():  # parts finished before a kill are not redone
+            now = os.stat(out / name)
+            assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+        kept = {p: os.stat(out / p) for p in os.listdir(out) if p.startswith("part-")}
+    ids = read_parts(out).column("id").to_pylist()
+    assert ids == [f"{src}:{i}" for i in range(1, 10_001)]  # every row, once, in order

@@ -17,7 +17,7 @@ from diffcse_runtime.errors import (
     sigterm_as_interrupt,
 )
 from diffcse_runtime.model_dir import load_metadata
-from diffcse_runtime.ray_embed import FORMATS
+from diffcse_runtime.ray_embed import FORMATS, watchdog
 from diffcse_runtime.textio import ERROR_MODES
 
 
@@ -184,6 +184,7 @@ def main(
         errors=errors,
     )
     owns_ray = not ray.is_initialized()  # a caller's (or a test's) running Ray is reused
+    guard = None
     try:
         # ray.init installs its own SIGTERM handler (exit 15 with the core worker's C++
         # stack): the inner block puts ours back, so a kill unwinds like Ctrl-C, shuts the
@@ -192,12 +193,16 @@ def main(
             if owns_ray and address:
                 connect(address)
             elif owns_ray:
+                guard = watchdog.start()  # even a SIGKILL of ours ends the local Ray
                 start_local_ray(num_cpus or os.cpu_count() or 1)
         with sigterm_as_interrupt():
             result = _run(spec, model, output_dir, actors, threads, batch_size, verbose)
     finally:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
+        if guard is not None:
+            os.close(guard)
+            os.environ.pop(watchdog.MARK, None)
     click.echo(
         f"rows in {result.rows_in}, rows out {result.rows_out}; parts written "
         f"{result.shards_written}, already done {result.shards_skipped}, "

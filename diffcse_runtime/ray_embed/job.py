@@ -302,13 +302,21 @@ def run_job(
                 "batch_size": batch_size,
             },
         )
-        for row in ds.iter_rows():
-            if row["error"]:
-                raise DiffcseError(str(row["error"]))
-            rows_out += int(row["rows"])
-            done[int(row["shard"])] = int(row["rows"])
-            if progress:
-                progress(len(done), len(shards))
+        rows = iter(ds.iter_rows())
+        try:
+            for row in rows:
+                if row["error"]:
+                    raise DiffcseError(str(row["error"]))
+                rows_out += int(row["rows"])
+                done[int(row["shard"])] = int(row["rows"])
+                if progress:
+                    progress(len(done), len(shards))
+        finally:
+            # stop Ray Data's executor now, also on an error or a SIGTERM: left to garbage
+            # collection it stops at interpreter exit, after Ray is gone, with tracebacks
+            close = getattr(rows, "close", None)
+            if close is not None:
+                close()
     rows_in = sum(s.rows for s in shards)
     check_inputs_unchanged(record)
     manifest = _manifest(spec, model_dir, record, rows_in, rows_out)
