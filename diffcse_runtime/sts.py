@@ -356,7 +356,8 @@ def found_splits(data_dir: str | Path, tasks: Sequence[str] | None = None) -> di
 def _no_data(data_dir: str | Path, split: str, tasks: Sequence[str] | None) -> DataFormatError:
     found = found_splits(data_dir, tasks)
     listed = "; ".join(f"{s} ({', '.join(ts)})" for s, ts in found.items()) or "nothing"
-    hint = f"pass --split {next(iter(found))}, or get" if found else "get"
+    other = [s for s in (*AUTO_ORDER, "train") if s in found and s != split]
+    hint = f"pass --split {other[0]}, or get" if other else "get"
     return DataFormatError(
         f"{data_dir}: no STS task data found for split {split!r} (found: {listed}); {hint} "
         f"the data: {WHERE_DATA}"

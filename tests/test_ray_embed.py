@@ -413,6 +413,7 @@ def _no_processes_left(marker: str) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_killed_job_exits_cleanly_leaves_no_ray_processes_and_resumes(tiny_model_dir, tmp_path):
     """SIGTERM: exit 143 with one sentence (was 15 with Ray's C++ stack lines); SIGKILL:
     no cleanup runs. After either, no Ray process of the job is left, and the next run

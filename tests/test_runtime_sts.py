@@ -216,5 +216,8 @@ def test_no_task_data_says_which_splits_exist_and_where_data_comes_from(tmp_path
     msg = str(info.value)
     assert "no STS task data found for split 'test'" in msg
     assert "found: train (STSBenchmark)" in msg and "SentEval" in msg
+    _write(only_train / "sts-dev.csv", ["g\ts\t2012\t0\t1.0\ta\tb"])
+    with pytest.raises(DataFormatError, match="pass --split dev, or get the data"):
+        evaluate(_encode_by_hash, tmp_path / "d", None, "test")
     with pytest.raises(DataFormatError, match="found: nothing"):
         evaluate(_encode_by_hash, tmp_path / "empty", None, "auto")
