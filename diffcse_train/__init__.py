@@ -26,8 +26,8 @@ _HOME = {
     "load_config": "config",
     "train": "trainer",
     "TrainSummary": "trainer",
-    "FitSettings": "generator_fit",
-    "fit_generator": "generator_fit",
+    "FitSettings": "generator",
+    "fit_generator": "generator",
     "DiffCSE": "model",
 }
 __all__ = ["__version__", *_HOME]

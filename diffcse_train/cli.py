@@ -18,7 +18,8 @@ from diffcse_runtime.bounds import click_type
 from diffcse_runtime.errors import DiffcseError, friendly_errors
 from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train.config import DEVICES
-from diffcse_train.generator_fit import PRECISIONS, FitSettings, GeneratorRefused, fit_generator
+from diffcse_train.generator import FitSettings, GeneratorRefused, fit_generator
+from diffcse_train.generator.settings import FIT_PRECISIONS
 
 FIT_GENERATOR = "fit-generator"
 
@@ -149,7 +150,7 @@ def _fit_type(name: str):
 )
 @click.option(
     "--precision",
-    type=click.Choice(PRECISIONS),
+    type=click.Choice(FIT_PRECISIONS),
     default=_FIT.precision,
     show_default=True,
     help="Autocast while training; auto = bf16 where the CPU computes it natively.",

@@ -34,7 +34,7 @@ from diffcse_train import checkpoint, distributed
 from diffcse_train.checkpoint import TrainState
 from diffcse_train.config import TrainConfig, validate
 from diffcse_train.data import Collator, epoch_order, load_corpus
-from diffcse_train.generator_fit import ensure_generator
+from diffcse_train.generator import ensure_generator
 from diffcse_train.model import DiffCSE, build_model, count_parameters, pool
 from diffcse_train.run_dir import RunDir, jsonable
 

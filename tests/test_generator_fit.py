@@ -16,16 +16,14 @@ from click.testing import CliRunner  # noqa: E402
 
 from diffcse_runtime.errors import DataFormatError, DiffcseError  # noqa: E402
 from diffcse_train.cli import fit_generator_cmd  # noqa: E402
-from diffcse_train.generator_fit import (  # noqa: E402
-    FitSettings,
-    GeneratorRefused,
+from diffcse_train.generator import FitSettings, GeneratorRefused, fit_generator  # noqa: E402
+from diffcse_train.generator.loop import collect, train_head, train_masked_lm  # noqa: E402
+from diffcse_train.generator.masked_lm import (  # noqa: E402
     Masking,
     find_head,
-    fit_generator,
     load_encoder_as_mlm,
     score,
 )
-from diffcse_train.mlm_fit import collect, train_head, train_masked_lm  # noqa: E402
 
 # fp32 on tiny models (bf16 autocast only pays off at real sizes); the CLI fixture keeps
 # the default precision, so the bf16 path runs once.
@@ -62,9 +60,9 @@ def _state(folder: Path, cls) -> dict:
 
 
 def _quiet():
-    from diffcse_train.generator_fit import _quiet_transformers
+    from diffcse_train.generator.masked_lm import quiet_transformers
 
-    return _quiet_transformers()
+    return quiet_transformers()
 
 
 def test_saved_folder_is_a_complete_masked_lm(fitted, tiny_bert):
@@ -193,7 +191,7 @@ def test_whole_model_fit_beats_the_head_only_fit(tiny_bert):
 
 
 def test_length_batches_cover_the_sample_once_in_similar_lengths():
-    from diffcse_train.mlm_fit import length_batches
+    from diffcse_train.generator.loop import length_batches
 
     rows = [[0] * (1 + i % 7) for i in range(100)]
     settings = FitSettings(batch_size=8)
@@ -337,7 +335,7 @@ def _train_config(tiny_bert: Path, corpus_file: Path, generator: str, **extra):
 
 def test_training_config_fits_a_missing_generator_once(tiny_bert, corpus_file, tmp_path):
     """The demo's one-command path: the first run fits and saves G, later runs reuse it."""
-    from diffcse_train.generator_fit import ensure_generator
+    from diffcse_train.generator import ensure_generator
 
     out = tmp_path / "generator"
     cfg = _train_config(tiny_bert, corpus_file, str(out))
@@ -352,7 +350,7 @@ def test_training_config_fits_a_missing_generator_once(tiny_bert, corpus_file, t
 
 
 def test_fit_generator_key_is_inert_without_a_generator_augmentation(tiny_bert, corpus_file):
-    from diffcse_train.generator_fit import ensure_generator
+    from diffcse_train.generator import ensure_generator
 
     cfg = _train_config(tiny_bert, corpus_file, "never/written", augmentation="replace")
     ensure_generator(cfg)
@@ -361,7 +359,7 @@ def test_fit_generator_key_is_inert_without_a_generator_augmentation(tiny_bert, 
 
 def test_fit_generator_key_refuses_what_it_cannot_do(tiny_bert, corpus_file, tmp_path, monkeypatch):
     from diffcse_train.config import ConfigError
-    from diffcse_train.generator_fit import ensure_generator
+    from diffcse_train.generator import ensure_generator
 
     with pytest.raises(ConfigError, match="needs generator_name_or_path to be a folder"):
         _train_config(tiny_bert, corpus_file, "builtin:all-MiniLM-L6-v2")

@@ -1,11 +1,13 @@
-"""Fit a masked-LM generator for an encoder that has no released MLM sibling.
+"""The top of the generator wing: fit a masked-LM generator for an encoder that has no
+released MLM sibling (`fit_generator`), or make sure a training config's one exists
+(`ensure_generator`).
 
 DiffCSE's MLM-replacement edit needs a frozen masked LM G with the encoder's vocabulary.
 Most sentence encoders (every sentence-transformers model) ship without one, so this module
 builds one: it loads a copy of the encoder as `AutoModelForMaskedLM` (its own architecture's
 MLM class, with a new head) and trains that copy as a masked LM on unlabelled sentences. G
 is a separate frozen model during DiffCSE training, so nothing keeps its layers equal to the
-encoder's: by default the whole copy trains (mlm_fit.py has the optimisation). DiffCSE takes
+encoder's: by default the whole copy trains (loop.py has the optimisation). DiffCSE takes
 G's argmax at every position, not only at the masked ones, so a G that fails to hand back
 the unmasked tokens marks them "replaced" too: the report gives that copy accuracy beside
 fill-mask accuracy.
@@ -22,14 +24,10 @@ appears under its final name.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
-import math
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,28 +35,38 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from diffcse_runtime import builtin
 from diffcse_runtime.atomic import atomic_dir, check_replaceable
-from diffcse_runtime.bounds import bounded, check_bounds
-from diffcse_runtime.errors import DataFormatError, DiffcseError, first_line
+from diffcse_runtime.bounds import check_bounds
+from diffcse_runtime.errors import DataFormatError, DiffcseError
 from diffcse_runtime.ownership import check_not_in_use
-from diffcse_runtime.remote_code import refuse_custom_code
 from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train.data import load_corpus
 from diffcse_train.distributed import pick_device
-from diffcse_train.mlm_fit import (
-    Masking,
+from diffcse_train.generator.loop import (
     collect,
-    head_decoder_bias,
     head_parts,
-    hidden_states,
     least_squares_start,
-    masked_logits,
-    model_device,
-    top_layers,
     train_head,
     train_masked_lm,
+)
+from diffcse_train.generator.masked_lm import (
+    Masking,
+    check_head_is_the_model,
+    find_head,
+    head_decoder_bias,
+    load_encoder_as_mlm,
+    masked_logits,
+    quiet_transformers,
+    score,
+    top_layers,
     unigram_log_probs,
+    unigram_score,
+)
+from diffcse_train.generator.settings import (
+    FIT_PRECISIONS,
+    FitReport,
+    FitSettings,
+    GeneratorRefused,
 )
 
 if TYPE_CHECKING:
@@ -68,186 +76,6 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "fit_report.json"
 GENERATOR_TOOL = "diffcse-train fit-generator"  # named by the --out folder's manifest
 GENERATOR_WHAT = "a generator folder"
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-@dataclass
-class FitSettings:
-    """Everything that shapes a fit; the CLI's defaults come from here."""
-
-    # The default trains the whole copy, one pass over the corpus (see mlm_fit.py).
-    max_sentences: int | None = bounded(None, ge=1)  # training sentences per epoch; None = all
-    epochs: int = bounded(1, ge=0)
-    max_steps: int | None = bounded(None, ge=0)  # stop AdamW early; None = all epochs
-    batch_size: int = bounded(64, ge=1)
-    max_length: int = bounded(32, ge=4)
-    # encoder layers that train: None = all, 0 = head only
-    unfreeze_top_k: int | None = bounded(None, ge=0)
-    lr: float = bounded(1e-3, gt=0, le=1)  # the head
-    # the encoder's trainable part (1e-4: 27.6% fill; 3e-4: 30.6%)
-    encoder_lr: float = bounded(3e-4, gt=0, le=1)
-    precision: str = "auto"  # autocast while training: auto (bf16 where native) | bf16 | fp32
-    warm_start: bool = True  # least-squares initialisation of a new head
-    warm_start_sentences: int = bounded(2_000, ge=1)  # encoded for it when the encoder trains too
-    # of the training tokens, BERT's 80/10/10 rule
-    mask_ratio: float = bounded(0.15, ge=0.01, le=0.9)
-    # DiffCSE reads G's argmax at every position, so G must also hand back the tokens it was
-    # not asked to fill: this fraction of the unmasked tokens is trained to reproduce itself.
-    copy_ratio: float = bounded(0.1, ge=0, le=1)
-    # held-out tokens all set to [MASK]: fill-mask accuracy
-    eval_mask_ratio: float = bounded(0.15, gt=0, lt=1)
-    eval_fraction: float = bounded(0.02, gt=0, lt=0.5)
-    min_eval_sentences: int = bounded(300, ge=1)
-    # absolute; G must beat the unigram baseline by this
-    min_accuracy_gain: float = bounded(0.01, ge=0, le=1)
-    seed: int = bounded(0, ge=0, lt=2**32)
-    errors: str = "strict"  # how to decode bad UTF-8 in the corpus: strict | replace
-    device: str = "auto"  # auto (CUDA where present) | cpu | cuda; masks are drawn on the CPU
-
-
-@dataclass
-class MLMScore:
-    """Masked-token accuracy and perplexity over the held-out slice's masked positions, and
-    how often the argmax at the unmasked positions is the input token (`copy_accuracy`)."""
-
-    accuracy: float
-    perplexity: float
-    tokens: int
-    copy_accuracy: float | None = None
-
-
-@dataclass
-class FitReport:
-    encoder: str
-    corpus: str
-    architecture: str
-    train_sentences: int
-    eval_sentences: int
-    steps: int
-    trainable_parameters: int
-    unigram: MLMScore
-    before: MLMScore  # the new head as initialised (its bias = log unigram frequencies)
-    warm_start: MLMScore | None  # after the least-squares warm start, if one ran
-    after: MLMScore
-    seconds: float
-    settings: FitSettings
-    out: str | None = None
-    cpu_seconds: float | None = None  # this process's CPU time (all threads), for the load
-
-    @property
-    def improved(self) -> bool:
-        """Better than the unigram baseline on both accuracy (by the margin) and perplexity."""
-        gain = self.after.accuracy - self.unigram.accuracy
-        return (
-            gain >= self.settings.min_accuracy_gain
-            and self.after.perplexity < self.unigram.perplexity
-        )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def table(self) -> str:
-        rows = [("unigram baseline", self.unigram), ("before", self.before)]
-        rows += [("least-squares start", self.warm_start)] if self.warm_start else []
-        rows += [("after", self.after)]
-        lines = [f"{'held-out tokens':<24}{'masked: accuracy':>17}{'perplexity':>12}{'copy':>8}"]
-        for name, r in rows:
-            copy = f"{r.copy_accuracy:>8.1%}" if r.copy_accuracy is not None else f"{'-':>8}"
-            lines.append(f"{name:<24}{r.accuracy:>17.2%}{r.perplexity:>12.1f}{copy}")
-        lines.append("(copy: the argmax at unmasked tokens is the input token)")
-        return "\n".join(lines)
-
-
-class GeneratorRefused(DiffcseError):
-    """The fitted head is no better than the unigram baseline; `report` says by how much."""
-
-    def __init__(self, message: str, report: FitReport):
-        super().__init__(message)
-        self.report = report
-
-
-# ---------------------------------------------------------------- loading
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' load report: a new head is expected, and we report it ourselves."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def find_head(mlm: nn.Module) -> tuple[str, nn.Module]:
-    """The MLM head: the one child of the masked LM, besides the encoder, that has weights.
-
-    Refuses architectures whose head is not one module with a decoder tied to the input
-    word embeddings (e.g. DistilBERT's inline head or ALBERT's factorised one).
-    """
-    base = mlm.base_model
-    heads = [
-        (name, child)
-        for name, child in mlm.named_children()
-        if child is not base and any(True for _ in child.parameters())
-    ]
-    decoder = mlm.get_output_embeddings()
-    arch = type(mlm).__name__
-    if len(heads) != 1 or decoder is None:
-        raise DiffcseError(
-            f"{arch} has no single MLM-head module; fit-generator supports BERT-style heads "
-            "(e.g. BERT, RoBERTa, XLM-R, MPNet)"
-        )
-    name, head = heads[0]
-    if not any(m is decoder for m in head.modules()):
-        raise DiffcseError(f"{arch}: the output embeddings are not part of its MLM head {name}")
-    if decoder.weight is not mlm.get_input_embeddings().weight:
-        raise DiffcseError(
-            f"{arch}: the MLM decoder is not tied to the word embeddings "
-            "(tie_word_embeddings is false in its config); fit-generator needs a tied decoder"
-        )
-    return name, head
-
-
-def load_encoder_as_mlm(spec: str) -> tuple[nn.Module, bool]:
-    """Load an encoder folder (or `builtin:...`) as its architecture's masked LM.
-
-    Returns (model, fresh_head): fresh_head is True when the folder had no MLM head, so the
-    head was newly initialised; False when the folder already is a masked LM.
-    """
-    from transformers import AutoConfig, AutoModelForMaskedLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    path = builtin.model_path(spec)
-    refuse_custom_code(path, "--encoder")
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        first = first_line(exc)
-        raise DiffcseError(
-            f"--encoder {spec}: cannot load a Hugging Face model ({first})"
-        ) from None
-    if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        raise DiffcseError(
-            f"--encoder {spec}: transformers has no masked-LM class for model type "
-            f"{config.model_type!r}, so no generator can be fitted on it"
-        )
-    with _quiet_transformers():
-        mlm, info = AutoModelForMaskedLM.from_pretrained(
-            str(path), output_loading_info=True, trust_remote_code=False
-        )
-    head_name, _ = find_head(mlm)
-    missing = sorted(info["missing_keys"])
-    not_head = [k for k in missing if not k.startswith(head_name + ".")]
-    if not_head:
-        raise DiffcseError(
-            f"--encoder {spec}: the checkpoint has no weights for {len(not_head)} encoder "
-            f"parameters (e.g. {not_head[0]}); is this the encoder's folder?"
-        )
-    return mlm, bool(missing)
 
 
 # ---------------------------------------------------------------- data
@@ -273,47 +101,6 @@ def split_corpus(sentences: list[str], s: FitSettings) -> tuple[list[str], list[
     return [sentences[i] for i in order[n_eval:]], [sentences[i] for i in order[:n_eval]]
 
 
-# ---------------------------------------------------------------- fitting
-
-
-@torch.no_grad()
-def score(mlm, head, eval_batches, masking: Masking) -> MLMScore:
-    correct, nll, total, copied, kept = 0, 0.0, 0, 0, 0
-    device = model_device(mlm)
-    for ids, attention, selected, labels in eval_batches:
-        hidden = hidden_states(mlm, ids, attention)
-        logits = head(hidden[selected.to(device)]).float()
-        labels = labels.to(device)
-        correct += int((logits.argmax(-1) == labels).sum())
-        nll += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        total += len(labels)
-        unmasked = masking.unmasked(ids, attention, selected).to(device)
-        copied += int((head(hidden[unmasked]).argmax(-1) == ids.to(device)[unmasked]).sum())
-        kept += int(unmasked.sum())
-    return MLMScore(correct / total, math.exp(nll / total), total, copied / max(kept, 1))
-
-
-def unigram_score(log_probs: torch.Tensor, eval_batches) -> MLMScore:
-    labels = torch.cat([b[3] for b in eval_batches])
-    accuracy = float((labels == log_probs.argmax()).float().mean())
-    return MLMScore(accuracy, math.exp(-float(log_probs[labels].mean())), len(labels))
-
-
-def check_head_is_the_model(mlm, head, batch) -> None:
-    """The fast path (head on selected positions) must equal the model's own forward."""
-    ids, attention, selected = (t[:8] for t in batch[:3])  # full logits are large: 8 rows
-    with torch.no_grad():
-        device = model_device(mlm)
-        full = mlm(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-        full = full[selected.to(device)]
-        fast = masked_logits(mlm, head, ids, attention, selected)
-    if not torch.allclose(full, fast, atol=1e-4, rtol=1e-4):
-        raise DiffcseError(
-            f"{type(mlm).__name__}: its forward is not encoder + head; "
-            "fit-generator supports BERT-style masked LMs"
-        )
-
-
 def save_generator(mlm, tokenizer, out: Path, report: FitReport, overwrite: bool, probe) -> None:
     """Write the masked LM, reload it and check it is the model just trained, then publish."""
     from transformers import AutoModelForMaskedLM
@@ -324,7 +111,7 @@ def save_generator(mlm, tokenizer, out: Path, report: FitReport, overwrite: bool
         mlm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        with _quiet_transformers():
+        with quiet_transformers():
             loaded, info = AutoModelForMaskedLM.from_pretrained(
                 str(tmp), output_loading_info=True, trust_remote_code=False
             )
@@ -369,8 +156,9 @@ def check_settings(s: FitSettings, out, overwrite: bool, inputs: tuple = ()) -> 
     if s.errors not in ERROR_MODES:
         raise DiffcseError(f"errors must be one of {', '.join(ERROR_MODES)}, got {s.errors!r}")
     pick_device(s.device)  # a bad name or a missing GPU fails now, before the corpus is read
-    if s.precision not in PRECISIONS:
-        raise DiffcseError(f"precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
+    if s.precision not in FIT_PRECISIONS:
+        choices = ", ".join(FIT_PRECISIONS)
+        raise DiffcseError(f"precision must be one of {choices}, got {s.precision!r}")
     if out is not None:  # only a generator folder we wrote, never the cwd or an input's
         check_not_in_use(Path(out), inputs)
         try:

@@ -1,4 +1,6 @@
-"""The optimisation half of fit-generator: train a copy of the encoder as a masked LM.
+"""The optimisation loop of fit-generator: train a copy of the encoder as a masked LM.
+
+Above the masked-LM mechanics and the settings, below the orchestration (fit.py).
 
 Two regimes, chosen by `FitSettings.unfreeze_top_k`:
 
@@ -26,121 +28,22 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from diffcse_runtime.errors import DiffcseError
-from diffcse_train.data import epoch_order, mask_tokens, pad_rows, special_mask
-
-if TYPE_CHECKING:
-    from diffcse_train.generator_fit import FitSettings
+from diffcse_train.data import epoch_order
+from diffcse_train.generator.masked_lm import (
+    Masking,
+    head_decoder_bias,
+    hidden_states,
+    masked_logits,
+    model_device,
+    top_layers,
+)
+from diffcse_train.generator.settings import FitSettings
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (hidden states at trained positions, their ids)
-
-
-# ---------------------------------------------------------------- masking
-
-
-def collate(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id rows into (input_ids, attention_mask)."""
-    ids = pad_rows([torch.tensor(r, dtype=torch.long) for r in rows], pad_id)
-    return ids, pad_rows([torch.ones(len(r), dtype=torch.long) for r in rows], 0)
-
-
-def unigram_log_probs(
-    rows: list[list[int]], vocab_size: int, special_ids: list[int]
-) -> torch.Tensor:
-    """Add-one smoothed log frequencies of the non-special tokens in `rows`."""
-    flat = torch.tensor([t for row in rows for t in row], dtype=torch.long)
-    counts = torch.bincount(flat, minlength=vocab_size)[:vocab_size].double()
-    counts[special_ids] = 0
-    return torch.log((counts + 1) / (counts.sum() + vocab_size)).float()
-
-
-@dataclass
-class Masking:
-    """What masking needs to know about the tokenizer."""
-
-    mask_id: int
-    pad_id: int
-    special_ids: list[int]
-    candidates: torch.Tensor  # non-special ids that random replacements come from
-
-    @classmethod
-    def of(cls, tokenizer) -> Masking:
-        special_ids = sorted(set(tokenizer.all_special_ids))
-        vocab = torch.arange(len(tokenizer))
-        return cls(
-            mask_id=tokenizer.mask_token_id,
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-            special_ids=special_ids,
-            candidates=vocab[~torch.isin(vocab, torch.tensor(special_ids))],
-        )
-
-    def mask(self, rows, ratio, gen, all_to_mask: bool):
-        """(input ids, attention mask, selected positions, original ids at them).
-
-        Training uses BERT's 80/10/10 rule; scoring (`all_to_mask`) replaces every selected
-        token with [MASK], so its accuracy is plain fill-mask accuracy.
-        """
-        ids, attention = collate(rows, self.pad_id)
-        special = special_mask(ids, self.special_ids)
-        masked, selected = mask_tokens(
-            ids, attention, special, ratio, self.mask_id, self.candidates, gen
-        )
-        if all_to_mask:
-            masked = ids.masked_fill(selected, self.mask_id)
-        return masked, attention, selected, ids[selected]
-
-    def unmasked(self, ids, attention, selected) -> torch.Tensor:
-        """Real, non-special tokens that masking left alone: G should return them unchanged."""
-        return attention.bool() & ~selected & ~special_mask(ids, self.special_ids)
-
-
-# ---------------------------------------------------------------- the model
-
-
-def model_device(mlm: nn.Module) -> torch.device:
-    return next(mlm.parameters()).device
-
-
-def hidden_states(mlm, ids, attention) -> torch.Tensor:
-    """The encoder's last hidden states, on the model's device. Masks are drawn on the CPU
-    (one seeded generator, the same edits on every device) and moved here."""
-    device = model_device(mlm)
-    return mlm.base_model(
-        input_ids=ids.to(device), attention_mask=attention.to(device)
-    ).last_hidden_state
-
-
-def masked_logits(mlm, head, ids, attention, selected) -> torch.Tensor:
-    """The MLM's logits at the selected positions only: the decoder is the costly part."""
-    hidden = hidden_states(mlm, ids, attention)
-    return head(hidden[selected.to(hidden.device)])
-
-
-def top_layers(base: nn.Module, k: int | None) -> list[nn.Module]:
-    """The encoder's top k transformer layers (its ModuleList of num_hidden_layers blocks);
-    k None: all of them."""
-    if k == 0:
-        return []
-    n = base.config.num_hidden_layers
-    stacks = [m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if not stacks:
-        raise DiffcseError(f"cannot find the {n} layers of {type(base).__name__} to unfreeze")
-    if k is None:
-        return list(stacks[0])
-    if not 0 <= k <= n:
-        raise DiffcseError(f"--unfreeze-top-k must be between 0 and {n} (the encoder's layers)")
-    return list(stacks[0][n - k :])
-
-
-def head_decoder_bias(head: nn.Module) -> torch.Tensor:
-    """The output bias (tied between decoder.bias and the head's own `bias` in transformers)."""
-    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1].bias
 
 
 # ---------------------------------------------------------------- the head's warm start
