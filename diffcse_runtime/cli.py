@@ -377,7 +377,8 @@ def _check_writable(path: Path) -> None:
 @click.option(
     "--verify-index",
     is_flag=True,
-    help="Hash every byte of the index and check every row (default: sizes and a sample).",
+    help="Hash every byte of the index (default: sizes, a hash of its first and last MB, "
+    "and every row checked to be finite).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON lines.")
 @threads_option
@@ -427,6 +428,7 @@ def search(
                             "text": hit.text,
                         },
                         ensure_ascii=False,
+                        allow_nan=False,  # rows and queries are checked finite: never NaN
                     )
                 )
             else:
