@@ -14,7 +14,6 @@ any point and resumed with `--resume` ends in the same state as one that never s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ from diffcse_train.config import TrainConfig, validate
 from diffcse_train.data import Collator, epoch_order, load_corpus
 from diffcse_train.generator import ensure_generator
 from diffcse_train.model import DiffCSE, build_model, count_parameters, pool
+from diffcse_train.precision import autocast, autocast_dtype
 from diffcse_train.run_dir import RunDir, jsonable
 
 log = logging.getLogger("diffcse_train")
@@ -58,16 +58,6 @@ class TrainSummary:
     best_step: int | None
     final_loss: float | None
     output_dir: str
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. fp16 autocast is only offered on CUDA."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16" and device.type != "cuda":
-        log.warning("precision fp16 needs a CUDA GPU; training in fp32 on %s", device.type)
-        return None
-    return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
@@ -116,7 +106,7 @@ def make_encode_fn(
         out = np.zeros((len(sentences), model.encoder.config.hidden_size), dtype=np.float32)
         order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
         try:
-            with torch.no_grad(), _autocast(device, dtype):
+            with torch.no_grad(), autocast(device, dtype):
                 for start in range(0, len(order), batch_size):
                     chunk = order[start : start + batch_size]
                     enc = tokenizer(
@@ -136,12 +126,6 @@ def make_encode_fn(
         return out
 
     return encode
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _size(module: torch.nn.Module) -> str:
@@ -347,7 +331,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
-        with _autocast(self.device, self.dtype):
+        with autocast(self.device, self.dtype):
             out = self.train_model(batch)
         loss = out["loss"]
         logged = distributed.mean_over_ranks(out)  # the global batch's numbers, on every rank

@@ -42,6 +42,7 @@ from diffcse_train.generator.masked_lm import (
     top_layers,
 )
 from diffcse_train.generator.settings import FitSettings
+from diffcse_train.precision import autocast, autocast_dtype
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (hidden states at trained positions, their ids)
 
@@ -214,19 +215,6 @@ def length_batches(rows: list[list[int]], n: int, s: FitSettings, epoch: int) ->
     return batches
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the device computes it natively (CUDA with bf16; a CPU with
-    AVX512-BF16/AMX: ~1.8x faster on 2 cores), else fp32. `precision` is auto | bf16 | fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
-    return torch.bfloat16 if native else None
-
-
 def train_masked_lm(mlm, head, rows, masking: Masking, s: FitSettings, gen, progress: bool) -> int:
     """AdamW through the model's trainable part, with fresh 80/10/10 masks every step.
 
@@ -248,7 +236,7 @@ def train_masked_lm(mlm, head, rows, masking: Masking, s: FitSettings, gen, prog
         trained = selected | copy_positions(
             masking, originals, attention, selected, s.copy_ratio, gen
         )
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(device, dtype):
             logits = masked_logits(mlm, head, ids, attention, trained)
         return nn.functional.cross_entropy(logits.float(), originals[trained].to(device))
 
