@@ -27,28 +27,64 @@ from diffcse_runtime.errors import DataFormatError, DiffcseError
 
 EncodeFn = Callable[[list[str]], np.ndarray]
 
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Where SentEval keeps one task and which splits it has. `REGISTRY` is the one copy of
+    these facts: training, export and the benchmarks ask `available_tasks` or
+    `tasks_with_split` rather than naming folders and files themselves."""
+
+    folder: str  # the task folder, directly under the data dir or under STS/
+    files: dict[str, str] = field(default_factory=dict)  # split -> its pairs file
+    subsets: tuple[str, ...] = ()  # STS12-16: test only, one input/gold file pair per subset
+    short: str = ""  # the table's column head, when shorter than the name
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("test",) if self.subsets else tuple(self.files)
+
+    def has_split(self, task_dir: Path, split: str) -> bool:
+        """Presence only (folder and file), not validity: loading checks that."""
+        if self.subsets:
+            return split == "test"
+        return split in self.files and (task_dir / self.files[split]).exists()
+
+
 # The subsets SentEval evaluates for each year (STS13 has no SMT: it is not distributed).
-STS_YEARS: dict[str, tuple[str, list[str]]] = {
-    "STS12": (
+REGISTRY: dict[str, TaskSpec] = {
+    "STS12": TaskSpec(
         "STS12-en-test",
-        ["MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"],
+        subsets=("MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"),
     ),
-    "STS13": ("STS13-en-test", ["FNWN", "headlines", "OnWN"]),
-    "STS14": (
+    "STS13": TaskSpec("STS13-en-test", subsets=("FNWN", "headlines", "OnWN")),
+    "STS14": TaskSpec(
         "STS14-en-test",
-        ["deft-forum", "deft-news", "headlines", "images", "OnWN", "tweet-news"],
+        subsets=("deft-forum", "deft-news", "headlines", "images", "OnWN", "tweet-news"),
     ),
-    "STS15": (
+    "STS15": TaskSpec(
         "STS15-en-test",
-        ["answers-forums", "answers-students", "belief", "headlines", "images"],
+        subsets=("answers-forums", "answers-students", "belief", "headlines", "images"),
     ),
-    "STS16": (
+    "STS16": TaskSpec(
         "STS16-en-test",
-        ["answer-answer", "headlines", "plagiarism", "postediting", "question-question"],
+        subsets=("answer-answer", "headlines", "plagiarism", "postediting", "question-question"),
+    ),
+    "STSBenchmark": TaskSpec(
+        "STSBenchmark", files={s: f"sts-{s}.csv" for s in SPLITS}, short="STS-B"
+    ),
+    "SICKRelatedness": TaskSpec(
+        "SICK",
+        files={
+            "train": "SICK_train.txt",
+            "dev": "SICK_trial.txt",
+            "test": "SICK_test_annotated.txt",
+        },
+        short="SICK-R",
     ),
 }
-TASKS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
-SHORT_NAMES = {"STSBenchmark": "STS-B", "SICKRelatedness": "SICK-R"}
+TASKS = list(REGISTRY)
 ALIASES = {
     "STSB": "STSBenchmark",
     "STS-B": "STSBenchmark",
@@ -56,8 +92,6 @@ ALIASES = {
     "SICKR": "SICKRelatedness",
     "SICK": "SICKRelatedness",
 }
-SICK_FILES = {"train": "SICK_train.txt", "dev": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}
-SPLITS = ("train", "dev", "test")
 AUTO_ORDER = ("test", "dev")  # --split auto: the held-out split the data has, test first
 WHERE_DATA = (
     "SentEval-layout data comes from SentEval's data/downstream/get_transfer_data.bash "
@@ -208,9 +242,8 @@ def load_sts_year(task_dir: Path, subsets: Sequence[str]) -> PairSet:
     return out
 
 
-def load_stsb(task_dir: Path, split: str) -> PairSet:
+def load_stsb(path: Path) -> PairSet:
     """STS Benchmark csv: score in column 4, sentences in columns 5 and 6 (0-based)."""
-    path = task_dir / f"sts-{split}.csv"
     s1, s2, gold = [], [], []
     for lineno, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
@@ -222,9 +255,8 @@ def load_stsb(task_dir: Path, split: str) -> PairSet:
     return PairSet(s1, s2, np.asarray(gold, dtype=np.float64), source=str(path))
 
 
-def load_sick(task_dir: Path, split: str) -> PairSet:
+def load_sick(path: Path) -> PairSet:
     """SICK: a header line, then pair_ID, sentence_A, sentence_B, relatedness_score, ..."""
-    path = task_dir / SICK_FILES[split]
     s1, s2, gold = [], [], []
     lines = _read_lines(path)
     for lineno, line in enumerate(lines[1:], start=2):
@@ -244,23 +276,26 @@ def canonical_task(name: str) -> str:
     return name
 
 
+def tasks_with_split(split: str) -> list[str]:
+    """The tasks that have `split` at all (STS12-16 are test-only), whatever is on disk."""
+    return [task for task, spec in REGISTRY.items() if split in spec.splits]
+
+
 def load_task(data_dir: str | Path, task: str, split: str = "test") -> PairSet:
     """Load one task's pairs. STS12-16 only have a test split."""
     task = canonical_task(task)
     if split not in SPLITS:
         raise DiffcseError(f"unknown split {split!r}; choose train, dev or test")
-    folder = {"STSBenchmark": "STSBenchmark", "SICKRelatedness": "SICK"}.get(task)
-    folder = folder or STS_YEARS[task][0]
-    task_dir = find_task_dir(data_dir, folder)
+    spec = REGISTRY[task]
+    task_dir = find_task_dir(data_dir, spec.folder)
     if task_dir is None:
-        raise DataFormatError(f"{data_dir}: no {folder} folder for task {task}")
-    if task == "STSBenchmark":
-        return load_stsb(task_dir, split)
-    if task == "SICKRelatedness":
-        return load_sick(task_dir, split)
-    if split != "test":
-        raise DiffcseError(f"{task} has only a test split")
-    return load_sts_year(task_dir, STS_YEARS[task][1])
+        raise DataFormatError(f"{data_dir}: no {spec.folder} folder for task {task}")
+    if spec.subsets:
+        if split != "test":
+            raise DiffcseError(f"{task} has only a test split")
+        return load_sts_year(task_dir, spec.subsets)
+    path = task_dir / spec.files[split]
+    return load_stsb(path) if task == "STSBenchmark" else load_sick(path)
 
 
 def available_tasks(data_dir: str | Path, split: str = "test") -> list[str]:
@@ -270,18 +305,9 @@ def available_tasks(data_dir: str | Path, split: str = "test") -> list[str]:
     fails there naming FILE:LINE, instead of being dropped from the average silently.
     """
     found = []
-    for task in TASKS:
-        folder = {"STSBenchmark": "STSBenchmark", "SICKRelatedness": "SICK"}.get(task)
-        task_dir = find_task_dir(data_dir, folder or STS_YEARS[task][0])
-        if task_dir is None:
-            continue
-        if task == "STSBenchmark":
-            present = (task_dir / f"sts-{split}.csv").exists()
-        elif task == "SICKRelatedness":
-            present = (task_dir / SICK_FILES[split]).exists()
-        else:
-            present = split == "test"
-        if present:
+    for task, spec in REGISTRY.items():
+        task_dir = find_task_dir(data_dir, spec.folder)
+        if task_dir is not None and spec.has_split(task_dir, split):
             found.append(task)
     return found
 
@@ -395,7 +421,7 @@ def evaluate(
 
 def format_table(result: EvalResult) -> str:
     """Tasks as columns, like Table 1 of the paper."""
-    heads = [SHORT_NAMES.get(t, t) for t in result.scores] + ["Avg."]
+    heads = [REGISTRY[t].short or t for t in result.scores] + ["Avg."]
     vals = [f"{s.spearman:.2f}" for s in result.scores.values()] + [f"{result.average:.2f}"]
     widths = [max(len(h), len(v)) for h, v in zip(heads, vals, strict=True)]
     line = lambda cells: " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
