@@ -161,8 +161,10 @@ def minilm_dir() -> Path:
 
 
 def sts_data_dir(path: str | Path | None = None) -> Path:
+    from diffcse_runtime.sts import available_tasks
+
     data = Path(path) if path else STS_DATA
-    if not (data / "STSBenchmark" / "sts-dev.csv").is_file():
+    if "STSBenchmark" not in available_tasks(data, "dev"):
         raise BenchSkip(f"STS-B dev not found under {data} (pass --data DIR)")
     return data
 

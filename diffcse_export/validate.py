@@ -29,7 +29,7 @@ from diffcse_export.errors import ExportError
 from diffcse_runtime.bounds import bounded, check_bounds
 from diffcse_runtime.encoder import Encoder, pick_providers
 from diffcse_runtime.model_dir import OUTPUT_NAME
-from diffcse_runtime.sts import EncodeFn, cosine_rows, evaluate, find_task_dir
+from diffcse_runtime.sts import REGISTRY, EncodeFn, available_tasks, cosine_rows, evaluate
 
 STS_TASK, STS_SPLIT, STS_LABEL = "STSBenchmark", "dev", "STS-B dev"
 FP16_ON_CPU = (
@@ -168,9 +168,10 @@ def sts_skip_reason(sts_data: Path | None) -> str | None:
     """Why STS parity cannot run (None when STS-B dev is there)."""
     if sts_data is None:
         return "semantic parity skipped: no STS data folder given (--sts-data)"
-    task_dir = find_task_dir(sts_data, STS_TASK)
-    if task_dir is None or not (task_dir / f"sts-{STS_SPLIT}.csv").is_file():
-        return f"semantic parity skipped: no STSBenchmark/sts-{STS_SPLIT}.csv under {sts_data}"
+    if STS_TASK not in available_tasks(sts_data, STS_SPLIT):
+        spec = REGISTRY[STS_TASK]
+        where = f"{spec.folder}/{spec.files[STS_SPLIT]}"
+        return f"semantic parity skipped: no {where} under {sts_data}"
     return None
 
 

@@ -49,7 +49,7 @@ class TaskSpec:
         """Presence only (folder and file), not validity: loading checks that."""
         if self.subsets:
             return split == "test"
-        return split in self.files and (task_dir / self.files[split]).exists()
+        return split in self.files and (task_dir / self.files[split]).is_file()
 
 
 # The subsets SentEval evaluates for each year (STS13 has no SMT: it is not distributed).

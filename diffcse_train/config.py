@@ -25,6 +25,7 @@ from diffcse_runtime.bounds import bounded, check_bounds
 from diffcse_runtime.checkpoint_files import PROJECTORS
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.pooling import POOLINGS
+from diffcse_runtime.sts import tasks_with_split
 
 AUGMENTATIONS = ("mlm", "replace", "insert", "delete", "none")
 GENERATOR_AUGMENTATIONS = ("mlm", "insert")
@@ -205,11 +206,12 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
     _check_choice(cfg, "projector", PROJECTORS, where)
     _check_choice(cfg, "pooling", POOLING_CHOICES, where)
     _check_choice(cfg, "projector_init", PROJECTOR_INITS, where)
+    dev_tasks = tasks_with_split("dev")
     for task in cfg.eval_tasks.split(","):
-        if task.strip() not in ("STSBenchmark", "SICKRelatedness"):
+        if task.strip() not in dev_tasks:
             raise ConfigError(
                 f"{where}key 'eval_tasks': {task.strip()!r} has no dev split; use "
-                "STSBenchmark and/or SICKRelatedness (comma-separated)"
+                f"{' and/or '.join(dev_tasks)} (comma-separated)"
             )
     _check_choice(cfg, "condition_on", CONDITIONS, where)
     _check_choice(cfg, "precision", PRECISIONS, where)

@@ -85,15 +85,11 @@ def _score(model_dir: Path, data: Path | None) -> tuple[dict[str, float | None],
     encoder = Encoder(model_dir)
     scores: dict[str, float | None] = dict.fromkeys(SCORE_TASKS)
     if data is not None:
-        present = [t for t in SCORE_TASKS if sts.find_task_dir(data, _folder(t)) is not None]
+        present = [t for t in sts.available_tasks(data, "dev") if t in SCORE_TASKS]
         if present:
             result = sts.evaluate(encoder.encode, data, present, split="dev")
             scores.update({t: result.scores[t].spearman for t in present})
     return scores, encoder.meta.pooling
-
-
-def _folder(task: str) -> str:
-    return {"STSBenchmark": "STSBenchmark", "SICKRelatedness": "SICK"}[task]
 
 
 def score_input_model(cfg: TrainConfig, data: Path | None) -> Row:
@@ -110,7 +106,7 @@ def score_input_model(cfg: TrainConfig, data: Path | None) -> Row:
 def before_after(cfg: TrainConfig, exported: dict[str, Path]) -> list[Row]:
     """Rows for the input model and each exported variant, on STS-B dev and SICK-R trial."""
     data = Path(cfg.eval_data_dir) if cfg.eval_data_dir else None
-    if data is None or not any(sts.find_task_dir(data, _folder(t)) for t in SCORE_TASKS):
+    if data is None or not set(SCORE_TASKS) & set(sts.available_tasks(data, "dev")):
         log.warning("no STS-B dev / SICK-R trial data found: the before/after table is skipped")
         return []
     rows = [score_input_model(cfg, data)]

@@ -41,7 +41,6 @@ from diffcse_train.run_dir import RunDir, jsonable
 log = logging.getLogger("diffcse_train")
 EVAL_TASK = "STSBenchmark"  # the official protocol's dev task; eval_tasks may add SICK-R
 TASK_KEYS = {"STSBenchmark": "stsb_dev", "SICKRelatedness": "sick_trial"}  # metrics.jsonl
-_FOLDERS = {"STSBenchmark": "STSBenchmark", "SICKRelatedness": "SICK"}  # SentEval folders
 
 
 class TrainingDiverged(DiffcseError):
@@ -196,8 +195,7 @@ class Trainer:
 
     def _find_eval_data(self) -> Path | None:
         data_dir = self.cfg.eval_data_dir
-        task_dir = sts.find_task_dir(data_dir, "STSBenchmark") if data_dir else None
-        if task_dir is None or not (task_dir / "sts-dev.csv").is_file():
+        if not data_dir or EVAL_TASK not in sts.available_tasks(data_dir, "dev"):
             where = f"under {data_dir}" if data_dir else "(eval_data_dir is not set)"
             log.warning(
                 "no STS-B dev data %s: training without evaluation; best/ will hold the last step",
@@ -211,7 +209,8 @@ class Trainer:
         wanted = [t.strip() for t in self.cfg.eval_tasks.split(",") if t.strip()]
         if self.eval_dir is None:
             return wanted
-        present = [t for t in wanted if sts.find_task_dir(self.eval_dir, _FOLDERS[t])]
+        found = sts.available_tasks(self.eval_dir, "dev")
+        present = [t for t in wanted if t in found]
         for task in sorted(set(wanted) - set(present)):
             log.warning(
                 "eval_tasks: no %s data under %s; selecting without it", task, self.eval_dir

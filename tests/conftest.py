@@ -28,7 +28,9 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def sts_data() -> Path:
     """The real SentEval-layout data beside the project; tests skip without it."""
-    if not (STS_DATA / "STSBenchmark" / "sts-dev.csv").is_file():
+    from diffcse_runtime.sts import available_tasks
+
+    if "STSBenchmark" not in available_tasks(STS_DATA, "dev"):
         pytest.skip(f"real STS data not found at {STS_DATA}")
     return STS_DATA
 
