@@ -86,3 +86,20 @@ def test_readme_links_resolve():
             continue
         path = ROOT / target.split("#", 1)[0]
         assert path.exists(), f"README.md links to {target}, which does not exist"
+
+
+REPO_PATH = re.compile(
+    r"`((?:diffcse_runtime|diffcse_train|diffcse_export|tests|benchmarks|examples|configs|docs)"
+    r"/[\w./-]*)(?::\w+)?`"
+)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=IDS)
+def test_repository_paths_named_exist(page):
+    """A file or folder of this repository named in backticks exists, so a page cannot keep
+    pointing at a module after it moved."""
+    text = page.read_text(encoding="utf-8")
+    for path in REPO_PATH.findall(text):
+        if any(c in path for c in "*{<") or path.endswith("NAME.json"):
+            continue  # a pattern, not a path
+        assert (ROOT / path.rstrip("/")).exists(), f"{page.relative_to(ROOT)} names {path}"
