@@ -32,11 +32,12 @@ from diffcse_runtime.errors import DiffcseError
 from diffcse_train import checkpoint, distributed
 from diffcse_train.checkpoint import TrainState
 from diffcse_train.config import TrainConfig, validate
-from diffcse_train.data import Collator, epoch_order, load_corpus
+from diffcse_train.data import Collator, epoch_order
 from diffcse_train.generator import ensure_generator
 from diffcse_train.model import DiffCSE, build_model, count_parameters, pool
 from diffcse_train.precision import autocast, autocast_dtype
-from diffcse_train.run_dir import RunDir, jsonable
+from diffcse_train.preflight import RunSetup, prepare_run
+from diffcse_train.run_dir import jsonable
 
 log = logging.getLogger("diffcse_train")
 EVAL_TASK = "STSBenchmark"  # the official protocol's dev task; eval_tasks may add SICK-R
@@ -135,35 +136,28 @@ def _size(module: torch.nn.Module) -> str:
 class Trainer:
     """One training run of `cfg`; `run()` trains, evaluates, checkpoints, returns a summary."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: bool = False,
+        overwrite: bool = False,
+        setup: RunSetup | None = None,
+    ):
+        """Build the model, optimizer and data of `cfg`; `run()` trains. `setup` holds what
+        train() checked first; a Trainer built directly (a benchmark, a test) checks it
+        here. The generator must exist: train() fits a missing one before this."""
         self.cfg = cfg
         self.resume = resume
-        self.run_dir = RunDir(cfg.output_dir)
+        setup = setup or prepare_run(cfg, resume, overwrite)
+        self.run_dir, self.device, self.sentences = setup.run_dir, setup.device, setup.sentences
         self.out, self.best_dir, self.last_dir = (
             self.run_dir.out,
             self.run_dir.best,
             self.run_dir.last,
         )
-        self.device = distributed.setup(distributed.pick_device(cfg.device))
+        self.steps_per_epoch, self.total_steps = setup.steps_per_epoch, setup.total_steps
         world = distributed.world_size()
-        replaced = distributed.main_only(self.run_dir.check, cfg, resume, overwrite)
         self.dtype = autocast_dtype(cfg.precision, self.device)
-
-        corpus = load_corpus(cfg.train_file, cfg.encoding_errors)
-        self.sentences = corpus.sentences
-        if corpus.empty_lines:
-            log.warning("train_file %s: skipped %d empty lines", cfg.train_file, corpus.empty_lines)
-        self.steps_per_epoch = len(self.sentences) // (cfg.batch_size * world)
-        if self.steps_per_epoch == 0:
-            on = f" x {world} processes" if world > 1 else ""
-            raise DiffcseError(
-                f"train_file {cfg.train_file}: {len(self.sentences)} sentences, fewer than "
-                f"batch_size {cfg.batch_size}{on}"
-            )
-        total = self.steps_per_epoch * cfg.epochs
-        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
-
-        ensure_generator(cfg)  # after the cheap checks above, before anything needs G
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = build_model(cfg)
         self.model.to(self.device)
@@ -186,7 +180,7 @@ class Trainer:
         self.dev_scores: dict[str, float] = {}
         self._last_dev: float | None = None  # shown in the progress bar
         if not resume:  # only now that the new run could be set up, replace the old one
-            distributed.main_only(self.run_dir.start, cfg, replaced)
+            distributed.main_only(self.run_dir.start, cfg, setup.replaced)
 
     # ------------------------------------------------------------ setup
 
@@ -515,7 +509,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Tr
     """
     validate(cfg)
     try:
-        summary = Trainer(cfg, resume=resume, overwrite=overwrite).run()
+        setup = prepare_run(cfg, resume, overwrite)  # the cheap checks, before anything slow
+        ensure_generator(cfg)  # fit_generator: true fits a missing G now, before a model needs it
+        summary = Trainer(cfg, resume, setup=setup).run()
     except BaseException:
         distributed.teardown(clean=False)
         raise

@@ -349,6 +349,25 @@ def test_training_config_fits_a_missing_generator_once(tiny_bert, corpus_file, t
     assert report_file.stat().st_mtime_ns == stamp  # reused, not fitted again
 
 
+def test_train_decides_about_the_generator_and_the_trainer_only_trains(
+    tiny_bert, corpus_file, tmp_path
+):
+    """train() fits a missing G, after the cheap checks; a Trainer built directly never fits
+    one: it trains with what exists."""
+    from diffcse_train.trainer import Trainer, train
+
+    out, run = tmp_path / "g", tmp_path / "run"
+    cfg = _train_config(tiny_bert, corpus_file, str(out), output_dir=str(run))
+    with pytest.raises(DiffcseError, match=r"generator_name_or_path .*g: cannot load"):
+        Trainer(cfg)
+    assert not out.exists()
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")  # a busy output_dir fails before any fit
+    with pytest.raises(DiffcseError, match="already holds a training run"):
+        train(cfg)
+    assert not out.exists()
+
+
 def test_fit_generator_key_is_inert_without_a_generator_augmentation(tiny_bert, corpus_file):
     from diffcse_train.generator import ensure_generator
 
