@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
@@ -209,7 +209,11 @@ class ServedModel:
 
 
 def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = None) -> FastAPI:
-    """An ASGI app serving each Encoder under its name."""
+    """An ASGI app serving each Encoder under its name.
+
+    The handlers are module-level routes (`router`, tei.py's routes) that find what they
+    serve on `app.state`: `models` ({name: ServedModel}), `settings`, `metrics`, `ready`,
+    `stopping` and the API keys' digests."""
     settings = settings or ServeSettings()
     if not models:
         raise ValueError("create_app needs at least one model")
@@ -220,31 +224,16 @@ def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = N
     served = {
         name: ServedModel(name, enc, settings, metrics, tokenizing) for name, enc in models.items()
     }
-    state = {"ready": False}
-    stopping = Stopping()
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        stopping.bind()
-        for model in served.values():
-            await model.batcher.start()
-        state["ready"] = True
-        try:
-            yield
-        finally:
-            state["ready"] = False
-            for model in served.values():
-                await model.batcher.stop()
-
-    app = FastAPI(title="diffcse-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.metrics = metrics
-    app.state.models = served
-    app.state.stopping = stopping  # set by the CLI's server when a stop begins
+    app = FastAPI(title="diffcse-serve", lifespan=_lifespan, docs_url=None, redoc_url=None)
+    app.state.models, app.state.settings, app.state.metrics = served, settings, metrics
+    app.state.key_digests = [_digest(k.encode()) for k in settings.api_keys]
+    app.state.ready = False
+    app.state.stopping = stopping = Stopping()  # set by the CLI's server when a stop begins
     _install_error_handlers(app)
-    authorized = Depends(_key_check(settings.api_keys))
     from diffcse_runtime.serve import tei  # it builds on this module's checks
 
-    app.include_router(tei.router(served, settings, authorized))
+    app.include_router(tei.router(served, settings, AUTHORIZED))
+    app.include_router(router)
     app.add_middleware(
         RequestGate,
         metrics=metrics,
@@ -254,65 +243,116 @@ def create_app(models: Mapping[str, Encoder], settings: ServeSettings | None = N
         stopping=stopping,
         body_timeout_s=settings.body_timeout_s,
     )
-    errors: dict[int | str, dict[str, Any]] = {
-        s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 503)
-    }
-
-    @app.post(
-        "/v1/embeddings",
-        response_model=EmbeddingResponse,
-        responses=errors,
-        openapi_extra={"requestBody": _schema_of(EmbeddingRequest)},
-    )
-    async def embeddings(request: Request, _: None = authorized) -> Response:
-        """Embed `input` with `model` (OpenAI's request and response schema)."""
-        body = _parse_body(await request.body())
-        model = _pick_model(served, body.model)
-        texts, single = _check_inputs(body.input, settings.max_inputs)
-        dimensions = check_dimensions(model, body.dimensions)
-        out = await model.embed(
-            texts, request, truncate=settings.truncate, single=single, prompt_name=body.prompt_name
-        )
-        rows = model.finish(out.rows, dimensions, model.normalized)
-        payload = render_embeddings(
-            rows, body.encoding_format, model.name, out.lengths, out.truncated
-        )
-        return Response(payload, media_type="application/json", headers=out.headers())
-
-    @app.get("/v1/models", response_model=ModelList, responses={401: errors[401]})
-    async def list_models(_: None = authorized) -> ModelList:
-        return ModelList(data=[m.card for m in served.values()])
-
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=errors)
-    async def retrieve_model(model_id: str, _: None = authorized) -> ModelCard:
-        """One model's card (the openai client's `models.retrieve`)."""
-        return _pick_model(served, model_id).card
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        """Readiness: every model is loaded and its workers run."""
-        if not state["ready"]:
-            return JSONResponse({"status": "not ready"}, status_code=503)
-        return JSONResponse({"status": "ready", "models": list(served)})
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
-
     return app
 
 
-# ------------------------------------------------------------------ request checks
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """Start each model's batcher before the first request; stop them at shutdown."""
+    served: Mapping[str, ServedModel] = app.state.models
+    app.state.stopping.bind()
+    for model in served.values():
+        await model.batcher.start()
+    app.state.ready = True
+    try:
+        yield
+    finally:
+        app.state.ready = False
+        for model in served.values():
+            await model.batcher.stop()
+
+
+# ------------------------------------------------------------------ routes
+
+
+async def authorize(request: Request, authorization: str | None = Header(default=None)) -> None:
+    """A dependency refusing requests without one of the server's API keys (none
+    configured: all pass)."""
+    expected: list[bytes] = request.app.state.key_digests
+    if not expected:
+        return
+    if not authorization:
+        raise ApiError(
+            401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+        )
+    scheme, _, token = authorization.partition(" ")
+    bearer = scheme.lower() == "bearer"  # header values arrive decoded as latin-1
+    given = token.strip().encode("latin-1", "replace") if bearer else b""
+    ok = False
+    for key in expected:  # digests of equal length: time tells neither key nor length
+        ok |= hmac.compare_digest(_digest(given), key)
+    if not ok:
+        raise ApiError(401, "the API key is not valid", code="invalid_api_key")
+
+
+AUTHORIZED = Depends(authorize)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 503)
+}
 
 
 def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    """A request body's OpenAPI entry: the handlers read the raw body themselves."""
     schema = {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
     return {"required": True, "content": {"application/json": schema}}
+
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingResponse,
+    responses=ERRORS,
+    openapi_extra={"requestBody": _schema_of(EmbeddingRequest)},
+)
+async def embeddings(request: Request, _: None = AUTHORIZED) -> Response:
+    """Embed `input` with `model` (OpenAI's request and response schema)."""
+    settings: ServeSettings = request.app.state.settings
+    body = _parse_body(await request.body())
+    model = _pick_model(request.app.state.models, body.model)
+    texts, single = _check_inputs(body.input, settings.max_inputs)
+    dimensions = check_dimensions(model, body.dimensions)
+    out = await model.embed(
+        texts, request, truncate=settings.truncate, single=single, prompt_name=body.prompt_name
+    )
+    rows = model.finish(out.rows, dimensions, model.normalized)
+    payload = render_embeddings(rows, body.encoding_format, model.name, out.lengths, out.truncated)
+    return Response(payload, media_type="application/json", headers=out.headers())
+
+
+@router.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]})
+async def list_models(request: Request, _: None = AUTHORIZED) -> ModelList:
+    return ModelList(data=[m.card for m in request.app.state.models.values()])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
+async def retrieve_model(request: Request, model_id: str, _: None = AUTHORIZED) -> ModelCard:
+    """One model's card (the openai client's `models.retrieve`)."""
+    return _pick_model(request.app.state.models, model_id).card
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: every model is loaded and its workers run."""
+    if not request.app.state.ready:
+        return JSONResponse({"status": "not ready"}, status_code=503)
+    return JSONResponse({"status": "ready", "models": list(request.app.state.models)})
+
+
+@router.get("/metrics")
+async def prometheus(request: Request) -> Response:
+    metrics: ServeMetrics = request.app.state.metrics
+    return Response(metrics.render(), media_type=metrics.content_type)
+
+
+# ------------------------------------------------------------------ request checks
 
 
 def _parse_body(raw: bytes) -> EmbeddingRequest:
@@ -321,29 +361,6 @@ def _parse_body(raw: bytes) -> EmbeddingRequest:
         return EmbeddingRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise _validation_error(exc.errors()) from None
-
-
-def _key_check(keys: tuple[str, ...]):
-    """A dependency refusing requests without one of `keys` (none configured: all pass)."""
-    expected = [_digest(k.encode()) for k in keys]
-
-    async def check(authorization: str | None = Header(default=None)) -> None:
-        if not expected:
-            return
-        if not authorization:
-            raise ApiError(
-                401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
-        scheme, _, token = authorization.partition(" ")
-        bearer = scheme.lower() == "bearer"  # header values arrive decoded as latin-1
-        given = token.strip().encode("latin-1", "replace") if bearer else b""
-        ok = False
-        for key in expected:  # digests of equal length: time tells neither key nor length
-            ok |= hmac.compare_digest(_digest(given), key)
-        if not ok:
-            raise ApiError(401, "the API key is not valid", code="invalid_api_key")
-
-    return check
 
 
 def _digest(key: bytes) -> bytes:
