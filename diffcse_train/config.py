@@ -37,8 +37,13 @@ DEVICES = ("auto", "cpu", "cuda")
 ENCODING_ERRORS = ("strict", "replace")
 # Keys that may change between a killed run and its --resume without changing the math.
 RESUME_FREE_KEYS = (
-    "eval_data_dir", "save_steps", "crash_at_step", "output_dir", "export_dir", "export_variants",
+    "eval_data_dir", "save_steps", "output_dir", "export_dir", "export_variants",
 )  # fmt: skip
+# Keys earlier versions had. Their saved configs (train_config.yaml, every key written) list
+# them as null, which is dropped so those runs still resume; any other value is refused.
+RETIRED_KEYS = {
+    "crash_at_step": "was a test hook (the process killed itself after that step) and is gone",
+}
 
 
 # Gradient accumulation is refused with a reason instead of an unknown-key error.
@@ -122,8 +127,6 @@ class TrainConfig:
     # table (input model vs trained, STS-B dev and SICK-R trial, through the runtime)
     export_dir: str | None = None
     export_variants: str = "int8"  # comma-separated extra variants: optimized, int8, fp16
-    # --- testing aid
-    crash_at_step: int | None = bounded(None, ge=1)  # the process SIGKILLs itself after this step
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -253,6 +256,10 @@ def from_dict(data: dict[str, Any], where: str = "") -> TrainConfig:
     """Build a config from a mapping, rejecting unknown keys and badly typed values."""
     values = {}
     for key, value in data.items():
+        if key in RETIRED_KEYS and value is None:
+            continue
+        if key in RETIRED_KEYS:
+            raise ConfigError(f"{where}key {key!r} {RETIRED_KEYS[key]}; remove it")
         if key not in FIELDS:
             raise _unknown_key(str(key), where)
         values[key] = _coerce(key, value, where)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -439,9 +437,6 @@ class Trainer:
                     self._save_last()
                 bar.update(1)
                 bar.set_postfix(self._postfix(last), refresh=False)
-                if cfg.crash_at_step is not None and s.step == cfg.crash_at_step:
-                    bar.close()
-                    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
         finally:
             bar.close()
         seconds = time.perf_counter() - start

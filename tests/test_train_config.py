@@ -135,9 +135,17 @@ def test_required_keys_and_top_level_shape(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_retired_key_saved_as_null_still_loads_and_a_value_is_refused(tmp_path):
+    """Runs saved before crash_at_step was removed list it as null: they still resume."""
+    old = load_config(write(tmp_path / "old.yaml", BASE + "crash_at_step: null\n"))
+    assert old == load_config(write(tmp_path / "new.yaml", BASE))
+    with pytest.raises(ConfigError, match="key 'crash_at_step' was a test hook.*remove it"):
+        load_config(write(tmp_path / "c.yaml", BASE + "crash_at_step: 5\n"))
+
+
 def test_resume_mismatch_ignores_only_free_keys():
     a = TrainConfig(model_name_or_path="m", train_file="t", output_dir="o")
-    b = TrainConfig(model_name_or_path="m", train_file="t", output_dir="o", crash_at_step=3)
+    b = TrainConfig(model_name_or_path="m", train_file="t", output_dir="o", save_steps=3)
     assert resume_mismatch(a, b) is None
     b.learning_rate = 1e-3
     assert "learning_rate" in resume_mismatch(a, b)

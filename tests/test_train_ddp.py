@@ -29,6 +29,7 @@ from diffcse_train.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ddp_worker.py")
+KILL_AFTER_STEP = str(Path(__file__).with_name("kill_after_step.py"))  # diffcse-train, killed
 B = 4  # per-rank batch; the single-process reference uses 2 * B
 
 
@@ -235,12 +236,11 @@ def test_torchrun_cli_checkpoints_on_rank_0_and_resumes_exactly(
 
     full = Path(equivalence[0]["reference"]["config"]["output_dir"])
     cut = cli_config(tiny_bert, corpus_file, sts_dir, tmp_path / "cut")
-    (tmp_path / "cut.yaml").write_text(replace(cut, crash_at_step=5).to_yaml())
-    proc = torchrun("-m", "diffcse_train", "--config", str(tmp_path / "cut.yaml"))
+    (tmp_path / "cut.yaml").write_text(cut.to_yaml())
+    proc = torchrun(KILL_AFTER_STEP, "5", "--config", str(tmp_path / "cut.yaml"))
     assert proc.returncode != 0
     state = json.loads((tmp_path / "cut" / "last" / "trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (4, 1, 0)
-    (tmp_path / "cut.yaml").write_text(cut.to_yaml())
     proc = torchrun("-m", "diffcse_train", "--config", str(tmp_path / "cut.yaml"), "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("distributed: 2 processes (gloo)") == 1  # rank 0 reports

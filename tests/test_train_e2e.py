@@ -22,6 +22,7 @@ from diffcse_train.config import TrainConfig  # noqa: E402
 from diffcse_train.trainer import TrainingDiverged, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+KILL_AFTER_STEP = str(Path(__file__).with_name("kill_after_step.py"))  # diffcse-train, killed
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -139,10 +140,10 @@ def test_killed_run_resumes_to_the_same_state(tiny_bert, corpus_file, sts_dir, t
     # the same run, killed (SIGKILL) after step 17: its last checkpoint is step 16, epoch 2
     cut = replace(full, output_dir=str(tmp_path / "cut"))
     cfg_path = tmp_path / "cut.yaml"
-    cfg_path.write_text(replace(cut, crash_at_step=17).to_yaml())
+    cfg_path.write_text(cut.to_yaml())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "diffcse_train", "--config", str(cfg_path), "--quiet"],
+        [sys.executable, KILL_AFTER_STEP, "17", "--config", str(cfg_path), "--quiet"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == -9, proc.stderr[-2000:]
