@@ -16,7 +16,7 @@ from diffcse_export.pipeline import ExportOptions, export_model, target_dirs
 from diffcse_export.validate import Thresholds, format_table
 from diffcse_export.variants import VARIANTS
 from diffcse_runtime.bounds import field_bound
-from diffcse_runtime.errors import friendly_errors
+from diffcse_runtime.cli_errors import friendly_errors
 
 DEFAULT_STS_DATA = "../shared/data/sts"
 

@@ -21,8 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffcse_runtime.atomic import atomic_file, check_output_file, is_write_through
+from diffcse_runtime.cli_errors import friendly_errors
 from diffcse_runtime.encoder import Encoder, TruncationTally
-from diffcse_runtime.errors import DiffcseError, friendly_errors
+from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.model_dir import load_metadata
 from diffcse_runtime.parallel import EncoderPool
 from diffcse_runtime.textio import ERROR_MODES, iter_lines

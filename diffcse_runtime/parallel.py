@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from diffcse_runtime.encoder import EMBED_CHUNK_SIZE, Encoder
-from diffcse_runtime.errors import signals_deferred
 from diffcse_runtime.inputs import iter_text_chunks
 from diffcse_runtime.model_dir import load_metadata
+from diffcse_runtime.signals import signals_deferred
 from diffcse_runtime.truncation import TokenCounts, TruncationTally
 
 log = logging.getLogger("diffcse_runtime")

@@ -15,7 +15,8 @@ import sys
 import click
 
 from diffcse_runtime.bounds import click_type
-from diffcse_runtime.errors import DiffcseError, friendly_errors
+from diffcse_runtime.cli_errors import friendly_errors
+from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.textio import ERROR_MODES
 from diffcse_train.config import DEVICES
 from diffcse_train.generator import FitSettings, GeneratorRefused, fit_generator

@@ -387,7 +387,7 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
     code = (
         "import os, signal, sys, time\n"
         "from diffcse_runtime.atomic import atomic_file\n"
-        "from diffcse_runtime.errors import friendly_errors\n"
+        "from diffcse_runtime.cli_errors import friendly_errors\n"
         "import click\n"
         "@click.command()\n"
         "@friendly_errors\n"
@@ -407,7 +407,7 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
 
 def test_threads_do_not_break_sigterm_handling(tmp_path):
     """sigterm_as_interrupt is a no-op outside the main thread (signal.signal would raise)."""
-    from diffcse_runtime.errors import sigterm_as_interrupt
+    from diffcse_runtime.signals import sigterm_as_interrupt
 
     failures = []
 
@@ -427,7 +427,7 @@ def test_threads_do_not_break_sigterm_handling(tmp_path):
 def test_signals_deferred_holds_sigterm_until_the_block_ends():
     """A SIGTERM that arrives while a worker is being spawned is raised after the spawn, so
     the half-started worker never sees its parent vanish (its EOFError traceback)."""
-    from diffcse_runtime.errors import Terminated, signals_deferred, sigterm_as_interrupt
+    from diffcse_runtime.signals import Terminated, signals_deferred, sigterm_as_interrupt
 
     finished, before = [], signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated), sigterm_as_interrupt():

@@ -10,14 +10,11 @@ from pathlib import Path
 
 import click
 
-from diffcse_runtime.errors import (
-    DiffcseError,
-    friendly_errors,
-    signals_deferred,
-    sigterm_as_interrupt,
-)
+from diffcse_runtime.cli_errors import friendly_errors
+from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.model_dir import load_metadata
 from diffcse_runtime.ray_embed import FORMATS, watchdog
+from diffcse_runtime.signals import signals_deferred, sigterm_as_interrupt
 from diffcse_runtime.textio import ERROR_MODES
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from diffcse_runtime.bounds import Bound, option_type
-from diffcse_runtime.cli import friendly_errors
+from diffcse_runtime.cli_errors import friendly_errors
 from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.parallel import usable_cpus
