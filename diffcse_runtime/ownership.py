@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,6 +34,8 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists names; anything larger is not ours
 # the files that marked our folders before manifests: named only to explain a refusal
 LEGACY_MARKERS = ("index.json", "diffcse.json", "fit_report.json", "trainer_state.json")
+# atomic.py's temporary names, `.NAME.PID.XXXX.tmp` (XXXX: tempfile's random letters)
+_STAGING = re.compile(r"^\.(.+)\.\d+\.[a-z0-9_]+\.tmp$")
 
 
 class NotOursError(DiffcseError):
@@ -122,10 +125,38 @@ def _is_entry(entry: object) -> bool:
     )
 
 
-def first_foreign_entry(folder: Path, listed: dict[str, str]) -> str | None:
+def staged_target(name: str) -> str | None:
+    """The entry whose atomic_file temporary `name` (`.NAME.PID.XXXX.tmp`) is, or None: what
+    a write of one of our files leaves when its process is killed mid-way."""
+    rel, _, base = name.rpartition("/")
+    match = _STAGING.match(base)
+    if match is None:
+        return None
+    return f"{rel}/{match.group(1)}" if rel else match.group(1)
+
+
+def is_staging_of(name: str, listed: dict[str, str]) -> bool:
+    """Whether `name` is the temporary name of a file `listed` names."""
+    target = staged_target(name)
+    return target is not None and listed.get(target) == "file"
+
+
+def is_listed(name: str, kind: str, listed: dict[str, str], staging: bool = False) -> bool:
+    """Whether `listed` accounts for the entry `name` of this `kind` (with `staging`, also
+    for the temporary name of a listed file, itself a regular file)."""
+    if listed.get(name) == kind:
+        return True
+    return staging and kind == "file" and is_staging_of(name, listed)
+
+
+def first_foreign_entry(
+    folder: Path, listed: dict[str, str], skip: str | None = MANIFEST_FILE, staging: bool = False
+) -> str | None:
     """The first entry (sorted) the manifest does not list with its kind, or None.
 
     Only folders the manifest lists are entered, so a large user folder costs one listing.
+    `skip` is the manifest itself when it sits in the folder; `staging` also accepts the
+    temporary names of listed files (for a folder our job writes into file by file).
     """
     stack = [""]
     while stack:
@@ -134,10 +165,10 @@ def first_foreign_entry(folder: Path, listed: dict[str, str]) -> str | None:
             names = sorted((e.name, e.stat(follow_symlinks=False).st_mode) for e in it)
         for base, mode in names:
             name = f"{rel}/{base}" if rel else base
-            if name == MANIFEST_FILE:
+            if name == skip:
                 continue
             kind = kind_of(mode)
-            if listed.get(name) != kind:
+            if not is_listed(name, kind, listed, staging):
                 return name
             if kind == "dir":
                 stack.append(name)
@@ -191,14 +222,17 @@ def _no_manifest(path: Path, name: Path, tool: str, what: str) -> str:
     )
 
 
-def check_not_in_use(path: Path, inputs: Iterable[str | Path] = ()) -> None:
-    """Never replace the working directory, a folder above it, or one holding an input."""
+def check_not_in_use(
+    path: Path, inputs: Iterable[str | Path] = (), action: str = "replace it"
+) -> None:
+    """Never replace (or write into: `action`) the working directory, a folder above it,
+    or one holding an input."""
     target = Path(os.path.abspath(path))
     real = Path(os.path.realpath(path))
     cwd = Path.cwd()
     if cwd.is_relative_to(target) or Path(os.path.realpath(cwd)).is_relative_to(real):
         raise NotOursError(
-            f"{path}: is the current working directory or holds it; refusing to replace it"
+            f"{path}: is the current working directory or holds it; refusing to {action}"
         )
     for item in inputs:
         if str(item) == "-":

@@ -10,12 +10,20 @@ from pathlib import Path
 
 import click
 
+from diffcse_runtime.bounds import Bound, option_type
 from diffcse_runtime.cli_errors import friendly_errors
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.model_dir import load_metadata
 from diffcse_runtime.ray_embed import FORMATS, watchdog
 from diffcse_runtime.signals import signals_deferred, sigterm_as_interrupt
 from diffcse_runtime.textio import ERROR_MODES
+
+# every count a user gives, refused by name unless a whole number in a range that can work
+ACTORS = option_type(Bound(ge=1, le=100_000), integer=True)
+THREADS = option_type(Bound(ge=1, le=1024), integer=True)
+NUM_CPUS = option_type(Bound(ge=1, le=1_000_000), integer=True)
+SHARD_ROWS = option_type(Bound(ge=1, le=100_000_000), integer=True)
+BATCH_SIZE = option_type(Bound(ge=1, le=1_000_000), integer=True)
 
 
 def start_local_ray(num_cpus: int, temp_dir: str | None = None) -> None:
@@ -79,18 +87,21 @@ def default_actors(cpus_per_actor: float) -> int:
     help="Ray cluster to run on (e.g. ray://head:10001 or auto); default: start a local Ray.",
 )
 @click.option(
-    "--actors", type=int, default=None, help="Encoder actors; default: as many as the CPUs allow."
+    "--actors",
+    type=ACTORS,
+    default=None,
+    help="Encoder actors; default: as many as the CPUs allow.",
 )
 @click.option(
     "--threads",
-    type=int,
+    type=THREADS,
     default=1,
     show_default=True,
     help="onnxruntime threads per actor (each actor reserves as many CPUs).",
 )
 @click.option(
     "--num-cpus",
-    type=int,
+    type=NUM_CPUS,
     default=None,
     help="CPUs for the local Ray; default: all of this machine's.",
 )
@@ -116,12 +127,18 @@ def default_actors(cpus_per_actor: float) -> int:
 )
 @click.option(
     "--shard-rows",
-    type=int,
+    type=SHARD_ROWS,
     default=100_000,
     show_default=True,
     help="Rows per output part; a part is the unit of retry and resume.",
 )
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option(
+    "--batch-size",
+    type=BATCH_SIZE,
+    default=64,
+    show_default=True,
+    help="Texts per onnxruntime call inside an actor.",
+)
 @click.option("--normalize", is_flag=True, help="L2-normalise the embeddings.")
 @click.option("--keep-text", is_flag=True, help="Also store each row's text in the parts.")
 @click.option(
@@ -164,11 +181,11 @@ def main(
         raise DiffcseError(
             f'diffcse-embed-ray needs Ray Data and pyarrow ({exc.msg}): pip install "diffcse[ray]"'
         ) from None
+    from diffcse_runtime.ray_embed.folder import check_output_folder
     from diffcse_runtime.ray_embed.job import JobSpec
 
-    if shard_rows < 1 or threads < 1 or batch_size < 1 or (actors is not None and actors < 1):
-        raise click.UsageError("--shard-rows, --threads, --batch-size and --actors must be >= 1")
     meta = load_metadata(model)  # a broken model folder fails here, before Ray starts
+    check_output_folder(output_dir, inputs)  # so does a folder that is not this job's
     spec = JobSpec(
         inputs=list(inputs),
         model_sha256=meta.onnx_sha256,

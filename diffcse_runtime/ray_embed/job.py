@@ -18,7 +18,6 @@ read it. So no part, and no manifest, ever describes an input other than the one
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -35,6 +34,12 @@ from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.model_dir import load_metadata
 from diffcse_runtime.ray_embed.batch import TextEmbedder, embedding_array, text_hashes
+from diffcse_runtime.ray_embed.folder import (
+    MANIFEST_FILE,
+    check_folder,
+    part_file,
+    remove_parts,
+)
 from diffcse_runtime.ray_embed.inputs import (
     Shard,
     file_format,
@@ -45,10 +50,9 @@ from diffcse_runtime.ray_embed.inputs import (
     stamp,
 )
 from diffcse_runtime.ray_embed.inputs import resolve as resolve_fs
-from diffcse_runtime.ray_embed.record import JOB_FILE, Record, parse_record, reconcile
+from diffcse_runtime.ray_embed.record import JOB_FILE, Record, reconcile
 
 log = logging.getLogger("diffcse_runtime.ray_embed")
-MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "diffcse-embed-ray/2"
 PART_DIGEST_KEY = b"diffcse.input_sha256"  # Parquet metadata: the bytes a part came from
 
@@ -82,7 +86,7 @@ class JobResult:
 
 
 def part_name(shard: Shard) -> str:
-    return f"part-{shard.index:06d}.parquet"
+    return part_file(shard.index)
 
 
 class ShardWriter(TextEmbedder):
@@ -164,27 +168,19 @@ def plan(spec: JobSpec, files: dict[str, str]) -> dict[str, tuple[list[Shard], d
     return dict(zip(files, planned, strict=True))
 
 
-def read_saved(out_fs, job_path: str) -> Record | None:
-    if out_fs.get_file_info(job_path).type != pafs.FileType.File:
-        return None
-    with out_fs.open_input_stream(job_path) as fh:
-        return parse_record(fh.read(), job_path)
-
-
 def load_or_plan(out_fs, out_path: str, spec: JobSpec) -> tuple[Record, list[str]]:
     """This output folder's plan brought up to date with the inputs (and the notes saying
-    which inputs changed), or a new plan; another job's folder is refused."""
+    which inputs changed), or a new plan; a folder that is not this job's is refused
+    before anything is planned or written (folder.py)."""
     job_path = f"{out_path}/{JOB_FILE}"
-    saved = read_saved(out_fs, job_path)
-    if saved is None:
-        _check_new_output(out_fs, out_path)
-    elif saved.spec != vars(spec):
+    files = input_files(spec)
+    saved = check_folder(out_fs, out_path, [*spec.inputs, *files.values()], out_path)
+    if saved is not None and saved.spec != vars(spec):
         changed = sorted(k for k in saved.spec if saved.spec[k] != vars(spec).get(k))
         raise DiffcseError(
             f"{out_path}: holds a different job (changed: {', '.join(changed)}); "
             "use a new output folder"
         )
-    files = input_files(spec)
     old_stamps = saved.files if saved else {}
     now = {p: stamp(resolve_fs(u)[0], p) for p, u in files.items()}
     again = [p for p in files if not same_stamp(old_stamps.get(p), now[p])]
@@ -200,23 +196,6 @@ def load_or_plan(out_fs, out_path: str, spec: JobSpec) -> tuple[Record, list[str
             out_fs.create_dir(out_path, recursive=True)
         _write_json(out_fs, job_path, record.to_json())
     return record, notes
-
-
-def _check_new_output(out_fs, out_path: str) -> None:
-    """A new job writes only into a new or empty folder."""
-    info = out_fs.get_file_info(out_path)
-    if info.type == pafs.FileType.Directory and out_fs.get_file_info(pafs.FileSelector(out_path)):
-        raise DiffcseError(f"{out_path}: exists and is not a diffcse-embed-ray output folder")
-    if info.type == pafs.FileType.File:
-        raise DiffcseError(f"{out_path}: is a file, expected an output folder")
-
-
-def remove_retired(out_fs, out_path: str, retired: list[int]) -> None:
-    """Delete the parts the plan retired (rows now gone from the input): they are ours,
-    listed by number in our own record, and would otherwise be read as live rows."""
-    for index in retired:
-        with contextlib.suppress(FileNotFoundError):
-            out_fs.delete_file(f"{out_path}/{part_name(Shard(index, '', '', 0, 0))}")
 
 
 def finished(out_fs, out_path: str, shards: list[Shard]) -> tuple[dict[int, int], list[str]]:
@@ -277,7 +256,7 @@ def run_job(
     out_fs, out_path = resolve_fs(output_dir)
     record, changes = load_or_plan(out_fs, out_path, spec)
     shards, uris = record.shards, record.uris
-    remove_retired(out_fs, out_path, record.retired)
+    remove_parts(out_fs, out_path, record.retired)  # listed by our record, regular files
     done, unreadable = finished(out_fs, out_path, shards)
     changes += unreadable
     for note in changes:  # before the work: which inputs changed and what is redone
