@@ -96,13 +96,31 @@ def _source(path: Path | BinaryIO) -> Path | BinaryIO:
 
 
 def _embedded(pool: EncoderPool, path, opts: dict) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(lines, embeddings) chunk by chunk in file order; truncation tallied in opts."""
+    """(lines, embeddings) chunk by chunk in file order, every vector finite; truncation
+    tallied in opts."""
     size = CHUNK_LINES if pool.processes == 1 else PARALLEL_CHUNK_LINES
     chunks = _chunks(iter_lines(_source(path), opts["errors"]), size)
+    first_line = 1  # every line is a text, so chunk row i is line first_line + i
     for chunk, emb, counts in pool.map_chunks(chunks, opts["batch_size"], opts["normalize"]):
+        _check_finite(emb, path, first_line)
         opts["tally"].add(counts)
         opts["bar"].update(len(chunk))
+        first_line += len(chunk)
         yield chunk, emb
+
+
+def _check_finite(emb: np.ndarray, path, first_line: int) -> None:
+    """Refuse a NaN or infinite vector before it is written: JSON has no such number (a
+    strict reader rejects `NaN`), and in a .npy it would poison every search built on it.
+    A finite model never gives one, so it means a broken model folder."""
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        name = path if isinstance(path, Path) else "<stdin>"
+        raise DiffcseError(
+            f"{name}:{first_line + int(np.argmax(bad))}: the model's embedding of this line is "
+            "not finite (NaN or infinity), so it is not written and no output file is made "
+            "(check the model folder)"
+        )
 
 
 def _write_npy(pool: EncoderPool, path, n: int, out: Path, opts: dict) -> None:
@@ -117,9 +135,9 @@ def _write_jsonl(pool: EncoderPool, path, out: Path, opts: dict) -> None:
     with atomic_file(out, "w", overwrite=opts["overwrite"]) as fh:
         for chunk, emb in _embedded(pool, path, opts):
             for text, row in zip(chunk, emb, strict=True):
-                fh.write(
-                    json.dumps({"text": text, "embedding": row.tolist()}, ensure_ascii=False) + "\n"
-                )
+                # rows are checked finite: allow_nan=False only makes sure of it
+                line = {"text": text, "embedding": row.tolist()}
+                fh.write(json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
