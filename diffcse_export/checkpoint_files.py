@@ -1,8 +1,13 @@
-"""The training checkpoint's file names: the contract between diffcse-train and diffcse-export.
+"""The training checkpoint as diffcse-export reads it: the names diffcse-train writes to.
 
 `diffcse-train` writes OUTPUT_DIR/best/ (a Hugging Face encoder folder plus the files below)
-and `diffcse-export` reads it. Both import these names from here, one definition, torch-free,
-as `model_dir.py` is for the model directory; diffcse_train/checkpoint.py documents the layout.
+and `diffcse-export` reads it; diffcse_train/checkpoint.py documents the whole layout.
+
+Why here: the checkpoint is export's input format, and imports go one way, training ->
+export -> runtime. Export cannot import diffcse_train, and the runtime, which never reads a
+checkpoint, should not own training facts; so the reader defines the names and the writer
+imports them. The module is plain constants: importing it needs neither torch nor the
+`export` extra (diffcse_export's own names load lazily).
 """
 
 from __future__ import annotations
@@ -10,7 +15,5 @@ from __future__ import annotations
 BEST_SUBDIR = "best"  # the folder of a run that export reads
 HEAD_FILE = "diffcse_head.json"  # projector kind, hidden size, pooling, normalize
 PROJECTOR_FILE = "projector.safetensors"  # the training-time projector's weights
-CONFIG_FILE = "train_config.yaml"  # the run's full config
+CONFIG_FILE = "train_config.yaml"  # the run's full config (the model card reads it)
 PROJECTORS = ("batchnorm", "tanh", "none")  # projector kinds both sides understand
-CHECKPOINT_TOOL = "diffcse-train"  # the tool best/'s and last/'s ownership manifests name
-CHECKPOINT_WHAT = "a training checkpoint"

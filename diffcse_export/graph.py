@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffcse_export.checkpoint_files import BEST_SUBDIR, HEAD_FILE, PROJECTOR_FILE, PROJECTORS
 from diffcse_export.cls_layer import ClsStates, prunable
 from diffcse_export.errors import ExportError, first_line
 from diffcse_export.fold import build_projector, fold_projector
 from diffcse_runtime import builtin
-from diffcse_runtime.checkpoint_files import BEST_SUBDIR, HEAD_FILE, PROJECTOR_FILE, PROJECTORS
 from diffcse_runtime.errors import DiffcseError, ModelDirError
 from diffcse_runtime.model_dir import OUTPUT_NAME
 from diffcse_runtime.pooling import POOLINGS, read_source_pooling, read_st_max_seq_length

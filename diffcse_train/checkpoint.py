@@ -64,19 +64,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffcse_export.checkpoint_files import CONFIG_FILE, HEAD_FILE, PROJECTOR_FILE
 from diffcse_runtime.atomic import atomic_dir
-from diffcse_runtime.checkpoint_files import (
-    CHECKPOINT_TOOL,
-    CHECKPOINT_WHAT,
-    CONFIG_FILE,
-    HEAD_FILE,
-    PROJECTOR_FILE,
-)
 from diffcse_runtime.errors import DiffcseError, first_line
 from diffcse_runtime.remote_code import refuse_custom_code
 from diffcse_train.card import CARD_FILE, best_card
 from diffcse_train.config import TrainConfig
 from diffcse_train.st_files import write_sentence_transformers_files
+
+CHECKPOINT_TOOL = "diffcse-train"  # the tool best/'s and last/'s ownership manifests name
+CHECKPOINT_WHAT = "a training checkpoint"
 
 
 @dataclass

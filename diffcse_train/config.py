@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffcse_export.checkpoint_files import PROJECTORS
 from diffcse_runtime.bounds import bounded, check_bounds
-from diffcse_runtime.checkpoint_files import PROJECTORS
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.pooling import POOLINGS
 from diffcse_runtime.sts import tasks_with_split

@@ -20,16 +20,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from diffcse_export.checkpoint_files import BEST_SUBDIR, CONFIG_FILE
 from diffcse_runtime.atomic import atomic_file, check_output_file
-from diffcse_runtime.checkpoint_files import (
-    BEST_SUBDIR,
-    CHECKPOINT_TOOL,
-    CHECKPOINT_WHAT,
-    CONFIG_FILE,
-)
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.ownership import NotOursError, check_owned
 from diffcse_train import checkpoint
+from diffcse_train.checkpoint import CHECKPOINT_TOOL, CHECKPOINT_WHAT
 from diffcse_train.config import TrainConfig, resume_mismatch
 
 SUMMARY_FILE = "summary.json"
