@@ -161,6 +161,16 @@ def test_the_working_directory_is_never_the_output(tiny_model_dir, tmp_path, mon
     assert os.listdir(here) == []
 
 
+def test_a_folder_holding_an_input_is_never_the_output(tiny_model_dir, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    src = lines_file(data / "a.txt", 5)
+    monkeypatch.setattr(job, "plan", no_planning)
+    with pytest.raises(NotOursError, match=f"{data}: is or holds the input"):
+        job.run_job(spec_for(tiny_model_dir, [src]), tiny_model_dir, str(data), actors=1)
+    assert os.listdir(data) == ["a.txt"]
+
+
 def test_cli_refuses_a_folder_not_its_own_before_starting_ray(tiny_model_dir, tmp_path):
     src = lines_file(tmp_path / "a.txt", 5)
     out = tmp_path / "p"
