@@ -131,7 +131,7 @@ def test_every_from_pretrained_call_passes_trust_remote_code_false():
     calls = [
         (path, call)
         for package in ("diffcse_train", "diffcse_export")
-        for path in sorted((root / package).glob("*.py"))
+        for path in sorted((root / package).rglob("*.py"))
         for call in _loading_calls(path)
     ]
     assert len(calls) >= 8, calls
