@@ -16,4 +16,5 @@ BEST_SUBDIR = "best"  # the folder of a run that export reads
 HEAD_FILE = "diffcse_head.json"  # projector kind, hidden size, pooling, normalize
 PROJECTOR_FILE = "projector.safetensors"  # the training-time projector's weights
 CONFIG_FILE = "train_config.yaml"  # the run's full config (the model card reads it)
+METRICS_FILE = "metrics.json"  # best/'s step and dev scores (the model card reads it)
 PROJECTORS = ("batchnorm", "tanh", "none")  # projector kinds both sides understand

@@ -18,14 +18,13 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+from diffcse_export.checkpoint_files import CONFIG_FILE, METRICS_FILE
 from diffcse_export.validate import VariantReport, format_table
 from diffcse_runtime import builtin
 from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.model_dir import ModelMeta, load_metadata
 
 CARD_FILE = "README.md"
-TRAIN_CONFIG = "train_config.yaml"  # written into best/ by diffcse-train
-TRAIN_METRICS = "metrics.json"
 _THRESHOLD_TEXT = {
     "atol": "max abs diff <= {}",
     "min_cosine": "min cosine >= {}",
@@ -92,11 +91,11 @@ def _model_section(name: str, meta: ModelMeta) -> list[str]:
 
 def _training_section(folder: Path, source: str) -> list[str]:
     """`folder` is the checkpoint read; `source` names it as the user did."""
-    config_path = folder / TRAIN_CONFIG
+    config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         return ["", "## Source", "", f"Exported from `{source}` (not a diffcse-train output)."]
     lines = ["", "## Training", "", f"Trained with `diffcse-train`; checkpoint `{source}`."]
-    metrics_path = folder / TRAIN_METRICS
+    metrics_path = folder / METRICS_FILE
     if metrics_path.is_file():
         try:
             metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
@@ -164,7 +163,7 @@ def _usage_section(name: str) -> list[str]:
 
 def model_card(name: str, meta: ModelMeta, reports: list[VariantReport], folder: Path) -> str:
     """The full README.md text of one model directory exported from checkpoint `folder`."""
-    config_path = folder / TRAIN_CONFIG
+    config_path = folder / CONFIG_FILE
     config = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
     body = [
         *_model_section(name, meta),

@@ -64,7 +64,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffcse_export.checkpoint_files import CONFIG_FILE, HEAD_FILE, PROJECTOR_FILE
+from diffcse_export.checkpoint_files import CONFIG_FILE, HEAD_FILE, METRICS_FILE, PROJECTOR_FILE
 from diffcse_runtime.atomic import atomic_dir
 from diffcse_runtime.errors import DiffcseError, first_line
 from diffcse_runtime.remote_code import refuse_custom_code
@@ -156,7 +156,7 @@ def save_best(folder: Path, model, tokenizer, cfg: TrainConfig, metrics: dict) -
             head["batchnorm_eps"] = float(model.projector.bn1.eps)
         staging(HEAD_FILE).write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
         staging(CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-        staging("metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        staging(METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         staging(CARD_FILE).write_text(best_card(cfg, head, metrics), encoding="utf-8")
 
 
