@@ -177,6 +177,7 @@ class Trainer:
         self.eval_tasks = self._present_eval_tasks()
         self.dev_scores: dict[str, float] = {}
         self._last_dev: float | None = None  # shown in the progress bar
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its seeded order)
         if not resume:  # only now that the new run could be set up, replace the old one
             distributed.main_only(self.run_dir.start, cfg, setup.replaced)
 
@@ -235,10 +236,9 @@ class Trainer:
 
     def _best_metrics(self, score: float | None) -> dict:
         s = self.state
-        epoch = s.epoch + s.batch_in_epoch / self.steps_per_epoch
         return {
             "step": s.step,
-            "epoch": epoch,
+            "epoch": self._epoch(),
             "stsb_dev": score,
             "initial_stsb_dev": s.initial_score,
             **self.dev_scores,  # each eval task's score (stsb_dev again when it is the only one)
@@ -312,14 +312,6 @@ class Trainer:
 
     # ------------------------------------------------------------ training
 
-    def _batch(self, order: torch.Tensor) -> dict[str, torch.Tensor]:
-        rows = distributed.rank_batch(
-            order, self.state.batch_in_epoch, self.cfg.batch_size,
-            distributed.rank(), distributed.world_size(),
-        )  # fmt: skip
-        sentences = [self.sentences[i] for i in rows.tolist()]
-        return {k: v.to(self.device) for k, v in self.collator(sentences).items()}
-
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
         with autocast(self.device, self.dtype):
@@ -387,60 +379,87 @@ class Trainer:
             )  # fmt: skip
 
     def run(self) -> TrainSummary:
-        from tqdm.auto import tqdm
-
-        cfg, s = self.cfg, self.state
+        """Train to total_steps, from step 0 or (resume) from last/; returns the summary."""
         if self.resume:
-            self.state = s = checkpoint.load_last(
-                self.last_dir, self.model, self.optimizer, self.scheduler, self.scaler,
-                self.collator.generator, rank=distributed.rank(),
-            )  # fmt: skip
-            if s.world_size != distributed.world_size():
-                raise DiffcseError(
-                    f"--resume: {self.last_dir} was written by {s.world_size} process(es), "
-                    f"this run has {distributed.world_size()}; the global batch depends on it, "
-                    "so resume with the same torchrun --nnodes x --nproc_per_node"
-                )
-            if distributed.is_main():
-                self.run_dir.truncate_metrics(s.step)
-            log.info("resuming from %s at step %d of %d", self.last_dir, s.step, s.total_steps)
+            self._resume()
         self._describe()
         if not self.resume and self.eval_dir is not None:
             self._main_only(self._initial_evaluation)
-
-        start, start_step, last, train_seconds = time.perf_counter(), s.step, {}, 0.0
-        order, order_epoch = None, None
-        quiet = None if distributed.is_main() else True  # one progress bar
-        bar = tqdm(total=self.total_steps, initial=s.step, desc="diffcse-train", disable=quiet)
-        try:
+        s = self.state
+        started, first_step, train_seconds, last = time.perf_counter(), s.step, 0.0, {}
+        with self._progress_bar() as bar:
             while s.step < self.total_steps:
-                if order_epoch != s.epoch:
-                    order, order_epoch = (
-                        epoch_order(len(self.sentences), cfg.seed, s.epoch),
-                        s.epoch,
-                    )
                 tick = time.perf_counter()
-                last = self.train_step(self._batch(order))
+                last = self.train_step(self._next_batch())  # batching, forward, backward, update
                 train_seconds += time.perf_counter() - tick
-                s.step += 1
-                s.batch_in_epoch += 1
-                if s.batch_in_epoch == self.steps_per_epoch:
-                    s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-                lr = self.scheduler.get_last_lr()[0]
-                epoch = s.epoch + s.batch_in_epoch / self.steps_per_epoch
-                self._write_metrics(
-                    {"kind": "train", "step": s.step, "epoch": epoch, "lr": lr, **last}
-                )
-                if s.step % cfg.eval_steps == 0 or s.step == self.total_steps:
+                self._count_step(last)  # the position in the data, and the metrics line
+                if self._due(self.cfg.eval_steps):
                     self._main_only(self._evaluate_and_keep_best)
-                if s.step % cfg.save_steps == 0 or s.step == self.total_steps:
+                if self._due(self.cfg.save_steps):
                     self._save_last()
                 bar.update(1)
                 bar.set_postfix(self._postfix(last), refresh=False)
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - start
-        steps = s.step - start_step
+        seconds = time.perf_counter() - started
+        return self._summarise(seconds, s.step - first_step, train_seconds, last)
+
+    def _resume(self) -> None:
+        """Restore last/ (weights, optimizer, schedule, every rank's RNGs, the position in the
+        data) and drop the log lines of later steps: they are about to be redone."""
+        self.state = s = checkpoint.load_last(
+            self.last_dir, self.model, self.optimizer, self.scheduler, self.scaler,
+            self.collator.generator, rank=distributed.rank(),
+        )  # fmt: skip
+        if s.world_size != distributed.world_size():
+            raise DiffcseError(
+                f"--resume: {self.last_dir} was written by {s.world_size} process(es), "
+                f"this run has {distributed.world_size()}; the global batch depends on it, "
+                "so resume with the same torchrun --nnodes x --nproc_per_node"
+            )
+        if distributed.is_main():
+            self.run_dir.truncate_metrics(s.step)
+        log.info("resuming from %s at step %d of %d", self.last_dir, s.step, s.total_steps)
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        quiet = None if distributed.is_main() else True  # one progress bar
+        return tqdm(
+            total=self.total_steps, initial=self.state.step, desc="diffcse-train", disable=quiet
+        )
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """This rank's block of the next global batch, in the epoch's seeded order."""
+        s = self.state
+        if self._order is None or self._order[0] != s.epoch:
+            self._order = (s.epoch, epoch_order(len(self.sentences), self.cfg.seed, s.epoch))
+        rows = distributed.rank_batch(
+            self._order[1], s.batch_in_epoch, self.cfg.batch_size,
+            distributed.rank(), distributed.world_size(),
+        )  # fmt: skip
+        sentences = [self.sentences[i] for i in rows.tolist()]
+        return {k: v.to(self.device) for k, v in self.collator(sentences).items()}
+
+    def _count_step(self, last: dict) -> None:
+        """A step is done: move the position in the data and log the step's numbers."""
+        s = self.state
+        s.step += 1
+        s.batch_in_epoch += 1
+        if s.batch_in_epoch == self.steps_per_epoch:
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+        lr = self.scheduler.get_last_lr()[0]
+        record = {"kind": "train", "step": s.step, "epoch": self._epoch(), "lr": lr, **last}
+        self._write_metrics(record)
+
+    def _epoch(self) -> float:
+        """Epochs done, as a fraction."""
+        return self.state.epoch + self.state.batch_in_epoch / self.steps_per_epoch
+
+    def _due(self, every: int) -> bool:
+        """Every `every` steps, and at the last one."""
+        return self.state.step % every == 0 or self.state.step == self.total_steps
+
+    def _summarise(self, seconds: float, steps: int, train_seconds: float, last: dict):
+        s = self.state
         summary = TrainSummary(
             steps=s.step,
             seconds=seconds,
