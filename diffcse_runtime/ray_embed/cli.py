@@ -137,7 +137,6 @@ def default_actors(cpus_per_actor: float) -> int:
     type=BATCH_SIZE,
     default=64,
     show_default=True,
-    help="Texts per onnxruntime call inside an actor.",
 )
 @click.option("--normalize", is_flag=True, help="L2-normalise the embeddings.")
 @click.option("--keep-text", is_flag=True, help="Also store each row's text in the parts.")
