@@ -131,7 +131,8 @@ def build(v: Variant, device: str, tmp: Path, batch: int, length: int, threads: 
     import torch
 
     from diffcse_train.config import load_config
-    from diffcse_train.trainer import Trainer, linear_schedule
+    from diffcse_train.optim import linear_schedule
+    from diffcse_train.trainer import Trainer
 
     cfg = load_config(
         ROOT / "configs" / "demo_cpu.yaml",

@@ -33,6 +33,7 @@ from diffcse_train.config import TrainConfig, validate
 from diffcse_train.data import Collator, epoch_order
 from diffcse_train.generator import ensure_generator
 from diffcse_train.model import DiffCSE, build_model, count_parameters, pool
+from diffcse_train.optim import linear_schedule, make_optimizer
 from diffcse_train.precision import autocast, autocast_dtype
 from diffcse_train.preflight import RunSetup, prepare_run
 from diffcse_train.run_dir import jsonable
@@ -56,32 +57,6 @@ class TrainSummary:
     best_step: int | None
     final_loss: float | None
     output_dir: str
-
-
-def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up to the peak rate, then linear decay to 0 at `total_steps` (HF's default)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; like HF Trainer, no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name
-        (no_decay if skip or param.ndim < 2 else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
 def make_encode_fn(

@@ -22,7 +22,7 @@ from diffcse_train.model import (  # noqa: E402
     rtd_loss,
     verify_pretrained_weights,
 )
-from diffcse_train.trainer import make_optimizer  # noqa: E402
+from diffcse_train.optim import make_optimizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
