@@ -23,7 +23,7 @@ from serve_helpers import free_port, start_process, wait_ready  # noqa: E402
 
 from diffcse_runtime import Encoder  # noqa: E402
 from diffcse_runtime.serve import ServeSettings  # noqa: E402
-from diffcse_runtime.serve.app import TOKENIZING_BYTES, memory_bound  # noqa: E402
+from diffcse_runtime.serve.served import TOKENIZING_BYTES, memory_bound  # noqa: E402
 
 CLIENTS = 4
 # Run-time slack the bound does not model: onnxruntime's buffers for one 8192-token batch of

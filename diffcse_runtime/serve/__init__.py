@@ -12,7 +12,7 @@ from typing import Any
 
 from diffcse_runtime.extras import entry_point
 
-_HOME = {"ServeSettings": "app", "create_app": "app", "BatchSettings": "batching"}
+_HOME = {"ServeSettings": "served", "create_app": "app", "BatchSettings": "batching"}
 __all__ = ["BatchSettings", "ServeSettings", "create_app"]
 
 main = entry_point("diffcse-serve", "serve", "diffcse_runtime.serve.cli:serve")

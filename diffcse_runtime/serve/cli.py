@@ -21,9 +21,10 @@ from diffcse_runtime.cli_errors import friendly_errors
 from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.parallel import usable_cpus
-from diffcse_runtime.serve.app import ServeSettings, create_app
+from diffcse_runtime.serve.app import create_app
 from diffcse_runtime.serve.batching import BatchSettings
 from diffcse_runtime.serve.gate import LOOPBACK_HOSTS, Stopping, check_api_key
+from diffcse_runtime.serve.served import ServeSettings
 
 THREADS_PER_RUN = 4  # the default's upper bound; see worker_layout
 KEY_ENV = "DIFFCSE_API_KEY"

@@ -33,15 +33,15 @@ from tokenizers import Tokenizer
 from diffcse_runtime import __version__
 from diffcse_runtime.encoder import TOKENIZE_CHUNK_CHARS
 from diffcse_runtime.encoder import similarity as cosine
-from diffcse_runtime.serve.app import (
+from diffcse_runtime.serve.gate import ApiError, log
+from diffcse_runtime.serve.served import (
     INLINE_CHARS,
     ServedModel,
     ServeSettings,
-    _check_inputs,
-    _schema_of,
     check_dimensions,
+    check_inputs,
+    schema_of,
 )
-from diffcse_runtime.serve.gate import ApiError, log
 
 ROUTES = ("/info", "/embed", "/embed_all", "/tokenize", "/decode", "/similarity", "/invocations")
 TEI_PREFIX = "/tei"
@@ -229,7 +229,7 @@ def _texts(model: ServedModel, inputs: str | list[Any], settings: ServeSettings)
                 _decode_ids(model, item, f"inputs[{i}]") if isinstance(item, list) else item
                 for i, item in enumerate(inputs)
             ]
-    return _check_inputs(inputs, settings.max_inputs, field="inputs")
+    return check_inputs(inputs, settings.max_inputs, field="inputs")
 
 
 def _prompt(model: ServedModel, name: str | None) -> str:
@@ -290,7 +290,7 @@ async def _similarity_route(
     if not body.inputs.sentences:
         raise ApiError(400, "inputs.sentences is an empty list", type="empty")
     texts = [body.inputs.source_sentence, *body.inputs.sentences]
-    texts, _ = _check_inputs(texts, settings.max_inputs, field="inputs")
+    texts, _ = check_inputs(texts, settings.max_inputs, field="inputs")
     parameters = body.parameters or _SimilarityParameters()
     out = await _embed(model, request, texts, False, parameters, settings)
     return _json(cosine(out.rows[:1], out.rows[1:])[0].tolist(), out.headers())
@@ -438,16 +438,16 @@ def _add_routes(
         route = _similarity_route if is_pair else _embed_route
         return await route(pick().model, request, raw, settings)
 
-    embed_body = {"requestBody": _schema_of(EmbedRequest)}
+    embed_body = {"requestBody": schema_of(EmbedRequest)}
     for path in (f"{prefix}/embed", f"{prefix}/invocations"):  # /invocations: SageMaker's
         api.add_api_route(path, embed, methods=["POST"], openapi_extra=embed_body)
     api.add_api_route(prefix or "/", task, methods=["POST"], openapi_extra=embed_body)
-    similarity_body = {"requestBody": _schema_of(SimilarityRequest)}
+    similarity_body = {"requestBody": schema_of(SimilarityRequest)}
     api.add_api_route(
         f"{prefix}/similarity", similarity, methods=["POST"], openapi_extra=similarity_body
     )
 
-    @api.post(f"{prefix}/embed_all", openapi_extra={"requestBody": _schema_of(EmbedAllRequest)})
+    @api.post(f"{prefix}/embed_all", openapi_extra={"requestBody": schema_of(EmbedAllRequest)})
     async def embed_all(_: None = authorized) -> Response:
         """Token embeddings: the exported graph has only the pooled output, so TEI's 424."""
         model = pick().model
@@ -457,7 +457,7 @@ def _add_routes(
             "sentence_embedding output only, not token embeddings; use /embed",
         )
 
-    @api.post(f"{prefix}/tokenize", openapi_extra={"requestBody": _schema_of(TokenizeRequest)})
+    @api.post(f"{prefix}/tokenize", openapi_extra={"requestBody": schema_of(TokenizeRequest)})
     async def tokenize(request: Request, _: None = authorized) -> Response:
         """Every token of each input (not cut at the model's limit), with byte offsets."""
         tei = pick()
@@ -479,7 +479,7 @@ def _add_routes(
         async with tei.model.tokenizing:  # the server's one large tokenizing at a time
             return _json(await asyncio.to_thread(work))
 
-    @api.post(f"{prefix}/decode", openapi_extra={"requestBody": _schema_of(DecodeRequest)})
+    @api.post(f"{prefix}/decode", openapi_extra={"requestBody": schema_of(DecodeRequest)})
     async def decode(request: Request, _: None = authorized) -> Response:
         """Token ids back to text, one string per id list."""
         tei = pick()
