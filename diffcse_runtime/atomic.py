@@ -29,10 +29,11 @@ from pathlib import Path
 
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.ownership import (
+    MANIFEST_FILE,
     NotOursError,
     check_not_in_use,
     check_owned,
-    write_manifest,
+    manifest_text,
 )
 
 
@@ -328,7 +329,9 @@ def atomic_dir(
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
         try:
             yield tmp
-            write_manifest(tmp, tool)
+            text = manifest_text(tmp, tool)  # scanned before atomic_file adds its temp file
+            with atomic_file(tmp / MANIFEST_FILE, "w") as fh:
+                fh.write(text)
             _fix_modes(tmp)
             _publish(
                 tmp,

@@ -70,19 +70,19 @@ def _scan(root: Path, rel: str = "") -> Iterator[tuple[str, str]]:
             yield from _scan(root, name)
 
 
-def write_manifest(folder: Path, tool: str) -> None:
-    """List every entry of `folder` (a staging folder we filled) under `tool`, atomically."""
-    from diffcse_runtime.atomic import atomic_file  # atomic imports this module
+def manifest_text(folder: Path, tool: str) -> str:
+    """The manifest listing every entry of `folder` (a staging folder we filled) under `tool`.
 
+    Only the text: `atomic.atomic_dir` writes it, so this module needs nothing from atomic.py
+    and the two do not import each other.
+    """
     body = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "tool": tool,
         "entries": [[name, kind] for name, kind in _scan(folder)],
     }
-    with atomic_file(folder / MANIFEST_FILE, "w") as fh:
-        json.dump(body, fh, indent=1)
-        fh.write("\n")
+    return json.dumps(body, indent=1) + "\n"
 
 
 # ---------------------------------------------------------------- reading a manifest
