@@ -20,9 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from diffcse_runtime import sts
@@ -31,16 +29,15 @@ from diffcse_train import checkpoint, distributed
 from diffcse_train.checkpoint import TrainState
 from diffcse_train.config import TrainConfig, validate
 from diffcse_train.data import Collator, epoch_order
+from diffcse_train.evaluation import TASK_KEYS, find_eval_data, make_encode_fn, present_eval_tasks
 from diffcse_train.generator import ensure_generator
-from diffcse_train.model import DiffCSE, build_model, count_parameters, pool
+from diffcse_train.model import build_model, count_parameters
 from diffcse_train.optim import linear_schedule, make_optimizer
 from diffcse_train.precision import autocast, autocast_dtype
 from diffcse_train.preflight import RunSetup, prepare_run
 from diffcse_train.run_dir import jsonable
 
 log = logging.getLogger("diffcse_train")
-EVAL_TASK = "STSBenchmark"  # the official protocol's dev task; eval_tasks may add SICK-R
-TASK_KEYS = {"STSBenchmark": "stsb_dev", "SICKRelatedness": "sick_trial"}  # metrics.jsonl
 
 
 class TrainingDiverged(DiffcseError):
@@ -57,48 +54,6 @@ class TrainSummary:
     best_step: int | None
     final_loss: float | None
     output_dir: str
-
-
-def make_encode_fn(
-    model: DiffCSE,
-    tokenizer,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    batch_size: int = 128,
-) -> Callable[[list[str]], np.ndarray]:
-    """encode(sentences) -> f's pooled vectors before the projector, eval mode, no grad.
-
-    `dtype` None scores in fp32, as the official trainer does even when it trains in fp16.
-    """
-    positions = getattr(model.encoder.config, "max_position_embeddings", 512)
-    max_length = min(512, tokenizer.model_max_length, positions - 2)
-
-    def encode(sentences: list[str]) -> np.ndarray:
-        was_training = model.training
-        model.eval()
-        out = np.zeros((len(sentences), model.encoder.config.hidden_size), dtype=np.float32)
-        order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-        try:
-            with torch.no_grad(), autocast(device, dtype):
-                for start in range(0, len(order), batch_size):
-                    chunk = order[start : start + batch_size]
-                    enc = tokenizer(
-                        [sentences[i] for i in chunk],
-                        padding=True,
-                        truncation=True,
-                        max_length=max_length,
-                        return_tensors="pt",
-                    )
-                    mask = enc["attention_mask"].to(device)
-                    hidden = model.encoder(
-                        input_ids=enc["input_ids"].to(device), attention_mask=mask
-                    ).last_hidden_state
-                    out[chunk] = pool(hidden, mask, model.pooling).float().cpu().numpy()
-        finally:
-            model.train(was_training)
-        return out
-
-    return encode
 
 
 def _size(module: torch.nn.Module) -> str:
@@ -148,8 +103,8 @@ class Trainer:
         self.state = TrainState(total_steps=self.total_steps, world_size=world)
         eval_dtype = None if cfg.eval_fp32 else self.dtype
         self.encode = make_encode_fn(self.model, self.tokenizer, self.device, eval_dtype)
-        self.eval_dir = self._find_eval_data()
-        self.eval_tasks = self._present_eval_tasks()
+        self.eval_dir = find_eval_data(cfg.eval_data_dir)
+        self.eval_tasks = present_eval_tasks(cfg.eval_tasks, self.eval_dir)
         self.dev_scores: dict[str, float] = {}
         self._last_dev: float | None = None  # shown in the progress bar
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its seeded order)
@@ -160,30 +115,6 @@ class Trainer:
 
     def _augmentation(self) -> str:
         return self.cfg.augmentation if self.cfg.uses_discriminator else "none"
-
-    def _find_eval_data(self) -> Path | None:
-        data_dir = self.cfg.eval_data_dir
-        if not data_dir or EVAL_TASK not in sts.available_tasks(data_dir, "dev"):
-            where = f"under {data_dir}" if data_dir else "(eval_data_dir is not set)"
-            log.warning(
-                "no STS-B dev data %s: training without evaluation; best/ will hold the last step",
-                where,
-            )
-            return None
-        return Path(data_dir)
-
-    def _present_eval_tasks(self) -> list[str]:
-        """eval_tasks whose dev split exists under eval_dir (STS-B always, checked above)."""
-        wanted = [t.strip() for t in self.cfg.eval_tasks.split(",") if t.strip()]
-        if self.eval_dir is None:
-            return wanted
-        found = sts.available_tasks(self.eval_dir, "dev")
-        present = [t for t in wanted if t in found]
-        for task in sorted(set(wanted) - set(present)):
-            log.warning(
-                "eval_tasks: no %s data under %s; selecting without it", task, self.eval_dir
-            )
-        return present or [EVAL_TASK]
 
     # ------------------------------------------------------------ logging
 

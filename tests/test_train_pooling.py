@@ -20,8 +20,9 @@ import tiny  # noqa: E402
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
 from diffcse_train.config import TrainConfig  # noqa: E402
 from diffcse_train.data import IGNORE, Collator  # noqa: E402
+from diffcse_train.evaluation import make_encode_fn  # noqa: E402
 from diffcse_train.model import build_model, pool, rtd_loss  # noqa: E402
-from diffcse_train.trainer import Trainer, make_encode_fn, train  # noqa: E402
+from diffcse_train.trainer import Trainer, train  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
