@@ -135,10 +135,11 @@ def score(model_dir: Path, data: Path, with_torch: bool = False) -> dict:
     (with_torch) a checkpoint through PyTorch."""
     from diffcse_runtime import Encoder
     from diffcse_runtime.sts import evaluate
+    from diffcse_train.evaluation import TASK_KEYS  # the trainer's metric keys, so rows compare
 
     encoder = torch_encoder(model_dir) if with_torch else Encoder(model_dir)
     out = {}
-    for task, key in (("STSBenchmark", "stsb_dev"), ("SICKRelatedness", "sick_trial")):
+    for task, key in TASK_KEYS.items():
         try:
             out[key] = evaluate(encoder, data, [task], split="dev").scores[task].spearman
         except Exception as exc:  # e.g. SICK absent: say so in the row
