@@ -10,7 +10,7 @@ Three properties make it usable in batch jobs and servers:
   truncates, so one 10 MB line used to cost 1.6 GB and 9 s. A text longer than a window of
   `CUT_CHARS_PER_TOKEN * max_seq_length` characters is cut first, at a point proven not to
   change the tokens the model keeps, or, where no proof is found within the hard bound, at
-  that bound, counted as truncated (see `Encoder._find_cuts`).
+  that bound, counted as truncated (see `diffcse_runtime.truncation.find_cuts`).
 - Truncation is visible: `encode` logs one WARNING with the count and the longest length,
   or hands the per-text counts back with `return_token_counts=True`.
 - An `Encoder` pickles by path and settings, so multiprocessing, Ray and Spark workers
@@ -44,10 +44,14 @@ from diffcse_runtime.errors import ModelDirError
 from diffcse_runtime.inputs import as_text_list, iter_text_chunks
 from diffcse_runtime.model_dir import MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, load_metadata
 from diffcse_runtime.truncation import (
+    CUT_CHARS_PER_TOKEN,
+    CUT_MAX_CHARS_PER_TOKEN,
+    TOKENIZE_CHUNK_CHARS,
     Cut,
     TokenCounts,
     TruncationTally,
-    kept_tokens_complete,
+    char_chunks,
+    find_cuts,
     warn_truncation,
 )
 
@@ -59,19 +63,6 @@ _announced: set[str] = set()
 # Add + LayerNormalization it replaces in the dynamically quantized graph (both math-equal;
 # benchmarks/notes/runtime.md), and no faster in fp32: int8 keeps both.
 CPU_DISABLED_FUSIONS = {"int8": ["SkipLayerNormFusion"]}
-# Texts up to CUT_CHARS_PER_TOKEN * max_seq_length characters are tokenized whole (English
-# averages ~4-5 characters per WordPiece/BPE token, so a text that fills the model is cut at
-# about twice its needed length). Longer texts are tokenized within a window that grows by
-# CUT_GROWTH until it provably holds every kept token, up to CUT_MAX_CHARS_PER_TOKEN *
-# max_seq_length characters: the hard bound on work per text (~65k characters at 512).
-CUT_CHARS_PER_TOKEN = 8
-CUT_GROWTH = 4
-CUT_MAX_CHARS_PER_TOKEN = 128
-# Characters handed to one tokenizers call. It builds every Encoding of a call at once
-# (~100-250 bytes per character measured, offsets and overflow pieces included), so calls of
-# at most this many characters keep tokenizing within ~64 MB whatever the number of texts;
-# the ids kept afterwards are at most max_seq_length per text.
-TOKENIZE_CHUNK_CHARS = 1 << 18
 
 
 def pick_providers(requested: Sequence[str] | None = None) -> list[str]:
@@ -380,18 +371,20 @@ class Encoder:
     def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], TokenCounts]:
         """Token ids (truncated, special tokens added) and the counts before truncation.
 
-        Long texts are cut first (`_find_cuts`), and the texts go to the tokenizer in calls
-        of at most TOKENIZE_CHUNK_CHARS characters, keeping only ids and counts between
-        calls: memory is bounded by the chunk, not by the request or the longest text.
+        Long texts are cut first (`truncation.find_cuts`), and the texts go to the tokenizer
+        in calls of at most TOKENIZE_CHUNK_CHARS characters, keeping only ids and counts
+        between calls: memory is bounded by the chunk, not by the request or the longest text.
         """
         window = CUT_CHARS_PER_TOKEN * self.max_seq_length
         long = {i: t for i, t in enumerate(texts) if len(t) > window}
-        cuts = self._find_cuts(long) if long else {}
+        cuts: dict[int, Cut] = {}
+        if long:  # the untruncated tokenizer copy is made only for a long text
+            cuts = find_cuts(long, self._window_tokenizer(), self.max_seq_length, self._n_special)
         if cuts:
             texts = [t[: cuts[i].at] if i in cuts else t for i, t in enumerate(texts)]
         ids: list[list[int]] = []
         counts = np.zeros(len(texts), dtype=np.int64)
-        for start, stop in _char_chunks(list(map(len, texts)), TOKENIZE_CHUNK_CHARS):
+        for start, stop in char_chunks(list(map(len, texts)), TOKENIZE_CHUNK_CHARS):
             encodings = self.tokenizer.encode_batch(texts[start:stop], add_special_tokens=True)
             counts[start:stop] = [self._count(e) for e in encodings]
             ids.extend(e.ids for e in encodings)
@@ -411,44 +404,6 @@ class Encoder:
         pieces = [encoding, *encoding.overflowing]
         content = sum(len(p) - sum(p.special_tokens_mask) for p in pieces)
         return content + self._n_special
-
-    def _find_cuts(self, long: dict[int, str]) -> dict[int, Cut]:
-        """Where to cut each long text so that its kept tokens stay exactly the same.
-
-        Why a cut is safe: normalizers and pre-tokenizers decide locally (lowercase, NFD,
-        accents, splitting at whitespace and punctuation, GPT-2's byte-level regex,
-        Metaspace), and WordPiece, BPE and Unigram tokenize each pre-tokenized word on its
-        own. So in a prefix, every word before the last one (the one the cut may split) is
-        tokenized exactly as in the full text. If the prefix's first `keep` content tokens
-        all come from such words, truncating the full text keeps exactly those tokens. No
-        fixed characters-per-token ratio can promise this (a 10k-character word is one
-        [UNK]; whitespace runs make no tokens), so the window is checked, not assumed, and
-        grows until the check passes or it reaches the hard bound, where the text is cut
-        anyway and counted as truncated (`TokenCounts.hard_cut`).
-
-        Returns the cut per text; texts that fit a grown window whole are left out.
-        """
-        keep = self.max_seq_length - self._n_special
-        window = CUT_CHARS_PER_TOKEN * self.max_seq_length
-        cap = CUT_MAX_CHARS_PER_TOKEN * self.max_seq_length
-        cuts: dict[int, Cut] = {}
-        while long:
-            index = list(long)
-            grow = {}
-            for start, stop in _char_chunks([window] * len(index), TOKENIZE_CHUNK_CHARS):
-                part = index[start:stop]
-                windows = [long[i][:window] for i in part]
-                encodings = self._window_tokenizer().encode_batch(windows, add_special_tokens=False)
-                for i, enc in zip(part, encodings, strict=True):
-                    complete = kept_tokens_complete(enc.word_ids, keep)
-                    if complete or window >= cap:
-                        cuts[i] = Cut(window, len(enc) + self._n_special, complete)
-                    else:
-                        grow[i] = long[i]
-                del windows, encodings
-            window = min(window * CUT_GROWTH, cap)
-            long = {i: t for i, t in grow.items() if len(t) > window}
-        return cuts
 
     def _window_tokenizer(self) -> Tokenizer:
         """A copy of the tokenizer without truncation, made only when a long text needs it
@@ -480,19 +435,6 @@ class Encoder:
     def similarity_pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Cosine of row i of `a` with row i of `b`: (n,) (sentence-transformers/MTEB name)."""
         return mteb_compat.pairwise_cosine(a, b)
-
-
-def _char_chunks(lengths: list[int], budget: int) -> Iterator[tuple[int, int]]:
-    """(start, stop) runs of consecutive items of at most `budget` characters in all (at
-    least one item each): the unit of one tokenizers call."""
-    start, used = 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and used + n > budget:
-            yield start, i
-            start, used = i, 0
-        used += n
-    if start < len(lengths):
-        yield start, len(lengths)
 
 
 def _check_batch_size(batch_size: int) -> None:
