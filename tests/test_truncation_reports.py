@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from diffcse_runtime.encoder import CUT_MAX_CHARS_PER_TOKEN
+from diffcse_runtime.truncation import CUT_MAX_CHARS_PER_TOKEN
 
 HIDDEN = "stock markets crashed" + " " * 40000 + "because of the war in europe"
 BIN = Path(sys.executable).parent

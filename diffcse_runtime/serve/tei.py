@@ -31,7 +31,6 @@ from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
 from diffcse_runtime import __version__
-from diffcse_runtime.encoder import TOKENIZE_CHUNK_CHARS
 from diffcse_runtime.encoder import similarity as cosine
 from diffcse_runtime.serve.gate import ApiError, log
 from diffcse_runtime.serve.served import (
@@ -42,6 +41,7 @@ from diffcse_runtime.serve.served import (
     check_inputs,
     schema_of,
 )
+from diffcse_runtime.truncation import TOKENIZE_CHUNK_CHARS
 
 ROUTES = ("/info", "/embed", "/embed_all", "/tokenize", "/decode", "/similarity", "/invocations")
 TEI_PREFIX = "/tei"
