@@ -21,8 +21,8 @@ from diffcse_train import model as model_module  # noqa: E402
 from diffcse_train.config import TrainConfig  # noqa: E402
 from diffcse_train.trainer import TrainingDiverged, train  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-KILL_AFTER_STEP = str(Path(__file__).with_name("kill_after_step.py"))  # diffcse-train, killed
+ROOT = Path(__file__).resolve().parents[2]
+KILL_AFTER_STEP = str(ROOT / "tests" / "kill_after_step.py")  # diffcse-train, killed
 
 
 @pytest.fixture(autouse=True, scope="module")

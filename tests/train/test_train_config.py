@@ -18,7 +18,7 @@ from diffcse_train.config import (  # noqa: E402
     resume_mismatch,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def write(path: Path, text: str) -> Path:

@@ -27,9 +27,9 @@ from diffcse_train.config import ConfigError, TrainConfig, load_config  # noqa: 
 from diffcse_train.data import IGNORE, Collator, epoch_order  # noqa: E402
 from diffcse_train.trainer import train  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("ddp_worker.py")
-KILL_AFTER_STEP = str(Path(__file__).with_name("kill_after_step.py"))  # diffcse-train, killed
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "ddp_worker.py"
+KILL_AFTER_STEP = str(ROOT / "tests" / "kill_after_step.py")  # diffcse-train, killed
 B = 4  # per-rank batch; the single-process reference uses 2 * B
 
 

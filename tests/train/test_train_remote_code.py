@@ -127,7 +127,7 @@ def _loading_calls(path: Path) -> list[ast.Call]:
 def test_every_from_pretrained_call_passes_trust_remote_code_false():
     """A source-level guard: each transformers loading call in train/export says False
     itself, so a hub id (not on disk to check first) cannot prompt or run code either."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     calls = [
         (path, call)
         for package in ("diffcse_train", "diffcse_export")

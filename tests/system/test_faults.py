@@ -28,7 +28,7 @@ import pytest
 import tiny
 
 pytestmark = pytest.mark.faults
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 ENTRY = {
     "embed": "from diffcse_runtime.cli import embed as m; m()",
