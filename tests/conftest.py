@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
+from tests.support import STS_DATA_ENV, sts_data_dir, tiny
+from tests.support.tiny import export_model_dir
 
-import tiny  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-STS_DATA = ROOT.parent / "shared" / "data" / "sts"
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--sts-data",
+        metavar="DIR",
+        default=None,
+        help=f"the real STS data (SentEval layout); else ${STS_DATA_ENV}, else ../shared/data/sts",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +30,15 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def sts_data() -> Path:
-    """The real SentEval-layout data beside the project; tests skip without it."""
+def sts_data(pytestconfig: pytest.Config) -> Path:
+    """The real SentEval-layout data (`--sts-data`, $DIFFCSE_STS_DATA or beside the project);
+    tests skip without it."""
     from diffcse_runtime.sts import available_tasks
 
-    if "STSBenchmark" not in available_tasks(STS_DATA, "dev"):
-        pytest.skip(f"real STS data not found at {STS_DATA}")
-    return STS_DATA
+    data = sts_data_dir(pytestconfig.getoption("--sts-data"))
+    if "STSBenchmark" not in available_tasks(data, "dev"):
+        pytest.skip(f"real STS data not found at {data}")
+    return data
 
 
 @pytest.fixture(scope="session")
@@ -60,13 +66,4 @@ def tiny_model_dir(tiny_bert, tmp_path_factory) -> Path:
     """tiny_bert exported to a runtime model directory (fp32, [CLS] output)."""
     out = tmp_path_factory.mktemp("tiny_model_dir") / "model"
     export_model_dir(tiny_bert, out)
-    return out
-
-
-def export_model_dir(hf_dir: Path, out: Path, max_seq_length: int = 128) -> Path:
-    """Export an HF encoder folder's [CLS] state with diffcse_export (fp32, numeric parity
-    gated, STS parity skipped for speed) and return the model directory."""
-    from diffcse_export import ExportOptions, export_model
-
-    export_model(hf_dir, out, ExportOptions(max_seq_length=max_seq_length, sts_data=None))
     return out

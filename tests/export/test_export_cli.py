@@ -18,11 +18,11 @@ pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from click.testing import CliRunner  # noqa: E402
-from export_helpers import make_checkpoint, make_sts_dir, scale_last_weight  # noqa: E402
 
 from diffcse_export import graph  # noqa: E402
 from diffcse_export.cli import main  # noqa: E402
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
+from tests.support.export_helpers import make_checkpoint, make_sts_dir, scale_last_weight  # noqa: E402
 
 
 def run(*args):

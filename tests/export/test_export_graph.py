@@ -16,8 +16,6 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from export_helpers import make_checkpoint, make_sts_dir, scale_last_weight  # noqa: E402
-
 from diffcse_export import ExportOptions, export_model  # noqa: E402
 from diffcse_export.cls_layer import CLS_PRUNED, prunable  # noqa: E402
 from diffcse_export.graph import SentenceEmbedding, head_nodes, load_checkpoint  # noqa: E402
@@ -28,6 +26,7 @@ from diffcse_export.variants import (  # noqa: E402
     smooth_layernorm_inputs,
 )
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
+from tests.support.export_helpers import make_checkpoint, make_sts_dir, scale_last_weight  # noqa: E402
 
 SHAPES = [(1, 3), (37, 3), (1, 128), (37, 128)]
 

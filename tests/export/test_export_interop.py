@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
-import tiny  # noqa: E402
-
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
+from tests.support import tiny  # noqa: E402
 
 TEXTS = tiny.corpus(6, seed=7) + ["", " ".join(tiny.corpus(40, seed=1))]  # empty; truncated
 

@@ -7,8 +7,9 @@ import json
 
 import numpy as np
 import pytest
-import tiny
 from click.testing import CliRunner
+
+from tests.support import tiny
 
 pytest.importorskip("torch")
 

@@ -11,12 +11,12 @@ import pytest
 torch = pytest.importorskip("torch")
 st = pytest.importorskip("sentence_transformers")
 import numpy as np  # noqa: E402
-import tiny  # noqa: E402
 
 from diffcse_runtime import Encoder  # noqa: E402
 from diffcse_runtime.pooling import read_source_pooling  # noqa: E402
 from diffcse_train.config import TrainConfig  # noqa: E402
 from diffcse_train.trainer import Trainer  # noqa: E402
+from tests.support import tiny  # noqa: E402
 
 SHORT = tiny.corpus(9, seed=11) + ["a"]
 TEXTS = SHORT + [" ".join(tiny.corpus(30, seed=3))]  # the last one is truncated

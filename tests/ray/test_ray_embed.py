@@ -60,7 +60,7 @@ def encoder(tiny_model_dir):
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
-    import tiny
+    from tests.support import tiny
 
     return tiny.corpus(n, seed=seed)
 

@@ -56,7 +56,7 @@ def spark(tmp_path_factory):
 
 
 def test_map_in_pandas_recipe_equals_encoder(spark, tiny_model_dir):
-    import tiny
+    from tests.support import tiny
 
     texts = tiny.corpus(120, seed=3)
     encoder = Encoder(tiny_model_dir, intra_op_threads=1)

@@ -88,7 +88,7 @@ def test_max_seq_length_against_the_position_table(model_copy, tmp_path):
 
 
 def test_a_roberta_table_loses_its_padding_rows(tiny_roberta, tmp_path):
-    from conftest import export_model_dir
+    from tests.support.tiny import export_model_dir
 
     folder = export_model_dir(tiny_roberta, tmp_path / "rob", max_seq_length=128)
     assert read_graph_facts(folder / "model.onnx").position_rows == 130  # 128 + pad id 1 + 1

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from export_helpers import make_sts_dir
 
 from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.cli import embed, evaluate_cmd
 from diffcse_runtime.errors import DiffcseError
+from tests.support.export_helpers import make_sts_dir
 
 
 def run(cmd, args, input=None):

@@ -12,10 +12,10 @@ import shutil
 
 import numpy as np
 import pytest
-import tiny
 
 from diffcse_runtime import Encoder, load_metadata, write_metadata
 from diffcse_runtime.conventions import ConventionError, quantize_embeddings, truncate_dims
+from tests.support import tiny
 
 TEXTS = tiny.corpus(12, seed=5) + ["a", ""]
 PROMPTS = {"query": "query: ", "document": "passage: ", "title": "title of the page: "}
@@ -246,7 +246,7 @@ def test_the_neutral_values_still_work(encoder):
 def st_pair(tiny_bert, tmp_path_factory):
     """tiny_bert as a mean-pooled, normalised sentence-transformers folder, and its export."""
     pytest.importorskip("sentence_transformers")
-    from conftest import export_model_dir
+    from tests.support.tiny import export_model_dir
 
     root = tmp_path_factory.mktemp("st_pair")
     source = tiny.as_sentence_transformers(tiny_bert, root / "st", "mean", True, max_seq_length=64)

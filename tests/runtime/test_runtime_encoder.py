@@ -7,12 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
-import tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diffcse_runtime import Encoder, ModelDirError, similarity
 from diffcse_runtime.model_dir import FORMAT_VERSION, METADATA_FILE, load_metadata, write_metadata
+from tests.support import tiny
 
 TEXTS = tiny.corpus(40) + [
     "",

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +25,7 @@ from diffcse_runtime import Encoder, ModelDirError
 from diffcse_runtime.cli import embed as embed_cmd
 from diffcse_runtime.model_dir import load_metadata, write_metadata
 from diffcse_runtime.parallel import EncoderPool, embed_parallel
+from tests.support import tiny
 
 TEXTS = tiny.corpus(50) + ["", "x", "café ñ 漢字 🙂", "a red car " * 60]
 

@@ -9,12 +9,12 @@ import json
 
 import numpy as np
 import pytest
-import tiny
 from click.testing import CliRunner
 
 from diffcse_runtime import Encoder, sts
 from diffcse_runtime.cli import evaluate_cmd
 from diffcse_runtime.mteb_compat import texts_of
+from tests.support import tiny
 
 ROOT_TEXTS = ["a man is playing a guitar .", "two dogs run .", "", "the cat sleeps"]
 
@@ -48,8 +48,9 @@ def spread_model_dir(tmp_path_factory):
     """A tiny encoder whose STS-B cosines spread over (0.4, 1): tiny_bert's default init
     puts every cosine within 1e-5 of 1, where float32 rounding alone reorders pairs."""
     torch = pytest.importorskip("torch")
-    from conftest import export_model_dir
     from transformers import AutoConfig, AutoModel
+
+    from tests.support.tiny import export_model_dir
 
     root = tmp_path_factory.mktemp("mteb")
     source = tiny.make_encoder(root / "src")

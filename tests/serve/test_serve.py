@@ -20,7 +20,9 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from serve_helpers import (  # noqa: E402
+from diffcse_runtime import Encoder  # noqa: E402
+from diffcse_runtime.serve import BatchSettings, ServeSettings  # noqa: E402
+from tests.support.serve_helpers import (  # noqa: E402
     LONG,
     SHORT,
     TOO_LONG,
@@ -28,9 +30,6 @@ from serve_helpers import (  # noqa: E402
     metric,
     thread_server,
 )
-
-from diffcse_runtime import Encoder  # noqa: E402
-from diffcse_runtime.serve import BatchSettings, ServeSettings  # noqa: E402
 
 KEY = "test-key-0123"
 

@@ -13,11 +13,10 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from serve_helpers import SHORT, assert_same_rows, thread_server  # noqa: E402
-
 from diffcse_runtime import Encoder  # noqa: E402
 from diffcse_runtime.conventions import truncate_dims  # noqa: E402
 from diffcse_runtime.serve import BatchSettings, ServeSettings  # noqa: E402
+from tests.support.serve_helpers import SHORT, assert_same_rows, thread_server  # noqa: E402
 
 KEY = "clients-key-0123"
 

@@ -19,11 +19,10 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import free_port, start_process, wait_ready  # noqa: E402
-
 from diffcse_runtime import Encoder  # noqa: E402
 from diffcse_runtime.serve import ServeSettings  # noqa: E402
 from diffcse_runtime.serve.served import TOKENIZING_BYTES, memory_bound  # noqa: E402
+from tests.support.serve_helpers import free_port, start_process, wait_ready  # noqa: E402
 
 CLIENTS = 4
 # Run-time slack the bound does not model: onnxruntime's buffers for one 8192-token batch of

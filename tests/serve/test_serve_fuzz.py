@@ -17,10 +17,9 @@ from hypothesis import strategies as st
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from serve_helpers import thread_server  # noqa: E402
-
 from diffcse_runtime import Encoder  # noqa: E402
 from diffcse_runtime.serve import ServeSettings  # noqa: E402
+from tests.support.serve_helpers import thread_server  # noqa: E402
 
 KEY = "fuzz key 0123"
 FUZZ = settings(

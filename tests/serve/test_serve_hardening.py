@@ -18,12 +18,11 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from serve_helpers import SHORT, assert_same_rows, thread_server  # noqa: E402
-
 from diffcse_runtime import Encoder  # noqa: E402
 from diffcse_runtime.serve import ServeSettings  # noqa: E402
 from diffcse_runtime.serve.cli import parse_models  # noqa: E402
 from diffcse_runtime.truncation import CUT_MAX_CHARS_PER_TOKEN  # noqa: E402
+from tests.support.serve_helpers import SHORT, assert_same_rows, thread_server  # noqa: E402
 
 # Issue 23, defect 8: the whitespace run pushes the tail past the characters read per text.
 HIDDEN = "stock markets crashed" + " " * 40000 + "because of the war in europe"

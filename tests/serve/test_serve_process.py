@@ -19,7 +19,10 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from click.testing import CliRunner  # noqa: E402
-from serve_helpers import (  # noqa: E402
+
+from diffcse_runtime import Encoder  # noqa: E402
+from diffcse_runtime.serve.cli import serve  # noqa: E402
+from tests.support.serve_helpers import (  # noqa: E402
     SHORT,
     assert_same_rows,
     free_port,
@@ -27,9 +30,6 @@ from serve_helpers import (  # noqa: E402
     start_process,
     wait_ready,
 )
-
-from diffcse_runtime import Encoder  # noqa: E402
-from diffcse_runtime.serve.cli import serve  # noqa: E402
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits_0(tiny_model_dir):

@@ -16,12 +16,12 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 tei_client = pytest.importorskip("tei_client")
 
-from serve_helpers import SHORT, TOO_LONG, assert_same_rows, metric, thread_server  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from diffcse_runtime import Encoder  # noqa: E402
 from diffcse_runtime.conventions import truncate_dims  # noqa: E402
 from diffcse_runtime.serve import BatchSettings, ServeSettings  # noqa: E402
+from tests.support.serve_helpers import SHORT, TOO_LONG, assert_same_rows, metric, thread_server  # noqa: E402
 
 KEY = "tei-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from docs_helpers import DATA, ROOT, RUNS, blocks, run_page, session_model, workspace
+
+from tests.support.docs_helpers import DATA, ROOT, RUNS, blocks, run_page, session_model, workspace
 
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 IDS = [str(p.relative_to(ROOT)) for p in PAGES]

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from docs_helpers import ROOT, env, session_model, start_server, stop, workspace
+
+from tests.support.docs_helpers import ROOT, env, session_model, start_server, stop, workspace
 
 EXAMPLES = ROOT / "examples"
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import signal
 
 import pytest
-from test_faults import finish, kill, snapshot, start, temporaries, wait_until
+
+from tests.system.test_faults import finish, kill, snapshot, start, temporaries, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

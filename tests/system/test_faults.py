@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny
+
+from tests.support import tiny
 
 pytestmark = pytest.mark.faults
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import tiny  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from diffcse_runtime.errors import DataFormatError, DiffcseError  # noqa: E402
@@ -24,6 +23,7 @@ from diffcse_train.generator.masked_lm import (  # noqa: E402
     load_encoder_as_mlm,
     score,
 )
+from tests.support import tiny  # noqa: E402
 
 # fp32 on tiny models (bf16 autocast only pays off at real sizes); the CLI fixture keeps
 # the default precision, so the bf16 path runs once.

@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import tiny  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from diffcse_train.cli import train_cmd  # noqa: E402
 from diffcse_train.config import TrainConfig  # noqa: E402
+from tests.support import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

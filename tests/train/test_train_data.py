@@ -7,8 +7,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import tiny  # noqa: E402
-
 from diffcse_runtime.errors import DataFormatError  # noqa: E402
 from diffcse_train.data import (  # noqa: E402
     IGNORE,
@@ -22,6 +20,7 @@ from diffcse_train.data import (  # noqa: E402
     replace_tokens,
     special_mask,
 )
+from tests.support import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

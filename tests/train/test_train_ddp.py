@@ -18,18 +18,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import tiny  # noqa: E402
-from ddp_worker import build_trainer, rank_rows  # noqa: E402
-
 from diffcse_runtime.errors import DiffcseError  # noqa: E402
 from diffcse_train import distributed  # noqa: E402
 from diffcse_train.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from diffcse_train.data import IGNORE, Collator, epoch_order  # noqa: E402
 from diffcse_train.trainer import train  # noqa: E402
+from tests.support import tiny  # noqa: E402
+from tests.support.ddp_worker import build_trainer, rank_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = ROOT / "tests" / "ddp_worker.py"
-KILL_AFTER_STEP = str(ROOT / "tests" / "kill_after_step.py")  # diffcse-train, killed
+WORKER = ROOT / "tests" / "support" / "ddp_worker.py"
+KILL_AFTER_STEP = str(ROOT / "tests" / "support" / "kill_after_step.py")  # diffcse-train, killed
 B = 4  # per-rank batch; the single-process reference uses 2 * B
 
 

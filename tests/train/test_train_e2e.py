@@ -14,15 +14,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import tiny  # noqa: E402
-
 from diffcse_runtime import sts  # noqa: E402
 from diffcse_train import model as model_module  # noqa: E402
 from diffcse_train.config import TrainConfig  # noqa: E402
 from diffcse_train.trainer import TrainingDiverged, train  # noqa: E402
+from tests.support import tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-KILL_AFTER_STEP = str(ROOT / "tests" / "kill_after_step.py")  # diffcse-train, killed
+KILL_AFTER_STEP = str(ROOT / "tests" / "support" / "kill_after_step.py")  # diffcse-train, killed
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,10 +9,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import tiny  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from diffcse_train.cli import train_cmd  # noqa: E402
+from tests.support import tiny  # noqa: E402
 
 
 def write_config(folder: Path, model: str, out: str, **extra) -> Path:

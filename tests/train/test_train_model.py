@@ -9,8 +9,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import tiny  # noqa: E402
-
 from diffcse_runtime.errors import DiffcseError  # noqa: E402
 from diffcse_train.config import TrainConfig  # noqa: E402
 from diffcse_train.data import Collator  # noqa: E402
@@ -23,6 +21,7 @@ from diffcse_train.model import (  # noqa: E402
     verify_pretrained_weights,
 )
 from diffcse_train.optim import make_optimizer  # noqa: E402
+from tests.support import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

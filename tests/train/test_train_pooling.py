@@ -15,7 +15,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import numpy as np  # noqa: E402
-import tiny  # noqa: E402
 
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
 from diffcse_train.config import TrainConfig  # noqa: E402
@@ -23,6 +22,7 @@ from diffcse_train.data import IGNORE, Collator  # noqa: E402
 from diffcse_train.evaluation import make_encode_fn  # noqa: E402
 from diffcse_train.model import build_model, pool, rtd_loss  # noqa: E402
 from diffcse_train.trainer import Trainer, train  # noqa: E402
+from tests.support import tiny  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,11 +9,11 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
-import tiny  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
 from diffcse_train.cli import train_cmd as main  # noqa: E402
+from tests.support import tiny  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-import tiny  # noqa: E402
+from tests.support import tiny  # noqa: E402
 
 MARKER_CODE = """
 import pathlib

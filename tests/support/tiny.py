@@ -228,3 +228,12 @@ def as_sentence_transformers(
     shutil.copytree(src, dst)
     write_st_modules(dst, pooling, 32, normalize=normalize, max_seq_length=max_seq_length)
     return dst
+
+
+def export_model_dir(hf_dir: Path, out: Path, max_seq_length: int = 128) -> Path:
+    """Export an HF encoder folder's [CLS] state with diffcse_export (fp32, numeric parity
+    gated, STS parity skipped for speed) and return the model directory."""
+    from diffcse_export import ExportOptions, export_model
+
+    export_model(hf_dir, out, ExportOptions(max_seq_length=max_seq_length, sts_data=None))
+    return out

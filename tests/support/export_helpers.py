@@ -13,7 +13,7 @@ import random
 import shutil
 from pathlib import Path
 
-import tiny
+from tests.support import tiny
 
 
 def make_checkpoint(encoder_dir: Path, out: Path, projector: str = "batchnorm", seed: int = 0):

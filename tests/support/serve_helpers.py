@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import tiny
 
 from diffcse_runtime import Encoder
+from tests.support import tiny
 
 # Short corpus sentences, ~100-token texts, and texts far over the tiny model's 128 tokens.
 SHORT = tiny.corpus(200, seed=3)

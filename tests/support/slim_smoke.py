@@ -1,7 +1,15 @@
 """Prove the base install is slim: `build DIR` (full env) makes a tiny model directory,
 `check DIR` (base-only env) asserts torch/transformers are absent, encodes with the
 Python API and with diffcse-embed, and checks that each command of an extra answers
-`--help` with the one line saying which extra to install (no traceback)."""
+`--help` with the one line saying which extra to install (no traceback).
+
+From the repository root (as .ci/run does):
+
+    python -m tests.support.slim_smoke build DIR        # full env: needs the tests package
+    SLIM_VENV/bin/python tests/support/slim_smoke.py check DIR
+
+`check` runs by path, not with -m, so that the repository root is not on sys.path and
+`diffcse_runtime` is the installed copy under test, not the source tree."""
 
 from __future__ import annotations
 
@@ -13,9 +21,7 @@ from pathlib import Path
 
 
 def build(out: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import export_model_dir
-    from tiny import make_encoder
+    from tests.support.tiny import export_model_dir, make_encoder
 
     with tempfile.TemporaryDirectory() as tmp:
         export_model_dir(make_encoder(Path(tmp) / "bert"), out)

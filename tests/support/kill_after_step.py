@@ -1,7 +1,7 @@
 """Test-only: run `diffcse-train` and SIGKILL this process once training step N is done.
 
-    python tests/kill_after_step.py N --config cut.yaml [diffcse-train options]
-    torchrun --nproc_per_node 2 tests/kill_after_step.py N --config cut.yaml
+    python tests/support/kill_after_step.py N --config cut.yaml [diffcse-train options]
+    torchrun --nproc_per_node 2 tests/support/kill_after_step.py N --config cut.yaml
 
 Everything step N does (its metrics line, an evaluation or checkpoint due at N) happens
 first: the kill comes as step N+1 starts, on every process. The crash switch lives here, in

@@ -1,6 +1,6 @@
-"""Run by torchrun from tests/test_train_ddp.py: DDP scenarios on the real Trainer.
+"""Run by torchrun from tests/train/test_train_ddp.py: DDP scenarios on the real Trainer.
 
-    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py SPEC.json
+    torchrun --standalone --nproc_per_node 2 tests/support/ddp_worker.py SPEC.json
 
 SPEC.json: {"scenarios": [{"name", "config": {TrainConfig keys}, "optimizer": "sgd",
 "adamw" or "plain", "batch": path of a saved global batch or null}]}. With a batch, every

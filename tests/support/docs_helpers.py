@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNS = ("bash", "python")
 DATA = ("text", "yaml", "json", "toml")
 FENCE = re.compile(r"^(?P<indent> *)```(?P<info>[^`]*)$")
