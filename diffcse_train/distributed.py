@@ -5,7 +5,7 @@ reads them and joins the process group (nccl on CUDA, gloo on CPU). Without them
 one process and every helper here is a no-op, so the trainer has a single code path.
 
 A run on W processes with `batch_size` B per process takes the same optimisation step as
-one process with batch W*B (tests/test_train_ddp.py checks this to 1e-6):
+one process with batch W*B (tests/train/test_train_ddp.py checks this to 1e-6):
 
 - data: every rank computes the same epoch order; global batch s is its next W*B entries
   and rank r takes the r-th block of B (`rank_batch`), so the concatenation over ranks is

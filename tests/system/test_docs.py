@@ -1,5 +1,5 @@
 """The documentation is tested: every bash and python block in README.md and docs/ runs here,
-or carries `<!-- skip: REASON -->` (conventions: tests/docs_helpers.py)."""
+or carries `<!-- skip: REASON -->` (conventions: tests/support/docs_helpers.py)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ print the one install line for that extra, not a ModuleNotFoundError traceback.
 
 Each console script is run as pyproject.toml declares it, in a fresh interpreter where the
 extra's third-party modules cannot be imported (a meta-path blocker stands in for the slim
-venv; tests/slim_smoke.py checks the real slim install in CI)."""
+venv; tests/support/slim_smoke.py checks the real slim install in CI)."""
 
 from __future__ import annotations
 
