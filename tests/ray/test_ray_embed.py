@@ -29,6 +29,8 @@ from diffcse_runtime.ray_embed.cli import main as embed_ray  # noqa: E402
 from diffcse_runtime.ray_embed.cli import quiet_ray_data, start_local_ray  # noqa: E402
 from diffcse_runtime.ray_embed.job import MANIFEST_FILE  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a local Ray cluster per module, Ray jobs and CLI processes
+
 JOB_SECONDS = 60  # one job on 2 CPUs takes ~5-10 s; a hang is caught well before CI's limit
 
 

@@ -22,6 +22,8 @@ if shutil.which("java") is None:
 from pyspark.sql import SparkSession  # noqa: E402
 from pyspark.sql.types import ArrayType, FloatType, StructField, StructType  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a local PySpark session (a JVM)
+
 
 def embed_column(df, encoder: Encoder, text_col: str = "text", batch_size: int = 64):
     """README recipe: `encoder` is pickled by path and settings with the function, and each

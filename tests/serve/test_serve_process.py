@@ -31,6 +31,8 @@ from tests.support.serve_helpers import (  # noqa: E402
     wait_ready,
 )
 
+pytestmark = pytest.mark.slow  # real diffcse-serve processes
+
 
 def test_sigterm_finishes_requests_in_flight_then_exits_0(tiny_model_dir):
     """A worker that waits 2 s for its batch to fill keeps four requests in flight while

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # pip resolves the package in subprocesses
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("diffcse_runtime", "diffcse_train", "diffcse_export")
 

@@ -181,6 +181,7 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 @pytest.mark.parametrize("name", ["rtd_sgd", "rtd_adamw"])
 def test_one_ddp_step_equals_one_single_process_step(name, equivalence, tmp_path):
     scenarios, batch = equivalence
@@ -196,6 +197,7 @@ def test_one_ddp_step_equals_one_single_process_step(name, equivalence, tmp_path
     assert torch.allclose(ddp["projector.bn1.running_mean"], single["projector.bn1.running_mean"])
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_without_gathered_negatives_the_step_differs(equivalence, tmp_path):
     scenarios, batch = equivalence
     _, single = single_process_step(scenarios["rtd_sgd"], batch, tmp_path)
@@ -203,6 +205,7 @@ def test_without_gathered_negatives_the_step_differs(equivalence, tmp_path):
     assert max_difference(torch.load(out / "params.pt"), single) > 1e-4
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_ddp_training_loop_follows_the_single_process_run(equivalence, tmp_path):
     """The real data path: each rank's block of the seeded order, three steps, last/ saved."""
     from safetensors.torch import load_file
@@ -226,6 +229,7 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_torchrun_cli_checkpoints_on_rank_0_and_resumes_exactly(
     equivalence, tiny_bert, corpus_file, sts_dir, tmp_path
 ):

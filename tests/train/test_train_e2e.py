@@ -20,6 +20,8 @@ from diffcse_train.config import TrainConfig  # noqa: E402
 from diffcse_train.trainer import TrainingDiverged, train  # noqa: E402
 from tests.support import tiny  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end training runs, one killed and resumed in a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 KILL_AFTER_STEP = str(ROOT / "tests" / "support" / "kill_after_step.py")  # diffcse-train, killed
 
