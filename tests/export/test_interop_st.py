@@ -73,6 +73,7 @@ def trained(tiny_bert, mean_source, corpus_file, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow  # end to end: trains, then sentence-transformers and the export agree
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_best_is_a_sentence_transformers_folder(pooling, trained, tmp_path):
     from diffcse_export import ExportOptions, export_model
@@ -103,6 +104,7 @@ def test_best_is_a_sentence_transformers_folder(pooling, trained, tmp_path):
         np.testing.assert_allclose(theirs, runtime, atol=1e-5)
 
 
+@pytest.mark.slow  # trains first, like the test above
 def test_without_the_files_sentence_transformers_would_pool_wrongly(trained, tmp_path):
     """What the files prevent: a plain HF folder of a [CLS] model gets mean pooling."""
     trainer, best = trained("cls")

@@ -111,6 +111,7 @@ def test_embed_generator_rows_in_order(encoder):
         list(encoder.embed(iter(TEXTS[:12] + [b"x"]), chunk_size=5))
 
 
+@pytest.mark.slow  # a subprocess embeds 1M texts (~12 s of CPU)
 def test_embed_memory_stays_flat_over_1m_texts(tiny_model_dir):
     """Peak RSS after 100k texts and after 1M texts differ by less than the 1M texts'
     embeddings would take (128 MB), so nothing grows with the input. (~12 s of CPU.)"""

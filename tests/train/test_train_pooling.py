@@ -92,6 +92,7 @@ def test_an_explicit_pooling_switch_is_honoured_and_said(mean_source, caplog):
     assert "declares mean pooling" in caplog.text
 
 
+@pytest.mark.slow  # end to end: train, export, runtime
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_pooling_round_trips_train_export_runtime(pooling, mean_source, corpus_file, tmp_path):
     """The trained vector is what best/ declares, export builds and the runtime returns."""

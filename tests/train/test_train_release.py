@@ -56,6 +56,7 @@ def run(source, data, out, *extra):
     return CliRunner().invoke(main, args + list(extra), catch_exceptions=False)
 
 
+@pytest.mark.slow  # end to end: trains, exports fp32 and int8, scores each
 def test_main_job_trains_exports_and_scores_before_and_after(mean_source, data, tmp_path):
     out = tmp_path / "run"
     result = run(mean_source, data, out)
