@@ -23,6 +23,8 @@ import uuid
 
 MARK = "DIFFCSE_RAY_JOB"  # the environment variable every process of the local Ray inherits
 GRACE = 3.0  # seconds between SIGTERM and SIGKILL
+QUIET = 2.0  # seconds with no marked process before the watchdog is done
+REAP_LIMIT = 60.0  # the watchdog never outlives its command by more than this
 
 
 def start() -> int | None:
@@ -65,6 +67,22 @@ def marked(mark: str) -> list[int]:
 
 
 def reap(mark: str) -> None:
+    """End every marked process, and keep watching until none has been seen for `QUIET`
+    seconds (at most `REAP_LIMIT`): a raylet killed mid-start can still spawn an agent after
+    the first sweep, as a loaded machine showed."""
+    end = time.monotonic() + REAP_LIMIT
+    quiet_since = time.monotonic()
+    while time.monotonic() < end:
+        if marked(mark):
+            _sweep(mark)
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= QUIET:
+            return
+        time.sleep(0.1)
+
+
+def _sweep(mark: str) -> None:
+    """SIGTERM, then SIGKILL to whatever is left after `GRACE` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in marked(mark):
             with contextlib.suppress(ProcessLookupError, PermissionError):
