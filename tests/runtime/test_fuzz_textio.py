@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from diffcse_runtime import Encoder
 from diffcse_runtime.cli import embed
 from diffcse_runtime.errors import DataFormatError
+from diffcse_runtime.inputs import TextValueError
 from diffcse_runtime.retrieval import _read_texts
 from diffcse_runtime.sts import load_task
 from diffcse_runtime.textio import iter_lines
@@ -98,6 +99,14 @@ def encoder(tiny_model_dir):
 @settings(max_examples=40, deadline=None)
 @given(texts=st.one_of(ANY_TEXT, st.lists(ANY_TEXT, min_size=1, max_size=6)))
 def test_encode_any_str_gives_finite_rows(encoder, texts):
+    """Finite rows for any valid text; a lone surrogate (not valid Unicode) is refused by a
+    sentence naming the first such text, never a TypeError from the tokenizer."""
+    listed = [texts] if isinstance(texts, str) else texts
+    bad = [i for i, t in enumerate(listed) if any(0xD800 <= ord(c) <= 0xDFFF for c in t)]
+    if bad:
+        with pytest.raises(TextValueError, match=rf"texts\[{bad[0]}\] holds a lone surrogate"):
+            encoder.encode(texts)
+        return
     out = encoder.encode(texts)
     rows = 1 if isinstance(texts, str) else len(texts)
     assert out.reshape(rows, -1).shape == (rows, encoder.embedding_dim)
