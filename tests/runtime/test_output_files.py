@@ -18,26 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from diffcse_runtime.atomic import atomic_file
 from diffcse_runtime.cli import embed, evaluate_cmd
 from diffcse_runtime.errors import DiffcseError
+from tests.support.cli import refused, run
 from tests.support.export_helpers import make_sts_dir
-
-
-def run(cmd, args, input=None):
-    return CliRunner().invoke(cmd, [str(a) for a in args], input=input, catch_exceptions=False)
-
-
-def refused(res, *phrases: str) -> str:
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output
-    line = res.output.strip().splitlines()[-1]
-    assert line.startswith("Error: "), res.output
-    for phrase in phrases:
-        assert phrase in line, line
-    return line
 
 
 def special(tmp_path: Path, kind: str) -> Path:

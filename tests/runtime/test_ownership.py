@@ -20,23 +20,9 @@ from diffcse_runtime.atomic import atomic_dir
 from diffcse_runtime.cli import search
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.ownership import MANIFEST_FILE, NotOursError, check_owned
+from tests.support.cli import refused, run
 
 TOOL = "diffcse-search"
-
-
-def run(cmd, args):
-    return CliRunner().invoke(cmd, [str(a) for a in args], catch_exceptions=False)
-
-
-def refused(res, *phrases: str) -> str:
-    """Exit 1, one 'Error: ...' sentence holding every phrase, no traceback."""
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output
-    line = res.output.strip().splitlines()[-1]
-    assert line.startswith("Error: "), res.output
-    for phrase in phrases:
-        assert phrase in line, line
-    return line
 
 
 def user_folder(root: Path) -> dict[str, bytes]:

@@ -15,28 +15,13 @@ import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from diffcse_runtime import Encoder, load_metadata
 from diffcse_runtime.atomic import atomic_dir, atomic_file, remove_stale
 from diffcse_runtime.cli import embed, evaluate_cmd, search
 from diffcse_runtime.errors import DiffcseError, ModelDirError
 from diffcse_runtime.retrieval import Index
-
-
-def run(cmd, args, input=None):
-    return CliRunner().invoke(cmd, [str(a) for a in args], input=input, catch_exceptions=False)
-
-
-def refused(res, *phrases: str) -> str:
-    """Exit 1 with one 'Error: ...' line holding every phrase, and no traceback."""
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output
-    line = res.output.strip().splitlines()[-1]
-    assert line.startswith("Error: "), res.output
-    for phrase in phrases:
-        assert phrase in line, line
-    return line
+from tests.support.cli import refused, run
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,15 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from diffcse_runtime import Encoder
 from diffcse_runtime.cli import embed, evaluate_cmd, search
+from tests.support.cli import run
 
 
 @pytest.fixture(scope="module")
 def encoder(tiny_model_dir):
     return Encoder(tiny_model_dir)
-
-
-def run(cmd, args, input=None):
-    return CliRunner().invoke(cmd, [str(a) for a in args], input=input, catch_exceptions=False)
 
 
 def test_embed_npy_rows_follow_lines(tiny_model_dir, encoder, tmp_path):
