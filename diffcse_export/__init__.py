@@ -10,10 +10,7 @@ writes need only `diffcse_runtime`. Names load on first use (PEP 562), so the
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from diffcse_runtime.extras import entry_point
+from diffcse_runtime.extras import entry_point, lazy_names
 
 _HOME = {
     "ExportError": "errors",
@@ -29,14 +26,4 @@ __all__ = sorted(_HOME)
 
 main = entry_point("diffcse-export", "export", "diffcse_export.cli:main")
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module 'diffcse_export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"diffcse_export.{_HOME[name]}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOME))
+__getattr__, __dir__ = lazy_names("diffcse_export", _HOME)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from typing import Any
 
 OWN_PACKAGES = ("diffcse_runtime", "diffcse_train", "diffcse_export")
 
@@ -42,3 +43,21 @@ def entry_point(command: str, extra: str, target: str) -> Callable[[], None]:
 
     main.__doc__ = f"`{command}` (needs the `{extra}` extra)."
     return main
+
+
+def lazy_names(package: str, home: dict[str, str]) -> tuple[Callable, Callable]:
+    """A package's PEP 562 `__getattr__` and `__dir__` that import each public name from
+    its module (`home[name]`, relative to `package`) on first use, so importing the package
+    needs none of its extra's dependencies and `main` can name what to install."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in home:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{home[name]}"), name)
+        setattr(sys.modules[package], name, value)  # later lookups skip this function
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(home))
+
+    return __getattr__, __dir__

@@ -14,10 +14,7 @@ what to install when the extra is missing.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from diffcse_runtime.extras import entry_point
+from diffcse_runtime.extras import entry_point, lazy_names
 
 __version__ = "0.1.0"
 
@@ -34,14 +31,4 @@ __all__ = ["__version__", *_HOME]
 
 main = entry_point("diffcse-train", "train", "diffcse_train.cli:main")  # the console script
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module 'diffcse_train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"diffcse_train.{_HOME[name]}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOME))
+__getattr__, __dir__ = lazy_names("diffcse_train", _HOME)

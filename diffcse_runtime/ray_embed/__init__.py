@@ -12,7 +12,7 @@ instead of failing on an import.
 
 from __future__ import annotations
 
-import importlib
+from diffcse_runtime.extras import lazy_names
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 _WHERE = {
@@ -26,8 +26,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)
