@@ -219,6 +219,17 @@ def mean_over_ranks(values: dict[str, torch.Tensor | float]) -> dict[str, float]
     return dict(zip(keys, flat.tolist(), strict=True))
 
 
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Average the gradients of `params` over ranks, for steps taken outside DDP's wrapper
+    (D's warm start trains D alone, calling the model directly)."""
+    if world_size() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size()
+
+
 def _nccl() -> bool:
     return dist.get_backend() == "nccl"
 

@@ -9,18 +9,33 @@ from diffcse_train.config import TrainConfig
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; like HF Trainer, no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
+    """AdamW; like HF Trainer, no weight decay on biases and LayerNorm weights.
+
+    D (and its head) may get its own peak rate (`discriminator_learning_rate`): the paper's
+    one rate suits 31k steps, but in a short run D learns the generator's edits too slowly
+    for its gradient into h to carry signal. The schedule scales every group alike.
+    """
+    d_lr = cfg.discriminator_learning_rate or cfg.learning_rate
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         skip = name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name
-        (no_decay if skip or param.ndim < 2 else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        in_d = name.startswith("discriminator.")
+        groups.setdefault((in_d, skip or param.ndim < 2), []).append(param)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "lr": d_lr if in_d else cfg.learning_rate,
+                "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+            }
+            for (in_d, no_decay), params in sorted(groups.items())
+        ],
+        lr=cfg.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
