@@ -25,6 +25,7 @@ from diffcse_runtime.cli_errors import friendly_errors
 from diffcse_runtime.encoder import Encoder, TruncationTally
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.model_dir import load_metadata
+from diffcse_runtime.openvino_backend import BACKENDS, INFERENCE_PRECISIONS
 from diffcse_runtime.parallel import EncoderPool
 from diffcse_runtime.textio import ERROR_MODES, iter_lines
 
@@ -51,6 +52,23 @@ threads_option = click.option(
     type=click.IntRange(min=0),
     default=None,
     help="onnxruntime intra-op threads per process (default or 0: the cores, shared out).",
+)
+runtime_option = click.option(
+    "--runtime",
+    "runtime",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help='Inference engine: onnxruntime, openvino (pip install "diffcse[openvino]"), or auto '
+    "(openvino when installed and the model runs on the CPU).",
+)
+precision_option = click.option(
+    "--inference-precision",
+    type=click.Choice(INFERENCE_PRECISIONS),
+    default="f32",
+    show_default=True,
+    help="OpenVINO's float math: f32 (what export validated), bf16 (CPUs with AVX512-BF16 or "
+    "AMX), or auto (OpenVINO's choice: bf16 where the CPU has it).",
 )
 verbose_option = click.option(
     "--verbose", "-v", is_flag=True, help="Log which device runs the model."
@@ -164,6 +182,8 @@ def _write_jsonl(pool: EncoderPool, path, out: Path, opts: dict) -> None:
     help="A line that is not UTF-8: stop naming its line (strict), or replace bad bytes.",
 )
 @threads_option
+@runtime_option
+@precision_option
 @click.option(
     "--processes",
     type=click.IntRange(min=1),
@@ -182,6 +202,8 @@ def embed(
     overwrite: bool,
     errors: str,
     threads: int | None,
+    runtime: str,
+    inference_precision: str,
     processes: int | None,
     verbose: bool,
 ) -> None:
@@ -200,7 +222,8 @@ def embed(
         source, n = file, _count_lines(file, errors)
     if processes is None and n < PARALLEL_MIN_LINES:
         processes = 1
-    pool = EncoderPool(model, processes, threads or None)
+    choice = {"backend": runtime, "inference_precision": inference_precision}
+    pool = EncoderPool(model, processes, threads or None, **choice)
     tally = TruncationTally(pool.meta.max_seq_length)
     try:
         bar = tqdm(total=n, unit="line", desc="embed", disable=n < PROGRESS_LINES, file=sys.stderr)
@@ -292,6 +315,8 @@ def _same_file(a: Path, b: Path) -> bool:
     "--retrieval", is_flag=True, help="Also report STS-B Recall@1/5/10 (paper section 6.2)."
 )
 @threads_option
+@runtime_option
+@precision_option
 @verbose_option
 @friendly_errors
 def evaluate_cmd(
@@ -303,6 +328,8 @@ def evaluate_cmd(
     json_out: Path | None,
     retrieval: bool,
     threads: int | None,
+    runtime: str,
+    inference_precision: str,
     verbose: bool,
 ) -> None:
     """Spearman x 100 on the STS tasks, as in Table 1 of the DiffCSE paper."""
@@ -314,7 +341,9 @@ def evaluate_cmd(
         _check_writable(json_out)  # before the evaluation, not after it
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     split = resolve_split(data_dir, task_list, split)  # no data: fail before loading a model
-    encoder = Encoder(model, intra_op_threads=threads)
+    encoder = Encoder(
+        model, intra_op_threads=threads, backend=runtime, inference_precision=inference_precision
+    )
     encode = functools.partial(encoder.encode, batch_size=batch_size)
     result = evaluate(encode, data_dir, task_list, split)
     click.echo(format_table(result))
@@ -401,6 +430,8 @@ def _check_writable(path: Path) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON lines.")
 @threads_option
+@runtime_option
+@precision_option
 @verbose_option
 @friendly_errors
 def search(
@@ -415,17 +446,24 @@ def search(
     verify_index: bool,
     as_json: bool,
     threads: int | None,
+    runtime: str,
+    inference_precision: str,
     verbose: bool,
 ) -> None:
     """Search an index for QUERIES (cosine top-k); build it with --build FILE --model DIR."""
     from diffcse_runtime.retrieval import Index
 
     _setup_logging(verbose)
+    runtime_kw = {
+        "intra_op_threads": threads,
+        "backend": runtime,
+        "inference_precision": inference_precision,
+    }
     if build_file is not None:
         if model is None:
             raise DiffcseError("--build needs --model DIR to embed the texts")
         _check_index_target(index_dir, build_file, overwrite)
-        encoder = Encoder(model, intra_op_threads=threads)
+        encoder = Encoder(model, **runtime_kw)
         texts = [t for _, t in iter_lines(build_file, errors) if t.strip()]
         Index.build(encoder, texts).save(index_dir, overwrite=overwrite, inputs=[build_file])
         click.echo(f"indexed {len(texts)} texts into {index_dir}", err=True)
@@ -433,7 +471,7 @@ def search(
     index = Index.load(index_dir, backend=backend, verify=verify)
     if not queries:
         return
-    encoder = _encoder_for_index(index, model, threads) if build_file is None else encoder
+    encoder = _encoder_for_index(index, model, runtime_kw) if build_file is None else encoder
     for query, hits in zip(queries, index.search(encoder, list(queries), top_k), strict=True):
         for rank, hit in enumerate(hits, start=1):
             if as_json:
@@ -467,12 +505,12 @@ def _check_index_target(index_dir: Path, build_file: Path, overwrite: bool) -> N
         raise DiffcseError(f"{index_dir}: already exists (use --overwrite to replace it)") from None
 
 
-def _encoder_for_index(index, model: Path | None, threads: int | None) -> Encoder:
+def _encoder_for_index(index, model: Path | None, runtime_kw: dict) -> Encoder:
     """The model recorded in the index, or `model`; refuse a model that did not build it."""
     path = model or index.meta.get("model")
     if not path:
         raise DiffcseError("this index records no model: pass --model DIR")
-    encoder = Encoder(path, intra_op_threads=threads)
+    encoder = Encoder(path, **runtime_kw)
     built_files = index.meta.get("model_files") or {}
     mine = encoder.meta.files
     differ = sorted(n for n in set(built_files) & set(mine) if built_files[n] != mine[n])

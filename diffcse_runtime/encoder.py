@@ -43,6 +43,7 @@ from diffcse_runtime.conventions import (
 from diffcse_runtime.errors import ModelDirError
 from diffcse_runtime.inputs import as_text_list, iter_text_chunks
 from diffcse_runtime.model_dir import MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, load_metadata
+from diffcse_runtime.openvino_backend import OpenVINOSession, check_backend, resolve_backend
 from diffcse_runtime.truncation import (
     CUT_CHARS_PER_TOKEN,
     CUT_MAX_CHARS_PER_TOKEN,
@@ -94,9 +95,21 @@ class Encoder:
         verify_hash: bool = True,
         spin: bool = True,
         truncate_dim: int | None = None,
+        backend: str = "auto",
+        inference_precision: str = "f32",
+        streams: int = 1,
     ) -> None:
         """`truncate_dim`: every vector `encode`/`embed` return keeps its first this many
-        dimensions (renormalised when unit-length), as sentence-transformers' does."""
+        dimensions (renormalised when unit-length), as sentence-transformers' does.
+
+        `backend`: "onnxruntime", "openvino" (extra `diffcse[openvino]`) or "auto" (OpenVINO
+        when installed and the model would run on the CPU; see `openvino_backend`); the
+        one chosen is `self.backend`. `inference_precision` (OpenVINO only): "f32" (the
+        default: the numbers the export gate validated), "bf16" (CPUs with AVX512-BF16 or
+        AMX), or "auto" (OpenVINO's own choice: bf16 on such CPUs); the effective one is
+        `self.inference_precision` (None on onnxruntime: the graph's own types). `streams`
+        (OpenVINO only): batches run at once from different threads (a server's workers),
+        each on `intra_op_threads` threads; one onnxruntime session needs no such setting."""
         if intra_op_threads is not None and (
             not isinstance(intra_op_threads, int) or intra_op_threads < 0
         ):
@@ -111,7 +124,11 @@ class Encoder:
             "verify_hash": verify_hash,
             "spin": spin,
             "truncate_dim": truncate_dim,
+            "backend": backend,
+            "inference_precision": inference_precision,
+            "streams": streams,
         }
+        check_backend(backend, inference_precision, streams)
         self.meta = load_metadata(self.path, verify_hash=verify_hash)
         if truncate_dim is not None:
             truncate_dim = check_dim(truncate_dim, self.meta.embedding_dim)
@@ -129,7 +146,16 @@ class Encoder:
         self._untruncated: Tokenizer | None = None  # for window checks, built on first use
         self.tokenizer.enable_truncation(self.meta.max_seq_length)
         self._n_special = self.tokenizer.num_special_tokens_to_add(False)
-        self.session = self._make_session(pick_providers(providers), intra_op_threads)
+        chosen = pick_providers(providers) if backend != "openvino" else ["CPUExecutionProvider"]
+        self.backend = resolve_backend(backend, inference_precision, chosen, bool(providers))
+        self.inference_precision: str | None = None  # onnxruntime: the graph's own types
+        if self.backend == "openvino":
+            self.session = OpenVINOSession(
+                self.path / MODEL_FILE, intra_op_threads, inference_precision, streams
+            )
+            self.inference_precision = self.session.precision
+        else:
+            self.session = self._make_session(chosen, intra_op_threads)
         self._inputs = {i.name for i in self.session.get_inputs()}
 
     def _make_session(self, providers: list[str], threads: int | None) -> ort.InferenceSession:
@@ -177,6 +203,9 @@ class Encoder:
             verify_hash=state["verify_hash"],
             spin=state.get("spin", True),
             truncate_dim=state.get("truncate_dim"),
+            backend=state.get("backend", "auto"),
+            inference_precision=state.get("inference_precision", "f32"),
+            streams=state.get("streams", 1),
         )
         if state["onnx_sha256"] != self.meta.onnx_sha256:
             raise ModelDirError(

@@ -30,6 +30,7 @@ import numpy as np
 from diffcse_runtime.encoder import EMBED_CHUNK_SIZE, Encoder
 from diffcse_runtime.inputs import iter_text_chunks
 from diffcse_runtime.model_dir import load_metadata
+from diffcse_runtime.openvino_backend import check_backend
 from diffcse_runtime.signals import signals_deferred
 from diffcse_runtime.truncation import TokenCounts, TruncationTally
 
@@ -63,7 +64,12 @@ class EncoderPool:
         model: str | Path | Encoder,
         processes: int | None = None,
         threads_per_process: int | None = None,
+        backend: str = "auto",
+        inference_precision: str = "f32",
     ) -> None:
+        """`backend`, `inference_precision`: as `Encoder`'s, for a model given by path (an
+        Encoder given brings its own)."""
+        check_backend(backend, inference_precision)  # here, not once in every worker
         self.processes = processes or default_layout()[0]
         self.threads = threads_per_process or max(1, usable_cpus() // self.processes)
         if self.processes < 1 or self.threads < 1:
@@ -82,6 +88,8 @@ class EncoderPool:
                 "providers": None,
                 "intra_op_threads": self.threads,
                 "verify_hash": True,
+                "backend": backend,
+                "inference_precision": inference_precision,
             }
         self._local: Encoder | None = None
         self._pool: ProcessPoolExecutor | None = None

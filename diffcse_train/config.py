@@ -35,9 +35,11 @@ CONDITIONS = ("projector", "encoder")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ENCODING_ERRORS = ("strict", "replace")
+REPORT_TO = ("none", "tensorboard")
 # Keys that may change between a killed run and its --resume without changing the math.
 RESUME_FREE_KEYS = (
     "eval_data_dir", "save_steps", "output_dir", "export_dir", "export_variants",
+    "report", "report_to",
 )  # fmt: skip
 # Keys earlier versions had. Their saved configs (train_config.yaml, every key written) list
 # them as null, which is dropped so those runs still resume; any other value is refused.
@@ -127,6 +129,11 @@ class TrainConfig:
     # table (input model vs trained, STS-B dev and SICK-R trial, through the runtime)
     export_dir: str | None = None
     export_variants: str = "int8"  # comma-separated extra variants: optimized, int8, fp16
+    # --- the run's report (diffcse_train/report.py)
+    # report.png + report.json in output_dir: dev curves, losses, D, STS-B dev geometry
+    report: bool = True
+    # none | tensorboard: the same scalars as event files under output_dir/tensorboard/
+    report_to: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,6 +227,7 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
     _check_choice(cfg, "precision", PRECISIONS, where)
     _check_choice(cfg, "device", DEVICES, where)
     _check_choice(cfg, "encoding_errors", ENCODING_ERRORS, where)
+    _check_choice(cfg, "report_to", REPORT_TO, where)
     if cfg.lambda_weight > 0 and cfg.augmentation == "none":
         raise ConfigError(
             f"{where}lambda_weight > 0 needs an augmentation for the discriminator "

@@ -1,10 +1,18 @@
 """The DiffCSE model in one file: encoder f, projector, frozen generator G, conditional
-discriminator D, and the two losses.
+discriminator D; the losses they feed are in losses.py.
 
     sentence x --f (dropout view 1)--> pool --projector--> h1 \
                --f (dropout view 2)--> pool --projector--> h2  }-- contrastive loss (InfoNCE)
     x --edit (mask + G fills / replace / insert / delete)--> x'' --D, position 0 := h--> RTD loss
     loss = L_contrast + lambda_weight * L_RTD
+
+Supervised SimCSE (`objective: supervised`, rows of sent0, sent1 and optional hard_neg):
+sent0, sent1 and hard_neg are each encoded once (dropout on, as SimCSE does) through the
+same pooling and projector, and sent0's h must pick its sent1 among every sent1 and
+hard_neg of the batch. With lambda_weight > 0 it combines with RTD on sent0 alone: D,
+conditioned on h(sent0), detects the edits of sent0, so h must also keep what tells sent0
+from its edited copies (DiffCSE's equivariance) while the labelled pairs pull meaning
+together. sent1 and hard_neg are not edited.
 
 At test time only f is kept and the sentence vector is f's pooled state before the
 projector. `pool` is [CLS] (the paper) or the masked mean over real tokens (what
@@ -41,6 +49,7 @@ from diffcse_runtime.remote_code import refuse_custom_code
 from diffcse_train import distributed
 from diffcse_train.config import TrainConfig
 from diffcse_train.data import IGNORE
+from diffcse_train.losses import contrastive_loss, rtd_loss, supervised_contrastive_loss
 
 log = logging.getLogger("diffcse_train")
 
@@ -86,11 +95,6 @@ def build_projector(kind: str, dim: int) -> nn.Module:
 # ---------------------------------------------------------------- losses
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32 for the losses; fp32 and fp64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """The sentence vector: [CLS] state, or the mean over real tokens (padding masked out).
 
@@ -103,47 +107,6 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
         raise ValueError(f"unknown pooling {pooling!r}")
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
-def contrastive_loss(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float, first_label: int = 0
-) -> torch.Tensor:
-    """InfoNCE over in-batch negatives: row i of z1 must pick row first_label + i of z2.
-
-    z2 may hold more rows than z1: under DDP the second views of every rank, gathered
-    (distributed.gather_rows), with this rank's rows starting at `first_label`.
-    """
-    sim = F.normalize(_upcast(z1), dim=-1) @ F.normalize(_upcast(z2), dim=-1).T
-    labels = torch.arange(z1.size(0), device=z1.device) + first_label
-    return F.cross_entropy(sim / temperature, labels)
-
-
-def rtd_loss(
-    logits: torch.Tensor, labels: torch.Tensor, over_padding: bool = True
-) -> tuple[torch.Tensor, dict]:
-    """Replaced-token detection: 2-way cross-entropy, plus accuracies over real tokens.
-
-    `over_padding` (the official code) averages over all n x len positions, padding counted
-    as label 0 ("kept"); without it only real tokens count, which raises the effective
-    lambda by the padding fraction (~1.2x at length 32). Accuracies follow the official
-    code: overall, on replaced tokens (recall of "replaced") and on kept tokens, real tokens only.
-    """
-    valid = labels != IGNORE
-    if over_padding:
-        loss = F.cross_entropy(_upcast(logits).flatten(0, 1), labels.clamp(min=0).flatten())
-    else:
-        loss = F.cross_entropy(_upcast(logits[valid]), labels[valid])
-    with torch.no_grad():
-        pred = logits.argmax(-1)
-        rep, fix = valid & (labels == 1), valid & (labels == 0)
-        nan = torch.tensor(float("nan"), device=logits.device)
-        stats = {
-            "rtd_acc": (pred == labels)[valid].float().mean(),
-            "rtd_rep_acc": (pred[rep] == 1).float().mean() if rep.any() else nan,
-            "rtd_fix_acc": (pred[fix] == 0).float().mean() if fix.any() else nan,
-            "replaced_frac": rep.sum() / valid.sum(),
-        }
-    return loss, stats
 
 
 # ---------------------------------------------------------------- discriminator
@@ -246,23 +209,46 @@ class DiffCSE(nn.Module):
             ids = torch.where(batch["aug_fill"], pred, ids)
         labels = batch.get("aug_labels")
         if labels is None:  # mlm: replaced = G's token differs from the original token
-            original = batch["input_ids"].repeat(2, 1)
+            original = batch["input_ids"].repeat(len(ids) // len(batch["input_ids"]), 1)
             labels = (ids != original).long().masked_fill(~mask.bool(), IGNORE)
         return ids, mask, labels
 
+    def views(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled, h): two dropout views of each sentence (2B rows), or for a batch of
+        triplets sent0, sent1 (and hard_neg) each encoded once (2B or 3B rows), one pass."""
+        if "pair_input_ids" not in batch:
+            return self.sentence_views(batch["input_ids"], batch["attention_mask"])
+        ids = torch.cat([batch["input_ids"], batch["pair_input_ids"]])
+        mask = torch.cat([batch["attention_mask"], batch["pair_attention_mask"]])
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = pool(hidden, mask, self.pooling)
+        return pooled, self.projector(pooled)
+
+    def contrast(self, h: torch.Tensor, n: int, supervised: bool) -> torch.Tensor:
+        """InfoNCE of the n anchors (h's first rows) against the other rows of h: the second
+        views, or the positives then the hard negatives. Under DDP with gather_negatives
+        the candidates of every rank's batch count (distributed.py)."""
+        gather = distributed.gather_rows if self.gather_negatives else None
+        if supervised:
+            negative = h[2 * n :] if len(h) > 2 * n else None
+            return supervised_contrastive_loss(
+                h[:n], h[n : 2 * n], negative, self.temperature, gather
+            )
+        if gather is not None:
+            z2, first = gather(h[n:])
+            return contrastive_loss(h[:n], z2, self.temperature, first_label=first)
+        return contrastive_loss(h[:n], h[n:], self.temperature)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         n = batch["input_ids"].size(0)
-        pooled, h = self.sentence_views(batch["input_ids"], batch["attention_mask"])
-        if self.gather_negatives:  # negatives from every rank's batch (distributed.py)
-            z2, first = distributed.gather_rows(h[n:])
-            loss_contrast = contrastive_loss(h[:n], z2, self.temperature, first_label=first)
-        else:
-            loss_contrast = contrastive_loss(h[:n], h[n:], self.temperature)
+        pooled, h = self.views(batch)
+        loss_contrast = self.contrast(h, n, supervised="pair_input_ids" in batch)
         out = {"loss_contrast": loss_contrast.detach()}
         loss = loss_contrast
         if self.discriminator is not None and self.lambda_weight > 0:
             ids, mask, labels = self.edited_inputs(batch)
-            condition = h if self.condition_on == "projector" else pooled
+            # D sees the edits of each view (triplets: of sent0 alone), conditioned on its h
+            condition = (h if self.condition_on == "projector" else pooled)[: len(ids)]
             logits = self.discriminator(ids, mask, condition)
             loss_rtd, stats = rtd_loss(logits, labels, self.rtd_over_padding)
             # under DDP: this rank's share of the mean over the global batch's positions

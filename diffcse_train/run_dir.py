@@ -1,10 +1,12 @@
 """A training run's output folder: which files are ours, and the logs we append to.
 
-OUTPUT_DIR holds best/, last/, metrics.jsonl, summary.json and scores.json, all written by
-diffcse-train. A new run refuses a folder that already holds a run unless --overwrite, and
-then replaces only those entries, each only when it is provably ours: best/ and last/ by
-their own ownership manifest, the files by the run record `.diffcse-run.json` a run writes
-when it starts (a file of that name the record does not list is the user's and is refused).
+OUTPUT_DIR holds best/, last/, metrics.jsonl, summary.json, scores.json, report.png,
+report.json and tensorboard/, all written by diffcse-train. A new run refuses a folder that
+already holds a run unless --overwrite, and then replaces only those entries, each only when
+it is provably ours: best/ and last/ by their own ownership manifest, the others by the run
+record `.diffcse-run.json` a run writes when it starts (an entry of that name the record does
+not list is the user's and is refused), tensorboard/ only while it holds nothing but event
+files.
 Anything else a user keeps there survives. --resume checks
 that last/ exists and that the config did not change in a way that changes the math.
 """
@@ -30,6 +32,10 @@ from diffcse_train.config import TrainConfig, resume_mismatch
 
 SUMMARY_FILE = "summary.json"
 SCORES_FILE = "scores.json"  # release.py's before/after table
+REPORT_PNG = "report.png"  # report.py: the run's curves and STS-B dev geometry
+REPORT_JSON = "report.json"  # the numbers report.png draws
+TENSORBOARD_DIR = "tensorboard"  # report_to: tensorboard, the event files
+EVENT_FILE_PREFIX = "events.out.tfevents."  # the names SummaryWriter gives its files
 RUN_RECORD = ".diffcse-run.json"  # the entries of OUTPUT_DIR a run wrote (its claim on them)
 RUN_RECORD_FORMAT = "diffcse-run"
 
@@ -54,6 +60,18 @@ def check_writable_dir(out: Path) -> None:
         raise DiffcseError(f"output_dir {out}: no permission to write in {existing}")
 
 
+def _check_event_files(folder: Path) -> None:
+    """tensorboard/ is replaced only while it holds nothing but SummaryWriter's event files:
+    a file a user put there (a note, a profile, a subfolder) makes --overwrite refuse."""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        regular = entry.is_file(follow_symlinks=False)
+        if not (regular and entry.name.startswith(EVENT_FILE_PREFIX)):
+            raise NotOursError(
+                f"{folder}: {entry.name} is not a TensorBoard event file this run wrote; "
+                "refusing to replace the folder even with --overwrite: move it and rerun"
+            )
+
+
 class RunDir:
     """OUTPUT_DIR of one run: its paths, the overwrite/resume rules, metrics and summary."""
 
@@ -73,6 +91,9 @@ class RunDir:
             self.out / SUMMARY_FILE,
             self.out / SCORES_FILE,
             self.out / CONFIG_FILE,
+            self.out / REPORT_PNG,
+            self.out / REPORT_JSON,
+            self.out / TENSORBOARD_DIR,
         )
 
     def check(self, cfg: TrainConfig, resume: bool, overwrite: bool) -> list[Path]:
@@ -116,13 +137,17 @@ class RunDir:
         if path in (self.best, self.last):
             check_owned(path, CHECKPOINT_TOOL, CHECKPOINT_WHAT)
             return
-        check_output_file(path)
+        events = path.name == TENSORBOARD_DIR and stat.S_ISDIR(os.lstat(path).st_mode)
+        if not events:
+            check_output_file(path)
         if path.name not in claimed:
             raise NotOursError(
                 f"{path}: no {RUN_RECORD} in {self.out} lists it, so it may be yours; "
                 "refusing to replace it even with --overwrite: look at it, and if it is "
                 "from an earlier run remove it by hand and rerun"
             )
+        if events:
+            _check_event_files(path)
 
     def start(self, cfg: TrainConfig, replaced: list[Path]) -> None:
         """Remove what --overwrite replaces, claim the run's entries, record its config."""

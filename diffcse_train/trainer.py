@@ -35,6 +35,7 @@ from diffcse_train.model import build_model, count_parameters
 from diffcse_train.optim import linear_schedule, make_optimizer
 from diffcse_train.precision import autocast, autocast_dtype
 from diffcse_train.preflight import RunSetup, prepare_run
+from diffcse_train.report import RecordingEncode, RunReport, check_available
 from diffcse_train.run_dir import jsonable
 
 log = logging.getLogger("diffcse_train")
@@ -54,6 +55,7 @@ class TrainSummary:
     best_step: int | None
     final_loss: float | None
     output_dir: str
+    report: str | None = None  # report.png, when drawn
 
 
 def _size(module: torch.nn.Module) -> str:
@@ -102,9 +104,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.state = TrainState(total_steps=self.total_steps, world_size=world)
         eval_dtype = None if cfg.eval_fp32 else self.dtype
-        self.encode = make_encode_fn(self.model, self.tokenizer, self.device, eval_dtype)
+        self.encode = RecordingEncode(  # the report reuses the dev vectors it computes
+            make_encode_fn(self.model, self.tokenizer, self.device, eval_dtype)
+        )
         self.eval_dir = find_eval_data(cfg.eval_data_dir)
         self.eval_tasks = present_eval_tasks(cfg.eval_tasks, self.eval_dir)
+        main = distributed.is_main()
+        self.report = RunReport(cfg, self.out, self.eval_dir, self.encode, resume, main)
         self.dev_scores: dict[str, float] = {}
         self._last_dev: float | None = None  # shown in the progress bar
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its seeded order)
@@ -121,6 +127,7 @@ class Trainer:
     def _write_metrics(self, record: dict) -> None:
         if distributed.is_main():
             self.run_dir.append_metrics(record)
+            self.report.on_metrics(record)  # TensorBoard; the geometry after an eval
 
     # ------------------------------------------------------------ evaluation and saving
 
@@ -293,7 +300,7 @@ class Trainer:
             self._main_only(self._initial_evaluation)
         s = self.state
         started, first_step, train_seconds, last = time.perf_counter(), s.step, 0.0, {}
-        with self._progress_bar() as bar:
+        with self._progress_bar() as bar, self.report:  # closes the event file on any exit
             while s.step < self.total_steps:
                 tick = time.perf_counter()
                 last = self.train_step(self._next_batch())  # batching, forward, backward, update
@@ -418,6 +425,8 @@ class Trainer:
                 f"; no step beat the input model{every}, so best/ is the input model"
                 if summary.best_step == 0 else "",
             )  # fmt: skip
+        path = self.report.finish(summary.best_step)  # report.png + report.json
+        summary.report = str(path) if path else None
         self.run_dir.write_summary(summary)
 
 
@@ -430,6 +439,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Tr
     validate(cfg)
     try:
         setup = prepare_run(cfg, resume, overwrite)  # the cheap checks, before anything slow
+        check_available(cfg)  # matplotlib / tensorboard, before a generator is fitted
         ensure_generator(cfg)  # fit_generator: true fits a missing G now, before a model needs it
         summary = Trainer(cfg, resume, setup=setup).run()
     except BaseException:

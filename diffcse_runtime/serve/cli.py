@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from diffcse_runtime.bounds import Bound, option_type
+from diffcse_runtime.cli import precision_option, runtime_option
 from diffcse_runtime.cli_errors import friendly_errors
 from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.errors import DiffcseError
@@ -211,6 +212,8 @@ def worker_layout(workers: int | None, threads: int | None) -> tuple[int, int]:
     "sentences/s of one 16-thread run). More, smaller runs: more throughput under load, "
     "slower lone requests.",
 )
+@runtime_option
+@precision_option
 @click.option(
     "--spin/--no-spin",
     default=False,
@@ -254,6 +257,8 @@ def serve(
     max_queue: int,
     threads: int | None,
     workers: int | None,
+    runtime: str,
+    inference_precision: str,
     spin: bool,
     truncate: bool,
     normalize: bool,
@@ -281,7 +286,14 @@ def serve(
         )
     workers, threads = worker_layout(workers, threads)
     encoders = {
-        name: Encoder(path, intra_op_threads=threads, spin=spin)
+        name: Encoder(
+            path,
+            intra_op_threads=threads,
+            spin=spin,
+            backend=runtime,
+            inference_precision=inference_precision,
+            streams=workers,  # OpenVINO: one stream per concurrent run
+        )
         for name, path in parse_models(model_specs).items()
     }
     batch = BatchSettings(

@@ -1,0 +1,181 @@
+"""The optional OpenVINO backend of `Encoder` (extra `diffcse[openvino]`) and the backend choice.
+
+OpenVINO reads the model directory's own `model.onnx` (no IR file is written anywhere, so
+the folder stays the one source of truth) and compiles it for the CPU. What it brings over
+onnxruntime on a CPU: its own kernels, and bf16 execution on CPUs with AVX512-BF16 or AMX,
+which OpenVINO turns on by default there for a float32 model (`INFERENCE_PRECISION_HINT`).
+
+`OpenVINOSession` has the two methods of an onnxruntime session the `Encoder` calls
+(`run(output_names, feed)` and `get_inputs()`), so the rest of the pipeline (tokenizing,
+length-sorted batches, pooling done in the graph, the `sentence_embedding` output) is the
+same code for both backends. Settings:
+
+- threads: `INFERENCE_NUM_THREADS` = the Encoder's `intra_op_threads` (None or 0:
+  OpenVINO's default, the cores), one stream (`PERFORMANCE_HINT` LATENCY): one batch
+  uses all of them, as an onnxruntime session does. A server running `streams` batches
+  at once from its worker threads gets that many streams of `intra_op_threads` each:
+  OpenVINO runs requests of one stream one after another, where onnxruntime runs
+  concurrent calls of one session side by side.
+- `ENABLE_CPU_PINNING` off: worker processes of `EncoderPool` each compile their own
+  model, and pinned threads of several processes would pile onto the same cores.
+- `inference_precision`: "f32" (exact float32 math), "bf16" (only where the CPU has it),
+  or "auto" (OpenVINO's default: bf16 on such CPUs, f32 elsewhere). The effective hint the
+  compiled model reports is kept in `OpenVINOSession.precision`.
+
+OpenVINO's synchronous infer requests are not thread-safe, while an onnxruntime session
+is; the server runs batches from several threads, so each thread gets its own request.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffcse_runtime.errors import DiffcseError, ModelDirError, first_line
+
+BACKENDS = ("auto", "onnxruntime", "openvino")
+INFERENCE_PRECISIONS = ("auto", "f32", "bf16")
+# backend="auto" on a CPU takes OpenVINO when it is installed. Flip this if the benchmarks
+# (benchmarks/encode.py) find onnxruntime faster for the shipped variants on the target CPUs.
+AUTO_PREFERS_OPENVINO = True
+INSTALL_HINT = 'pip install "diffcse[openvino]"'
+_OV_PRECISION = {"f32": "f32", "bf16": "bf16"}
+
+
+def openvino_available() -> bool:
+    """The `openvino` package is importable (checked without importing it: that costs ~0.3 s)."""
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):  # a broken or half-removed install
+        return False
+
+
+def check_backend(backend: str, inference_precision: str, streams: int = 1) -> None:
+    """Refuse an unknown backend, precision or stream count, or OpenVINO asked for but not
+    installed."""
+    if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+        raise ValueError(f"streams must be an int >= 1, got {streams!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if inference_precision not in INFERENCE_PRECISIONS:
+        raise ValueError(
+            f"inference_precision must be one of {', '.join(INFERENCE_PRECISIONS)}, "
+            f"got {inference_precision!r}"
+        )
+    if backend == "openvino" and not openvino_available():
+        raise DiffcseError(f"backend 'openvino' needs the openvino package: {INSTALL_HINT}")
+    if backend == "onnxruntime" and inference_precision == "bf16":
+        raise ValueError(
+            "inference_precision 'bf16' needs backend 'openvino' (or 'auto' with openvino "
+            "installed): onnxruntime's CPU kernels run float32"
+        )
+
+
+def resolve_backend(
+    backend: str, inference_precision: str, providers: Sequence[str], explicit: bool = False
+) -> str:
+    """The backend that runs: as asked, or for "auto" OpenVINO when it is installed (and
+    preferred) and onnxruntime would run on the CPU; onnxruntime otherwise (CUDA first).
+
+    Providers the caller listed (`explicit`) are onnxruntime's words, so "auto" keeps
+    onnxruntime for them. "auto" with `inference_precision="bf16"` needs OpenVINO, so it is
+    refused without it.
+    """
+    check_backend(backend, inference_precision)
+    if backend != "auto":
+        return backend
+    on_cpu = providers[0] == "CPUExecutionProvider"
+    if on_cpu and not explicit and openvino_available() and AUTO_PREFERS_OPENVINO:
+        return "openvino"
+    if inference_precision == "bf16":
+        raise DiffcseError(
+            "inference_precision 'bf16' runs on the OpenVINO backend, which "
+            + ("is not installed: " + INSTALL_HINT if on_cpu else f"does not drive {providers[0]}")
+        )
+    return "onnxruntime"
+
+
+@dataclass(frozen=True)
+class _Input:
+    """What `Encoder` reads from an onnxruntime `NodeArg`: the input's name."""
+
+    name: str
+
+
+class OpenVINOSession:
+    """A compiled OpenVINO CPU model with the slice of onnxruntime's session API the
+    Encoder uses; one infer request per calling thread."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        threads: int | None,
+        inference_precision: str = "auto",
+        streams: int = 1,
+    ) -> None:
+        import openvino as ov  # the optional extra: imported only when chosen
+
+        core = ov.Core()
+        config: dict[str, Any] = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": streams,
+            "ENABLE_CPU_PINNING": False,
+        }
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads) * streams
+        if inference_precision in _OV_PRECISION:
+            config["INFERENCE_PRECISION_HINT"] = _OV_PRECISION[inference_precision]
+        try:
+            model = core.read_model(str(model_path))
+            self.compiled = core.compile_model(model, "CPU", config)
+        except RuntimeError as exc:  # OpenVINO raises RuntimeError subclasses with long text
+            raise ModelDirError(
+                f"{model_path}: OpenVINO cannot load it ({first_line(exc)})"
+            ) from None
+        self.precision = _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if inference_precision == "bf16" and self.precision != "bf16":
+            raise DiffcseError(
+                f"inference_precision 'bf16' is not available on this CPU (OpenVINO runs "
+                f"{self.precision}); it needs AVX512-BF16 or AMX: use 'f32' or 'auto'"
+            )
+        self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+        self._names = [port.get_any_name() for port in self.compiled.inputs]
+        self._local = threading.local()
+
+    def get_inputs(self) -> list[_Input]:
+        return [_Input(name) for name in self._names]
+
+    def get_providers(self) -> list[str]:
+        """The device, in the place onnxruntime names its providers (for logs and info)."""
+        return ["OpenVINO CPU"]
+
+    def properties(self) -> dict[str, str]:
+        """The compiled model's settings that decide speed and numbers (for info/tests)."""
+        keys = (
+            "INFERENCE_NUM_THREADS",
+            "NUM_STREAMS",
+            "INFERENCE_PRECISION_HINT",
+            "PERFORMANCE_HINT",
+        )
+        return {key: _type_name(self.compiled.get_property(key)) for key in keys}
+
+    def run(self, output_names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The named outputs as float32 arrays the caller owns (OpenVINO reuses its buffers)."""
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        results = request.infer({name: feed[name] for name in self._names})
+        by_name = {port.get_any_name(): value for port, value in results.items()}
+        return [np.array(by_name[name], dtype=np.float32, copy=True) for name in output_names]
+
+
+def _type_name(value: Any) -> str:
+    """OpenVINO's short name for an element type ("f32", "bf16"), else the value as text."""
+    name = getattr(value, "get_type_name", None)
+    return name() if callable(name) else str(value)

@@ -1,0 +1,143 @@
+"""The OpenVINO backend: parity with onnxruntime, batch independence, the auto choice,
+threads, errors, and the CLI option (extra `diffcse[openvino]`, part of `dev`)."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from diffcse_runtime import Encoder
+from diffcse_runtime import openvino_backend as ovb
+from diffcse_runtime.cli import embed
+from diffcse_runtime.errors import DiffcseError
+from tests.support import tiny
+from tests.support.cli import run
+
+pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+TEXTS = tiny.corpus(64)
+
+
+def _bf16_cpu() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+NEEDS_BF16 = pytest.mark.skipif(not _bf16_cpu(), reason="this CPU has no AVX512-BF16 or AMX")
+PRECISIONS = ["f32", pytest.param("bf16", marks=NEEDS_BF16)]
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def ort_rows(tiny_model_dir) -> np.ndarray:
+    return Encoder(tiny_model_dir, backend="onnxruntime").encode(TEXTS)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_openvino_matches_onnxruntime(tiny_model_dir, ort_rows, precision):
+    enc = Encoder(tiny_model_dir, backend="openvino", inference_precision=precision)
+    assert (enc.backend, enc.inference_precision) == ("openvino", precision)
+    rows = enc.encode(TEXTS)
+    assert rows.dtype == np.float32 and rows.shape == ort_rows.shape
+    floor = 0.99999 if precision == "f32" else 0.999  # bf16: the fp16 variant's bar
+    assert _cosines(rows, ort_rows).min() >= floor
+    if precision == "f32":
+        np.testing.assert_allclose(rows, ort_rows, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "backend,precision",
+    [
+        ("onnxruntime", "f32"),
+        ("openvino", "f32"),
+        pytest.param("openvino", "bf16", marks=NEEDS_BF16),
+    ],
+)
+def test_a_text_gets_the_same_vector_alone_or_in_a_batch(tiny_model_dir, backend, precision):
+    enc = Encoder(tiny_model_dir, backend=backend, inference_precision=precision)
+    together = enc.encode(TEXTS, batch_size=64)
+    alone = np.stack([enc.encode([text])[0] for text in TEXTS])
+    assert _cosines(alone, together).min() >= 0.9999
+
+
+def test_concurrent_runs_from_threads_match_serial(tiny_model_dir):
+    """The server runs batches from several threads on one Encoder: each thread has its
+    own infer request, so rows never mix."""
+    enc = Encoder(tiny_model_dir, backend="openvino", intra_op_threads=1, streams=2)
+    serial = [enc.encode(TEXTS[i::4]) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda i: enc.encode(TEXTS[i::4]), range(4)))
+    for a, b in zip(serial, parallel, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("threads,streams", [(1, 1), (2, 1), (1, 2)])
+def test_threads_and_streams_are_pinned_in_the_compiled_model(tiny_model_dir, threads, streams):
+    enc = Encoder(tiny_model_dir, backend="openvino", intra_op_threads=threads, streams=streams)
+    props = enc.session.properties()
+    assert props["INFERENCE_NUM_THREADS"] == str(threads * streams)
+    assert props["NUM_STREAMS"] == str(streams)
+    assert props["PERFORMANCE_HINT"] == "LATENCY"
+    assert enc.session.compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
+def test_auto_takes_openvino_on_the_cpu_and_onnxruntime_for_explicit_providers(
+    tiny_model_dir, monkeypatch
+):
+    assert Encoder(tiny_model_dir).backend == "openvino"
+    explicit = Encoder(tiny_model_dir, providers=["CPUExecutionProvider"])
+    assert explicit.backend == "onnxruntime" and explicit.inference_precision is None
+    monkeypatch.setattr(ovb, "AUTO_PREFERS_OPENVINO", False)
+    assert Encoder(tiny_model_dir).backend == "onnxruntime"
+
+
+def test_auto_without_openvino_is_onnxruntime_and_openvino_asked_names_the_extra(
+    tiny_model_dir, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what a missing package looks like
+    assert not ovb.openvino_available()
+    assert Encoder(tiny_model_dir).backend == "onnxruntime"
+    with pytest.raises(DiffcseError, match=r'pip install "diffcse\[openvino\]"'):
+        Encoder(tiny_model_dir, backend="openvino")
+    with pytest.raises(DiffcseError, match=r'pip install "diffcse\[openvino\]"'):
+        Encoder(tiny_model_dir, inference_precision="bf16")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"backend": "tensorrt"}, "backend must be one of auto, onnxruntime, openvino"),
+        ({"inference_precision": "fp8"}, "inference_precision must be one of auto, f32, bf16"),
+        ({"backend": "onnxruntime", "inference_precision": "bf16"}, "needs backend 'openvino'"),
+        ({"streams": 0}, "streams must be an int >= 1"),
+    ],
+)
+def test_bad_choices_are_refused_in_one_sentence(tiny_model_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Encoder(tiny_model_dir, **kwargs)
+
+
+def test_pickled_encoder_keeps_its_backend_and_precision(tiny_model_dir):
+    enc = Encoder(tiny_model_dir, backend="openvino", intra_op_threads=1)
+    copy = pickle.loads(pickle.dumps(enc))
+    assert (copy.backend, copy.inference_precision) == ("openvino", "f32")
+    np.testing.assert_array_equal(copy.encode(TEXTS[:5]), enc.encode(TEXTS[:5]))
+
+
+def test_embed_cli_runs_on_the_chosen_runtime(tiny_model_dir, ort_rows, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(TEXTS[:8]) + "\n", encoding="utf-8")
+    for runtime in ("openvino", "onnxruntime"):
+        out = tmp_path / f"{runtime}.npy"
+        args = [str(src), "-m", str(tiny_model_dir), "-o", str(out), "--runtime", runtime]
+        result = run(embed, args)
+        assert result.exit_code == 0, result.output
+        np.testing.assert_allclose(np.load(out), ort_rows[:8], atol=1e-5)
