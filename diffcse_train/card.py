@@ -43,6 +43,8 @@ def best_card(cfg: TrainConfig, head: dict, metrics: dict) -> str:
     if head.get("normalize"):
         vector += ", L2-normalised"
     objective = "SimCSE (lambda_weight 0)" if cfg.lambda_weight == 0 else "DiffCSE"
+    if metrics.get("objective") == "supervised":  # sent0, sent1[, hard_neg] rows
+        objective = "supervised SimCSE" + (" + RTD on sent0" if cfg.lambda_weight else "")
     rows = [
         ("trained from", f"`{cfg.model_name_or_path}`"),
         ("training text", f"`{cfg.train_file}`"),

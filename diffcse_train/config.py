@@ -28,6 +28,7 @@ from diffcse_runtime.pooling import POOLINGS
 from diffcse_runtime.sts import tasks_with_split
 
 AUGMENTATIONS = ("mlm", "replace", "insert", "delete", "none")
+OBJECTIVES = ("auto", "unsupervised", "supervised")
 GENERATOR_AUGMENTATIONS = ("mlm", "insert")
 POOLING_CHOICES = ("auto", *POOLINGS)
 PROJECTOR_INITS = ("normal", "pytorch")
@@ -77,6 +78,10 @@ class TrainConfig:
     encoding_errors: str = "strict"  # "replace" decodes bad UTF-8 bytes as U+FFFD
     max_seq_length: int = bounded(32, ge=1)
     # --- objective
+    # unsupervised: train_file is sentences (SimCSE/DiffCSE); supervised: rows of sent0,
+    # sent1 and optional hard_neg (supervised SimCSE, diffcse_train/triplets.py); auto:
+    # supervised when train_file is a .csv/.tsv/.jsonl naming sent0 and sent1
+    objective: str = "auto"
     # weight of the replaced-token-detection loss; 0 = SimCSE
     lambda_weight: float = bounded(0.005, ge=0)
     # fraction of non-special tokens edited per sentence
@@ -234,6 +239,7 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
             "(mlm, replace, insert or delete); set lambda_weight: 0 for plain SimCSE"
         )
     if cfg.needs_generator and not cfg.generator_name_or_path:
+    _check_choice(cfg, "objective", OBJECTIVES, where)
         raise ConfigError(
             f"{where}augmentation {cfg.augmentation!r} needs generator_name_or_path "
             "(a masked LM with the encoder's vocabulary); 'replace' and 'delete' need none"

@@ -23,6 +23,7 @@ import torch
 from diffcse_runtime import builtin
 from diffcse_runtime.errors import DataFormatError
 from diffcse_runtime.textio import iter_lines
+from diffcse_train.triplets import Triplet
 
 IGNORE = -100  # label of positions the RTD loss skips (padding)
 
@@ -156,8 +157,10 @@ def insert_masks(ids, attention_mask, ratio, mask_id, pad_id, gen, limit: int):
 class Collator:
     """Tokenize a list of sentences and build D's edited inputs for both dropout views.
 
-    Output keys: input_ids, attention_mask (B rows); when an augmentation is on, also
-    aug_input_ids, aug_attention_mask (2B rows: view 1 of every sentence, then view 2) and
+    Output keys: input_ids, attention_mask (B rows); for triplets also pair_input_ids,
+    pair_attention_mask (the positives, then the hard negatives); when an augmentation is
+    on, also aug_input_ids, aug_attention_mask (2B rows: view 1 of every sentence, then
+    view 2; for triplets B rows, sent0's) and
     either aug_labels (known by construction) or, for generator augmentations, aug_fill
     (positions G overwrites; the model derives the labels after G has run).
     """
@@ -190,12 +193,34 @@ class Collator:
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def __call__(self, sentences: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenize(sentences)
+    def tokenize_triplets(self, rows: list[Triplet]) -> dict[str, torch.Tensor]:
+        """sent0 as input_ids (B rows); sent1 then hard_neg as pair_input_ids (B or 2B rows).
+
+        All are tokenized together, so they share one width and the model encodes them in
+        one pass, each sentence once.
+        """
+        texts = [r.sent0 for r in rows] + [r.sent1 for r in rows]
+        if rows[0].hard_neg is not None:  # all or none in a file (triplets.load_triplets)
+            texts += [r.hard_neg for r in rows]
+        enc, n = self.tokenize(texts), len(rows)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        return {
+            "input_ids": ids[:n],
+            "attention_mask": mask[:n],
+            "pair_input_ids": ids[n:],
+            "pair_attention_mask": mask[n:],
+        }
+
+    def __call__(self, items: list[str] | list[Triplet]) -> dict[str, torch.Tensor]:
+        """A batch of sentences (two dropout views, both edited) or of triplets (supervised:
+        one view of each sentence; only sent0 is edited for D)."""
+        supervised = isinstance(items[0], Triplet)
+        batch = self.tokenize_triplets(items) if supervised else self.tokenize(items)
         if self.augmentation == "none":
             return batch
-        ids = batch["input_ids"].repeat(2, 1)
-        mask = batch["attention_mask"].repeat(2, 1)
+        views = 1 if supervised else 2
+        ids = batch["input_ids"].repeat(views, 1)
+        mask = batch["attention_mask"].repeat(views, 1)
         special = special_mask(ids, self.special_ids)
         gen, ratio = self.generator, self.mask_ratio
         if self.augmentation == "mlm":

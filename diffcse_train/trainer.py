@@ -80,6 +80,7 @@ class Trainer:
         self.resume = resume
         setup = setup or prepare_run(cfg, resume, overwrite)
         self.run_dir, self.device, self.sentences = setup.run_dir, setup.device, setup.sentences
+        self.objective = setup.objective  # unsupervised: sentences; supervised: triplets
         self.out, self.best_dir, self.last_dir = (
             self.run_dir.out,
             self.run_dir.best,
@@ -159,6 +160,7 @@ class Trainer:
             "eval_tasks": self.eval_tasks,
         }
 
+            "objective": self.objective,
     def _evaluate_and_keep_best(self) -> float | None:
         score = self._last_dev = self.evaluate()
         if score is None:
@@ -278,8 +280,9 @@ class Trainer:
         )
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
         log.info(
-            "data: %d sentences from %s; %d steps/epoch, %d steps; objective %s; %s %s",
-            len(self.sentences), cfg.train_file, self.steps_per_epoch, self.total_steps, mode,
+            "data: %d %s from %s; %d steps/epoch, %d steps; objective %s; %s %s",
+            len(self.sentences), "sentences" if self.objective == "unsupervised" else "rows",
+            cfg.train_file, self.steps_per_epoch, self.total_steps, mode,
             self.device.type, precision,
         )  # fmt: skip
         world = distributed.world_size()
@@ -314,6 +317,10 @@ class Trainer:
                 bar.set_postfix(self._postfix(last), refresh=False)
         seconds = time.perf_counter() - started
         return self._summarise(seconds, s.step - first_step, train_seconds, last)
+        if self.objective == "supervised":
+            mode = (
+                f"supervised SimCSE{' + RTD on sent0, ' + mode if cfg.uses_discriminator else ''}"
+            )
 
     def _resume(self) -> None:
         """Restore last/ (weights, optimizer, schedule, every rank's RNGs, the position in the
