@@ -271,3 +271,41 @@ def test_fit_generator_on_a_triplet_file_is_refused(tiny_bert, tmp_path):
     )  # fmt: skip
     with pytest.raises(DiffcseError, match=r"fit_generator fits the generator on one sentence"):
         train(cfg)
+
+
+# ---------------------------------------------------------------- the triplet builder
+
+
+def test_builder_takes_positives_and_hard_negatives_from_train_splits_only(tmp_path):
+    from benchmarks import supervised_data
+
+    sick = tmp_path / "SICK"
+    sick.mkdir()
+    rows = [
+        ("1", "a man plays", "a person plays", "4.5", "ENTAILMENT"),
+        ("2", "a man plays", "nobody plays", "2.0", "CONTRADICTION"),
+        ("3", "a dog runs", "an animal runs", "4.2", "ENTAILMENT"),
+        ("4", "a cat sits", "a cat is sitting", "4.9", "NEUTRAL"),
+    ]
+    lines = ["\t".join(supervised_data.SICK_HEADER)] + ["\t".join(r) for r in rows]
+    write(sick / "SICK_train.txt", "\n".join(lines) + "\n")
+    write(sick / "SICK_trial.txt", "not read\n")
+    stsb = tmp_path / "STSBenchmark"
+    stsb.mkdir()
+    pairs = [("4.5", "kids swim", "children swim"), ("0.5", "kids swim", "stocks fall"),
+             ("2.0", "a car", "a truck")]  # fmt: skip
+    write(stsb / "sts-train.csv", "".join(f"g\tf\t2012\t{i}\t{s}\t{a}\t{b}\n"
+                                          for i, (s, a, b) in enumerate(pairs)))  # fmt: skip
+    write(stsb / "sts-dev.csv", "not read\n")
+    out = tmp_path / "t.csv"
+    counts = supervised_data.build(tmp_path, out, seed=1)
+    assert counts == {"sick_rows": 2, "sick_real_hard_neg": 1, "stsb_rows": 1,
+                      "stsb_real_hard_neg": 1, "rows": 3}  # fmt: skip
+    data = load_triplets(str(out))
+    by_anchor = {t.sent0: t for t in data.triplets}
+    assert by_anchor["a man plays"] == Triplet("a man plays", "a person plays", "nobody plays")
+    assert by_anchor["kids swim"] == Triplet("kids swim", "children swim", "stocks fall")
+    random_neg = by_anchor["a dog runs"].hard_neg
+    assert random_neg not in ("a dog runs", "an animal runs")  # a random sentence of SICK
+    supervised_data.build(tmp_path, out, seed=1, hard_neg=False)
+    assert not load_triplets(str(out)).hard_negatives
