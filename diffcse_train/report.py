@@ -10,7 +10,7 @@ ML engineers judge a run by its curves. Every metrics line the trainer writes pa
   SimCSE and DiffCSE papers) and the cosine of the pairs in each gold-score bucket.
 
 The geometry reuses the vectors the evaluation just computed (`RecordingEncode`), so it costs
-no extra forward pass; nothing runs per training step but a few `add_scalar` calls. At the
+no extra forward pass; per training step it writes one summary event (~0.25 ms). At the
 end, `finish` draws the curves from metrics.jsonl (the run's record, which a resume already
 trimmed) and the geometry into report.png, and writes the same numbers to report.json. The
 geometry is saved to report.json as soon as it is measured, so a resumed run still has the
@@ -183,6 +183,14 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def scalars_summary(values: dict[str, float]):
+    """One step's scalars as ONE summary event: what add_scalar writes per tag (a
+    simple_value), at a seventh of the cost of a call per tag (~0.25 ms a step for ten)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in values.items()])
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -216,29 +224,43 @@ class RunReport:
         the input model or of a new best step, that model's geometry."""
         if not self.main:
             return
-        kind, step = record.get("kind"), record.get("step")
-        if self.cfg.report_to == "tensorboard" and isinstance(step, int):
-            group = "dev" if kind == "eval" else str(kind)
-            for key, value in record.items():
-                if key not in NOT_SCALARS and _number(value):
-                    self._tensorboard(step).add_scalar(f"{group}/{key}", value, step)
-        if kind == "eval":
-            roles = (["input"] if step == 0 else []) + (["best"] if record.get("best") else [])
-            if roles and self.cfg.report and self.eval_dir is not None:
-                measured = analyse(self.encode, self.eval_dir, int(step))
-                self.geometry.update(dict.fromkeys(roles, measured))
-                self._write_json({})  # kept for a --resume
-            self.encode.forget()
+        if self.cfg.report_to == "tensorboard" and isinstance(record.get("step"), int):
+            self._scalars(record)
+        if record.get("kind") == "eval":
+            self._measure(record)
+
+    def _scalars(self, record: dict) -> None:
+        """train/<key> per step, dev/<key> per evaluation, d_warmup/<key> per warm-up step.
+        D's warm-up steps come before step 1, so they are drawn at steps 1-n..0: a resume's
+        purge (steps after its checkpoint) never hides them."""
+        kind, step = record["kind"], record["step"]
+        if kind == "d_warmup":  # warm-up steps 1..n are drawn at 1-n..0
+            step -= getattr(self.cfg, "discriminator_warmup_steps", 0)
+        group = "dev" if kind == "eval" else str(kind)
+        values = {f"{group}/{k}": v for k, v in record.items() if k not in NOT_SCALARS}
+        values = {tag: float(v) for tag, v in values.items() if _number(v)}
+        if values:
+            self._tensorboard(step).add_summary(scalars_summary(values), step)
+
+    def _measure(self, record: dict) -> None:
+        """The geometry of the model just evaluated, when it is the input or a new best."""
+        step = int(record["step"])
+        roles = (["input"] if step == 0 else []) + (["best"] if record.get("best") else [])
+        if roles and self.cfg.report and self.eval_dir is not None:
+            measured = analyse(self.encode, self.eval_dir, step)
+            self.geometry.update(dict.fromkeys(roles, measured))
+            self._write_json({})  # kept for a --resume, which does not evaluate step 0 again
+        self.encode.forget()
 
     def _tensorboard(self, first_step: int):
-        """The SummaryWriter, opened at the first scalar. A resumed run starts a new event
-        file whose purge_step hides the old file's events of the steps now redone."""
+        """The SummaryWriter's event file, opened at the first scalar. A resumed run starts
+        a new file whose purge_step hides the old file's events of the steps now redone."""
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = first_step if self.resume else None
             self.writer = SummaryWriter(str(self.out / TENSORBOARD_DIR), purge_step=purge)
-        return self.writer
+        return self.writer.file_writer
 
     def close(self) -> None:
         """Flush and close the event file (at the end, and when the run is interrupted)."""
