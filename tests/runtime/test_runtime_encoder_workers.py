@@ -76,9 +76,10 @@ def test_pickles_by_path_and_settings(encoder):
 
 
 def test_spin_off_sleeps_idle_threads_and_survives_pickling(encoder):
-    """diffcse-serve turns spinning off; the setting reaches the session and a worker."""
+    """diffcse-serve turns spinning off; the setting reaches the session and a worker
+    (an onnxruntime setting: OpenVINO, auto's choice when installed, has no such switch)."""
     key = "session.intra_op.allow_spinning"
-    quiet = Encoder(encoder.path, spin=False)
+    quiet = Encoder(encoder.path, spin=False, backend="onnxruntime")
     assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
     clone = pickle.loads(pickle.dumps(quiet))
     assert clone.session.get_session_options().get_session_config_entry(key) == "0"
