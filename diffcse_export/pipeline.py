@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffcse_export import graph, validate, variants
+from diffcse_export import graph, openvino_gate, validate, variants
 from diffcse_export.cls_layer import CLS_PRUNED
 from diffcse_export.errors import ExportError, ValidationError, first_line
 from diffcse_export.model_card import write_model_cards
@@ -201,6 +201,9 @@ def _variant(
         report.notes.append(validate.FP16_ON_CPU)
     report.notes += ref.graph_notes
     report.failures = validate.gate(report)
+    report.failures += openvino_gate.check(
+        report, folder, ref.inputs, ref.expected, ref.sts, opts.sts_data
+    )
     meta.validation = {**report.to_json(), **_provenance(ref.export_seconds)}
     write_metadata(folder, meta)
     return report

@@ -94,6 +94,7 @@ class VariantReport:
     numeric: dict[str, Any] = field(default_factory=dict)
     sts: dict[str, Any] = field(default_factory=dict)
     fused_ops: dict[str, int] = field(default_factory=dict)
+    openvino: dict[str, Any] = field(default_factory=dict)  # openvino_gate: its backend's leg
     build_seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -210,7 +211,8 @@ def sts_score(encode: EncodeFn, sts_data: Path) -> dict[str, Any]:
 
 def semantic_parity(model_dir: Path, reference: dict[str, Any], sts_data: Path) -> dict[str, Any]:
     """Score the staged model directory with the runtime Encoder; compare to PyTorch."""
-    onnx = sts_score(Encoder(model_dir), sts_data)["spearman"]
+    # onnxruntime, as numeric parity runs it (Encoder's "auto" may take OpenVINO)
+    onnx = sts_score(Encoder(model_dir, backend="onnxruntime"), sts_data)["spearman"]
     return {
         "task": STS_TASK,
         "split": STS_SPLIT,
