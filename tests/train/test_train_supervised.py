@@ -309,3 +309,60 @@ def test_builder_takes_positives_and_hard_negatives_from_train_splits_only(tmp_p
     assert random_neg not in ("a dog runs", "an animal runs")  # a random sentence of SICK
     supervised_data.build(tmp_path, out, seed=1, hard_neg=False)
     assert not load_triplets(str(out)).hard_negatives
+
+
+# ---------------------------------------------------------------- DDP
+
+
+@pytest.mark.slow  # torchrun, 2 processes (~20 s)
+def test_one_ddp_step_on_triplets_equals_one_single_process_step(tiny_bert, tmp_path):
+    """Each rank's positives and hard negatives are every rank's candidates (gather_negatives),
+    so 2 processes of B rows take the step one process of 2B rows takes (float64, no dropout,
+    SGD at lr 1: the update is the gradient). RTD on sent0 rides along at lambda 1."""
+    import os
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from tests.support.ddp_worker import build_trainer
+
+    b, root = 4, Path(__file__).resolve().parents[2]
+    bert = tmp_path / "bert"
+    AutoModel.from_pretrained(
+        tiny_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    ).save_pretrained(bert)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(bert)
+    data = triplet_csv(tmp_path / "t.csv", 16)
+    rows = load_triplets(str(data)).triplets[: 2 * b]
+    batch = Collator(load_tokenizer(str(bert)), 32, "replace", 0.3, seed=11)(rows)
+    torch.save(batch, tmp_path / "batch.pt")
+    cfg = tiny_run_cfg(
+        bert, data, tmp_path / "ddp", batch_size=b, augmentation="replace", lambda_weight=1.0,
+        temperature=0.5, max_grad_norm=0.0, max_steps=1, seed=3,
+    )  # fmt: skip
+    scenario = {"name": "sup", "config": asdict(cfg), "optimizer": "sgd"}
+    spec = {"scenarios": [{**scenario, "batch": str(tmp_path / "batch.pt")}]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    worker = str(root / "tests" / "support" / "ddp_worker.py")
+    proc = subprocess.run(
+        [*cmd, worker, str(tmp_path / "spec.json")], cwd=root, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp" / "params.pt")
+
+    single_cfg = tiny_run_cfg(
+        bert, data, tmp_path / "single", batch_size=2 * b, augmentation="replace",
+        lambda_weight=1.0, temperature=0.5, max_grad_norm=0.0, max_steps=1, seed=3,
+    )  # fmt: skip
+    trainer = build_trainer(single_cfg, "sgd")
+    before = {k: v.clone() for k, v in trainer.model.trainable_state_dict().items()}
+    trainer.train_step(batch)
+    single = trainer.model.trainable_state_dict()
+    moved = max((before[k].double() - single[k].double()).abs().max().item() for k in before)
+    assert moved > 1e-4
+    assert max((ddp[k].double() - single[k].double()).abs().max().item() for k in ddp) < 1e-6
