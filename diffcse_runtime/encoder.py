@@ -43,7 +43,12 @@ from diffcse_runtime.conventions import (
 from diffcse_runtime.errors import ModelDirError
 from diffcse_runtime.inputs import as_text_list, iter_text_chunks
 from diffcse_runtime.model_dir import MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, load_metadata
-from diffcse_runtime.openvino_backend import OpenVINOSession, check_backend, resolve_backend
+from diffcse_runtime.openvino_backend import (
+    OpenVINOSession,
+    check_backend,
+    gate_warning,
+    resolve_backend,
+)
 from diffcse_runtime.truncation import (
     CUT_CHARS_PER_TOKEN,
     CUT_MAX_CHARS_PER_TOKEN,
@@ -154,6 +159,7 @@ class Encoder:
                 self.path / MODEL_FILE, intra_op_threads, inference_precision, streams
             )
             self.inference_precision = self.session.precision
+            provider_checks.warn(gate_warning(self.meta.validation, self.session.precision))
         else:
             self.session = self._make_session(chosen, intra_op_threads)
         self._inputs = {i.name for i in self.session.get_inputs()}

@@ -101,6 +101,25 @@ def resolve_backend(
     return "onnxruntime"
 
 
+def gate_warning(validation: Mapping[str, Any], precision: str) -> str | None:
+    """Why the precision OpenVINO runs was not validated for this model, or None.
+
+    Export records its OpenVINO leg in diffcse.json (`validation.openvino`); a precision
+    it measured and failed, or one it did not measure, is worth one WARNING.
+    """
+    record = validation.get("openvino")
+    if not isinstance(record, Mapping) or precision not in ("f32", "bf16"):
+        return None
+    got = record.get(precision)
+    if isinstance(got, Mapping) and got.get("passed") is False:
+        return (
+            f"OpenVINO {precision} missed the export's parity limits for this model "
+            f"({'; '.join(map(str, got.get('failures', [])))}); inference_precision='f32' "
+            "or backend='onnxruntime' give the validated vectors"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class _Input:
     """What `Encoder` reads from an onnxruntime `NodeArg`: the input's name."""

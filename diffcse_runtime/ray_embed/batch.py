@@ -75,9 +75,18 @@ class TextEmbedder:
         intra_op_threads: int = 1,
         batch_size: int = 64,
         normalize: bool = False,
+        backend: str = "auto",
+        inference_precision: str = "f32",
     ) -> None:
+        """`backend`, `inference_precision`: as `Encoder`'s (OpenVINO needs the openvino
+        extra on every worker)."""
         _share_tokenizer_threads(intra_op_threads)
-        self.encoder = Encoder(model_dir, intra_op_threads=intra_op_threads)
+        self.encoder = Encoder(
+            model_dir,
+            intra_op_threads=intra_op_threads,
+            backend=backend,
+            inference_precision=inference_precision,
+        )
         self.text_column = text_column
         self.output_column = output_column
         self.batch_size = batch_size

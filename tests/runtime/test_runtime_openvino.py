@@ -3,7 +3,9 @@ threads, errors, and the CLI option (extra `diffcse[openvino]`, part of `dev`)."
 
 from __future__ import annotations
 
+import logging
 import pickle
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +16,7 @@ from diffcse_runtime import Encoder
 from diffcse_runtime import openvino_backend as ovb
 from diffcse_runtime.cli import embed
 from diffcse_runtime.errors import DiffcseError
+from diffcse_runtime.model_dir import load_metadata, write_metadata
 from tests.support import tiny
 from tests.support.cli import run
 
@@ -141,3 +144,31 @@ def test_embed_cli_runs_on_the_chosen_runtime(tiny_model_dir, ort_rows, tmp_path
         result = run(embed, args)
         assert result.exit_code == 0, result.output
         np.testing.assert_allclose(np.load(out), ort_rows[:8], atol=1e-5)
+
+
+def test_a_precision_the_export_gate_failed_is_warned_about(tiny_model_dir, tmp_path, caplog):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    meta = load_metadata(folder)
+    assert meta.validation["openvino"]["f32"]["passed"] is True  # export measured it
+    with caplog.at_level(logging.WARNING, logger="diffcse_runtime"):
+        Encoder(folder, backend="openvino")
+    assert not [r for r in caplog.records if "parity limits" in r.getMessage()]
+    meta.validation["openvino"]["f32"].update(passed=False, failures=["min cosine 0.9 < 0.99"])
+    write_metadata(folder, meta)
+    with caplog.at_level(logging.WARNING, logger="diffcse_runtime"):
+        Encoder(folder, backend="openvino")
+    (message,) = [r.getMessage() for r in caplog.records if "parity limits" in r.getMessage()]
+    assert "OpenVINO f32 missed" in message and "min cosine 0.9 < 0.99" in message
+
+
+def test_ray_text_embedder_passes_the_runtime_choice_through(tiny_model_dir, ort_rows):
+    pa = pytest.importorskip("pyarrow")
+    from diffcse_runtime.ray_embed.batch import TextEmbedder
+
+    for backend in ("openvino", "onnxruntime"):
+        embedder = TextEmbedder(tiny_model_dir, backend=backend)
+        assert embedder.encoder.backend == backend
+        out = embedder(pa.table({"text": TEXTS[:4]}))
+        rows = np.asarray(out.column("embedding").to_pylist(), dtype=np.float32)
+        np.testing.assert_allclose(rows, ort_rows[:4], atol=1e-5)
