@@ -300,6 +300,8 @@ class RunReport:
         if self.eval_dir is None:
             where = self.cfg.eval_data_dir or "(eval_data_dir is not set)"
             return f"no STS-B dev data under {where}"
+        if self.resume:
+            return "not measured: this run was resumed and its earlier report.json was not found"
         return "no geometry was measured (no evaluation ran)"
 
     def _series(self, selected_step: int | None) -> dict[str, Any]:
