@@ -255,3 +255,20 @@ def test_missing_tensorboard_is_named_before_training(monkeypatch):
     report_module.check_available(cfg)  # report_to: none needs no tensorboard
     with pytest.raises(DiffcseError, match=r'report_to.*pip install "diffcse\[train\]"'):
         report_module.check_available(replace(cfg, report_to="tensorboard"))
+
+
+def test_the_geometry_reuses_the_vectors_the_evaluation_computed(sts_dir):
+    calls = []
+
+    def encode(sentences: list[str]) -> np.ndarray:
+        calls.append(len(sentences))
+        seeds = [sum(map(ord, s)) for s in sentences]
+        return np.stack([np.random.default_rng(s).normal(size=8) for s in seeds])
+
+    recording = report_module.RecordingEncode(encode)
+    sts.evaluate(recording, sts_dir, ["STSBenchmark"], split="dev")
+    first = report_module.analyse(recording, sts_dir, step=4)
+    assert len(calls) == 1  # no second forward pass over the dev set
+    recording.forget()
+    assert report_module.analyse(recording, sts_dir, step=4) == first
+    assert len(calls) == 2  # after forget, encoded afresh (and the same numbers)
