@@ -129,6 +129,115 @@ def encode_tables(name: str, threads: int) -> str:
     )
 
 
+OLD_ENCODE_COMMAND = "python -m benchmarks.encode --rounds 5"
+OLD_ENCODE_MEASURES = (
+    "PyTorch vs sentence-transformers (ONNX, int8) vs diffcse_runtime fp32 / optimized / "
+    "int8, and each one's STS-B dev score"
+)
+
+
+def encode_is_paired(data: dict) -> bool:
+    """A result of the current encode.py (baseline st-torch, ours / best peer); older files
+    (baseline pytorch, encode_2threads.json beside them) render as they always did."""
+    return "baseline" in data and "peers" in data
+
+
+def encode_command() -> str:
+    data = load("encode.json")
+    return data.get("command", OLD_ENCODE_COMMAND) if encode_is_paired(data) else OLD_ENCODE_COMMAND
+
+
+def encode_measures() -> str:
+    if not encode_is_paired(load("encode.json")):
+        return OLD_ENCODE_MEASURES
+    return (
+        "sentence-transformers (torch, ONNX, ONNX int8, OpenVINO, OpenVINO static int8) vs "
+        "diffcse_runtime (onnxruntime and OpenVINO, fp32 and int8), ours / best peer, and each "
+        "one's STS-B dev score, cosine to our fp32 and batch independence"
+    )
+
+
+def encode_section() -> str:
+    data = load("encode.json")
+    if not encode_is_paired(data):
+        return encode_tables("encode.json", 1) + "\n\n" + encode_tables("encode_2threads.json", 2)
+    return paired_encode_tables(data, "encode.json")
+
+
+def _cell(row: dict, baseline: bool) -> str:
+    """sentences/s, with the ratio to the baseline in brackets (not for the baseline)."""
+    speed = f"{row['sent/s']:.0f}"
+    return (
+        speed
+        if baseline or row.get("x baseline") is None
+        else f"{speed} ({row['x baseline']:.1f}x)"
+    )
+
+
+def machine_extra(data: dict) -> str:
+    """The CPU's vector extensions (they decide int8 and bf16 speed) and the load."""
+    m = data.get("machine", {})
+    loads = "; ".join(
+        f"{key}: {' '.join(str(x) for x in values)}"
+        for key, values in data.get("load_per_round", {}).items()
+    )
+    return (
+        f"CPU flags: {' '.join(m.get('cpu_flags', [])) or '?'}. "
+        f"Load average after each round: {loads or '?'}."
+    )
+
+
+def paired_encode_tables(data: dict, name: str) -> str:
+    """Per thread count: sentences/s of every contender with its paired ratio to the
+    baseline, then ours / best peer (paired per round: median, min-max); then quality."""
+    base, peers = data["baseline"], data["peers"]
+    ran = list(dict.fromkeys(r["contender"] for r in data["rows"]))
+    contenders = [c for c in [base, *peers] if c in ran] + [
+        c for c in ran if c not in peers + [base]
+    ]
+    ours = [c for c in contenders if c.startswith("ours-")]
+    parts = [
+        machine(data, name),
+        f"Cells: sentences/s (median of {data.get('repeats', '?')} interleaved rounds), the "
+        f"ratio to {base} in brackets (median of per-round paired ratios). "
+        "ours / best peer: each round's time of the cell's fastest peer "
+        f"({', '.join(peers)}) over ours, median (min-max).",
+        machine_extra(data),
+    ]
+    for threads in sorted({r["threads"] for r in data["rows"]}):
+        cells: dict[tuple, dict] = {}
+        for row in data["rows"]:
+            if row["threads"] == threads:
+                key = (row["device"], row["texts"], row["batch"])
+                cells.setdefault(key, {})[row["contender"]] = row
+        speed, ratios = [], []
+        for (device, texts, batch), by in cells.items():
+            head = {"device": device, "texts": texts, "batch": batch}
+            speed.append(head | {c: _cell(by[c], c == base) for c in contenders if c in by})
+            peer = next((by[c].get("best peer") for c in ours if c in by), None)
+            ratio = {
+                c: f"{by[c]['x best peer']:.2f}x ({by[c]['x best peer min']:.2f}-"
+                f"{by[c]['x best peer max']:.2f})"
+                for c in ours
+                if c in by and "x best peer" in by[c]
+            }
+            ratios.append(head | {"best peer": peer} | ratio)
+        label = "thread" if threads == 1 else "threads"
+        parts += [
+            f"**{threads} {label}**, sentences/s:",
+            table(speed, ["device", "texts", "batch", *contenders]),
+            f"**{threads} {label}**, ours / best peer:",
+            table(ratios, ["device", "texts", "batch", "best peer", *ours]),
+        ]
+    ref = data.get("reference", "ours-fp32")
+    quality = [{"contender": c, **q} for c, q in data["quality"].items()]
+    cols = ["stsb_dev_spearman", f"min_cosine_to_{ref}", "batch_independence_min_cosine"]
+    names = ["STS-B dev Spearman x100", f"min cosine to {ref}", "alone vs batched: min cosine"]
+    fmt_spec = dict(zip(cols, [".2f", ".4f", ".4f"], strict=True))
+    parts.append(table(quality, ["contender", *cols], ["contender", *names], fmt_spec))
+    return "\n\n".join(parts)
+
+
 def rows_table(name: str, columns: list[str], key: str = "rows") -> Callable[[], str]:
     def render() -> str:
         data = load(name)
@@ -248,8 +357,8 @@ def gpu_quality_tables() -> str:
 class Bench:
     title: str
     script: str
-    measures: str
-    command: str
+    measures: str | Callable[[], str]  # a callable: read from the result file
+    command: str | Callable[[], str]
     render: Callable[[], str]
     notes: str  # benchmarks/notes/ file with the narrative
 
@@ -258,10 +367,9 @@ BENCHES = [
     Bench(
         "Encoding throughput",
         "encode.py",
-        "PyTorch vs sentence-transformers (ONNX, int8) vs diffcse_runtime fp32 / optimized / "
-        "int8, and each one's STS-B dev score",
-        "python -m benchmarks.encode --rounds 5",
-        lambda: encode_tables("encode.json", 1) + "\n\n" + encode_tables("encode_2threads.json", 2),
+        encode_measures,
+        encode_command,
+        encode_section,
         "runtime.md",
     ),
     Bench(
@@ -404,7 +512,12 @@ medians are reported. The model (`--model DIR`) is all-MiniLM-L6-v2 from the PyP
 another. Timings belong here, never in tests."""
 
 
+def text(value: str | Callable[[], str]) -> str:
+    return value() if callable(value) else value
+
+
 def benchmarks_page(notes_link: Callable[[str], str], results_prefix: str) -> str:
+    resolve = [(b, text(b.measures), text(b.command)) for b in BENCHES]
     parts = [
         GENERATED.format(source="benchmarks/results/*.json"),
         "# Benchmarks",
@@ -413,13 +526,15 @@ def benchmarks_page(notes_link: Callable[[str], str], results_prefix: str) -> st
         "means is in the notes linked under each table.",
         CONVENTIONS,
         "| benchmark | measures | command |\n|---|---|---|"
-        + "".join(f"\n| {b.title} | {b.measures} | `{b.command}` |" for b in BENCHES),
+        + "".join(
+            f"\n| {b.title} | {measures} | `{command}` |" for b, measures, command in resolve
+        ),
     ]
-    for b in BENCHES:
+    for b, measures, command in resolve:
         body = b.render().replace("*`results/", f"*`{results_prefix}")
         parts += [
             f"## {b.title}",
-            f"`{b.command}`: {b.measures}. Notes: {notes_link(b.notes)}.",
+            f"`{command}`: {measures}. Notes: {notes_link(b.notes)}.",
             body,
         ]
     return "\n\n".join(parts) + "\n"
