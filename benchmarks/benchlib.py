@@ -38,6 +38,9 @@ VERSIONED = (
     "sentence-transformers",
     "optimum",
     "optimum-onnx",
+    "optimum-intel",
+    "openvino",
+    "nncf",
     "faiss-cpu",
     "usearch",
 )
@@ -61,8 +64,9 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> list[str]:
-    """The vector extensions that change onnxruntime's speed (AVX2 vs AVX-512 VNNI vs AMX):
-    machines here differ in them, so every figure records them."""
+    """The vector extensions that change onnxruntime's and OpenVINO's speed (AVX2 vs AVX-512
+    VNNI vs AVX512-BF16 / AMX, where OpenVINO runs bf16): machines here differ in them, so
+    every figure records them."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -70,7 +74,8 @@ def cpu_flags() -> list[str]:
     flags = next(
         (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
     )
-    return [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags]
+    wanted = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    return [f for f in (*wanted, "amx_int8") if f in flags]
 
 
 def proc_stat(pid: int | str) -> tuple[int, float] | None:

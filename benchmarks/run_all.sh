@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}  # PY=python with a venv activated
 mkdir -p benchmarks/results
-[ -x benchmarks/.venv-st-onnx/bin/python ] || bash benchmarks/setup_st_onnx_venv.sh
+[ -x benchmarks/.venv-st/bin/python ] || bash benchmarks/setup_st_venv.sh
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(encode profile_encoder cold_start footprint train_step retrieval_scale quality run_plan serve serve_layout)
 for name in "${names[@]}"; do
