@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from diffcse_runtime.errors import DiffcseError, ModelDirError, first_line
+from diffcse_runtime.model_dir import OUTPUT_NAME
 
 BACKENDS = ("auto", "onnxruntime", "openvino")
 INFERENCE_PRECISIONS = ("auto", "f32", "bf16")
@@ -46,6 +47,7 @@ INFERENCE_PRECISIONS = ("auto", "f32", "bf16")
 AUTO_PREFERS_OPENVINO = True
 INSTALL_HINT = 'pip install "diffcse[openvino]"'
 _OV_PRECISION = {"f32": "f32", "bf16": "bf16"}
+CONTRACT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def openvino_available() -> bool:
@@ -164,11 +166,14 @@ class OpenVINOSession:
                 f"{self.precision}); it needs AVX512-BF16 or AMX: use 'f32' or 'auto'"
             )
         self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
-        self._names = [port.get_any_name() for port in self.compiled.inputs]
+        # a tensor may carry several names (a quantized graph renames some): keep the ports,
+        # found by the names the model directory's contract uses
+        self._inputs = {_contract_name(port): port for port in self.compiled.inputs}
+        self._output = self.compiled.output(OUTPUT_NAME)
         self._local = threading.local()
 
     def get_inputs(self) -> list[_Input]:
-        return [_Input(name) for name in self._names]
+        return [_Input(name) for name in self._inputs]
 
     def get_providers(self) -> list[str]:
         """The device, in the place onnxruntime names its providers (for logs and info)."""
@@ -185,13 +190,21 @@ class OpenVINOSession:
         return {key: _type_name(self.compiled.get_property(key)) for key in keys}
 
     def run(self, output_names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """The named outputs as float32 arrays the caller owns (OpenVINO reuses its buffers)."""
+        """`sentence_embedding` (the one output of the contract) as a float32 array the
+        caller owns (OpenVINO reuses its buffers)."""
+        if list(output_names) != [OUTPUT_NAME]:
+            raise ValueError(f"the OpenVINO session returns only {OUTPUT_NAME!r}")
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        results = request.infer({name: feed[name] for name in self._names})
-        by_name = {port.get_any_name(): value for port, value in results.items()}
-        return [np.array(by_name[name], dtype=np.float32, copy=True) for name in output_names]
+        results = request.infer({port: feed[name] for name, port in self._inputs.items()})
+        return [np.array(results[self._output], dtype=np.float32, copy=True)]
+
+
+def _contract_name(port: Any) -> str:
+    """The input's name as model_dir's contract spells it, among the tensor's names."""
+    names = port.get_names()
+    return next((n for n in CONTRACT_INPUTS if n in names), port.get_any_name())
 
 
 def _type_name(value: Any) -> str:
