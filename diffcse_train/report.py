@@ -191,6 +191,18 @@ def scalars_summary(values: dict[str, float]):
     return Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in values.items()])
 
 
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinity as null: report.json stays valid JSON, and a
+    degenerate number never stops a training run at an evaluation."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -332,7 +344,7 @@ class RunReport:
         if not self.geometry:
             body["geometry_missing"] = self._no_geometry()
         with atomic_file(self.out / REPORT_JSON, "w") as fh:
-            json.dump(body, fh, indent=1, allow_nan=False)
+            json.dump(finite(body), fh, indent=1, allow_nan=False)
             fh.write("\n")
 
 

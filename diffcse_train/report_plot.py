@@ -137,7 +137,7 @@ def _box(bucket: dict) -> dict:
 
 def _alignment_uniformity(ax, geometry: dict[str, dict], missing: str) -> None:
     ax.set_title("alignment vs uniformity, STS-B dev (lower is better)")
-    shown = {k: g for k, g in geometry.items() if g.get("alignment") is not None}
+    shown = {k: g for k, g in geometry.items() if None not in (g["alignment"], g["uniformity"])}
     if not shown:
         why = missing if not geometry else "no STS-B dev pair has gold >= 4"
         _say(ax, f"alignment/uniformity not measured: {why}")
