@@ -83,20 +83,49 @@ def train_cmd(config_path, overrides, resume, overwrite, quiet):
     cfg = load_config(config_path, list(overrides))
     if resume and overwrite:
         raise DiffcseError("--resume and --overwrite cannot be used together")
-    from diffcse_train.trainer import train
-
     release_now = bool(cfg.export_dir) and distributed.launch_env().rank == 0
     if release_now:
         from diffcse_train.release import check_before_training
 
         check_before_training(cfg, overwrite or resume)
-    train(cfg, resume=resume, overwrite=overwrite)
+    arms = train_arms(cfg, resume, overwrite)
     if release_now:  # export + before/after table, once, after the process group ends
-        from diffcse_train.release import format_rows, release
+        from diffcse_train.release import format_rows, release, shipped_line
 
-        rows = release(cfg, overwrite=overwrite or resume)
+        rows = release(cfg, overwrite=overwrite or resume, arms=arms)
         if rows:
             click.echo("before vs after training:\n" + format_rows(rows))
+        if len(arms) > 1:
+            from diffcse_train.compare import pick
+
+            click.echo(shipped_line(arms, pick(arms), cfg))
+        for arm in arms:
+            if arm.report:
+                click.echo(f"report ({arm.name}): {arm.report}")
+
+
+def train_arms(cfg, resume: bool, overwrite: bool) -> list:
+    """Train `cfg` and, with compare_with: simcse, its SimCSE twin; return both arms."""
+    from diffcse_train import compare, distributed
+    from diffcse_train.trainer import train
+
+    if cfg.compare_with != "none":
+        if distributed.launch_env().world_size > 1:
+            raise DiffcseError(
+                "compare_with: simcse trains two runs one after the other and is not "
+                "supported under torchrun; train the twin as its own run instead"
+            )
+        compare.check_arm(cfg, resume, overwrite)  # a busy twin folder, before any training
+    summary = train(cfg, resume=resume, overwrite=overwrite)
+    arms = [compare.Arm.of(compare.objective_name(cfg), cfg, summary)]
+    if cfg.compare_with == "simcse":
+        twin = compare.simcse_arm(cfg)
+        logging.getLogger("diffcse_train").info(
+            "compare_with: simcse: training the SimCSE twin in %s", twin.output_dir
+        )
+        twin_summary = train(twin, resume=compare.arm_resumes(twin, resume), overwrite=overwrite)
+        arms.append(compare.Arm.of("SimCSE", twin, twin_summary))
+    return arms
 
 
 _FIT = FitSettings()  # the fit-generator option defaults

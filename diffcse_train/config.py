@@ -40,7 +40,7 @@ REPORT_TO = ("none", "tensorboard")
 # Keys that may change between a killed run and its --resume without changing the math.
 RESUME_FREE_KEYS = (
     "eval_data_dir", "save_steps", "output_dir", "export_dir", "export_variants",
-    "report", "report_to",
+    "report", "report_to", "compare_with",
 )  # fmt: skip
 # Keys earlier versions had. Their saved configs (train_config.yaml, every key written) list
 # them as null, which is dropped so those runs still resume; any other value is refused.
@@ -100,6 +100,16 @@ class TrainConfig:
     generator_train_mode: bool = True  # G's dropout on while training (still frozen, no grad)
     rtd_loss_over_padding: bool = True  # RTD loss averages over padding too, as label "kept"
     gather_negatives: bool = True  # under torchrun: every rank's sentences are negatives
+    # levers for the RTD term on short budgets (each off by default; measured in
+    # benchmarks/README.md "Making RTD pull its weight"):
+    # D's (and its head's) own peak learning rate; null = learning_rate. With AdamW, lambda
+    # scales D's gradients but barely its steps, so D learns at this rate whatever lambda is
+    discriminator_learning_rate: float | None = bounded(None, gt=0, le=1)
+    # before the joint steps, this many steps train D alone (f frozen, h detached) on G's
+    # edits, so D's gradient into h carries signal from the first joint step
+    discriminator_warmup_steps: int = bounded(0, ge=0)
+    # lambda rises linearly from 0 to lambda_weight over the first N joint steps
+    lambda_warmup_steps: int = bounded(0, ge=0)
     # --- optimisation
     # per process (>= 2: in-batch negatives); under torchrun the global batch is
     # batch_size x WORLD_SIZE
@@ -122,6 +132,9 @@ class TrainConfig:
     # STSBenchmark alone is the official protocol; adding SICKRelatedness (its trial split)
     # guards against a model that only learns STS-B dev
     eval_tasks: str = "STSBenchmark"
+    # the eval tasks whose mean picks best/ (comma-separated); empty = all of eval_tasks.
+    # The paper selects on STSBenchmark alone and reports the others as second opinions
+    select_on: str = ""
     # the input model (step 0) competes for best/: a run that never beats it ships it as is
     keep_initial: bool = False
     # with keep_initial: a step replaces the input model only if it beats it on EVERY eval
@@ -134,6 +147,9 @@ class TrainConfig:
     # table (input model vs trained, STS-B dev and SICK-R trial, through the runtime)
     export_dir: str | None = None
     export_variants: str = "int8"  # comma-separated extra variants: optimized, int8, fp16
+    # simcse: also train the SimCSE twin (lambda_weight 0, no augmentation, same everything
+    # else) in OUTPUT_DIR-simcse and ship whichever scores higher at selection (compare.py)
+    compare_with: str = "none"
     # --- the run's report (diffcse_train/report.py)
     # report.png + report.json in output_dir: dev curves, losses, D, STS-B dev geometry
     report: bool = True
@@ -155,6 +171,12 @@ class TrainConfig:
     @property
     def uses_discriminator(self) -> bool:
         return self.lambda_weight > 0
+
+    @property
+    def select_tasks(self) -> list[str]:
+        """The eval tasks whose mean Spearman picks best/ (`select_on`, else all of them)."""
+        chosen = self.select_on or self.eval_tasks
+        return [t.strip() for t in chosen.split(",") if t.strip()]
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -217,6 +239,7 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
     for key in ("model_name_or_path", "train_file", "output_dir"):
         if not getattr(cfg, key):
             raise ConfigError(f"{where}key {key!r} is required")
+    _check_choice(cfg, "objective", OBJECTIVES, where)
     _check_choice(cfg, "augmentation", AUGMENTATIONS, where)
     _check_choice(cfg, "projector", PROJECTORS, where)
     _check_choice(cfg, "pooling", POOLING_CHOICES, where)
@@ -228,7 +251,19 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
                 f"{where}key 'eval_tasks': {task.strip()!r} has no dev split; use "
                 f"{' and/or '.join(dev_tasks)} (comma-separated)"
             )
+    chosen = [t.strip() for t in cfg.eval_tasks.split(",")]
+    for task in cfg.select_tasks:
+        if task not in chosen:
+            raise ConfigError(
+                f"{where}key 'select_on': {task!r} is not one of eval_tasks ({cfg.eval_tasks})"
+            )
     _check_choice(cfg, "condition_on", CONDITIONS, where)
+    _check_choice(cfg, "compare_with", ("none", "simcse"), where)
+    if cfg.compare_with == "simcse" and not cfg.uses_discriminator:
+        raise ConfigError(
+            f"{where}compare_with: simcse compares DiffCSE with SimCSE, but this run is "
+            "already SimCSE (lambda_weight 0); set compare_with: none"
+        )
     _check_choice(cfg, "precision", PRECISIONS, where)
     _check_choice(cfg, "device", DEVICES, where)
     _check_choice(cfg, "encoding_errors", ENCODING_ERRORS, where)
@@ -239,7 +274,6 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
             "(mlm, replace, insert or delete); set lambda_weight: 0 for plain SimCSE"
         )
     if cfg.needs_generator and not cfg.generator_name_or_path:
-    _check_choice(cfg, "objective", OBJECTIVES, where)
         raise ConfigError(
             f"{where}augmentation {cfg.augmentation!r} needs generator_name_or_path "
             "(a masked LM with the encoder's vocabulary); 'replace' and 'delete' need none"

@@ -259,6 +259,18 @@ class DiffCSE(nn.Module):
         out["loss"] = loss
         return out
 
+    def discriminator_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """D alone on G's edits, conditioned on h with no gradient into f: D's warm start
+        (`discriminator_warmup_steps`), so that its gradient into h means something from
+        the first joint step."""
+        with torch.no_grad():
+            pooled, h = self.views(batch)
+        ids, mask, labels = self.edited_inputs(batch)
+        condition = (h if self.condition_on == "projector" else pooled)[: len(ids)]
+        logits = self.discriminator(ids, mask, condition)
+        loss, stats = rtd_loss(logits, labels, self.rtd_over_padding)
+        return {"loss": loss, "loss_rtd": loss.detach(), **stats}
+
 
 # ---------------------------------------------------------------- loading
 

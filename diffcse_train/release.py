@@ -24,6 +24,7 @@ from diffcse_runtime import builtin, sts
 from diffcse_runtime.atomic import atomic_file, check_replaceable
 from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.errors import DiffcseError
+from diffcse_train.compare import Arm, objective_name, pick
 from diffcse_train.config import TrainConfig
 
 log = logging.getLogger("diffcse_train")
@@ -66,17 +67,16 @@ def _options(cfg: TrainConfig, variants: list[str], overwrite: bool, sts_data: P
     )
 
 
-def export_trained(cfg: TrainConfig, overwrite: bool) -> dict[str, Path]:
-    """Export OUTPUT_DIR/best with its own pooling; return {variant: model directory}."""
+def export_trained(cfg: TrainConfig, overwrite: bool, best: Path | None = None) -> dict[str, Path]:
+    """Export `best` (OUTPUT_DIR/best) with its own pooling; return {variant: model directory}."""
     from diffcse_export import export_model, format_table, target_dirs
 
+    best = best or Path(cfg.output_dir) / "best"
     variants = export_variants(cfg)
     sts_data = Path(cfg.eval_data_dir) if cfg.eval_data_dir else None
     opts = _options(cfg, variants, overwrite, sts_data)
-    log.info(
-        "exporting %s/best to %s (%s)", cfg.output_dir, cfg.export_dir, ", ".join(opts.variants())
-    )
-    reports = export_model(Path(cfg.output_dir) / "best", cfg.export_dir, opts)
+    log.info("exporting %s to %s (%s)", best, cfg.export_dir, ", ".join(opts.variants()))
+    reports = export_model(best, cfg.export_dir, opts)
     log.info("%s", format_table(reports))
     return dict(target_dirs(cfg.export_dir, opts.variants()))
 
@@ -92,19 +92,29 @@ def _score(model_dir: Path, data: Path | None) -> tuple[dict[str, float | None],
     return scores, encoder.meta.pooling
 
 
-def score_input_model(cfg: TrainConfig, data: Path | None) -> Row:
-    """The untouched input model, exported with its native pooling, scored by the runtime."""
+def _score_export_of(cfg: TrainConfig, source: Path, data: Path | None, name: str) -> Row:
+    """A model not shipped (the input, the arm that lost), exported to a temporary fp32
+    directory with its native pooling and scored by the runtime."""
     from diffcse_export import ExportOptions, export_model
 
-    source = builtin.model_path(cfg.model_name_or_path)
-    with tempfile.TemporaryDirectory(prefix=".input-onnx-", dir=cfg.output_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".score-onnx-", dir=cfg.output_dir) as tmp:
         export_model(source, Path(tmp) / "model", ExportOptions(sts_data=None))
         scores, pooling = _score(Path(tmp) / "model", data)
-    return Row("input model", pooling, str(cfg.model_name_or_path), scores)
+    return Row(name, pooling, str(source), scores)
 
 
-def before_after(cfg: TrainConfig, exported: dict[str, Path]) -> list[Row]:
-    """Rows for the input model and each exported variant, on STS-B dev and SICK-R trial."""
+def score_input_model(cfg: TrainConfig, data: Path | None) -> Row:
+    """The untouched input model, exported with its native pooling, scored by the runtime."""
+    row = _score_export_of(cfg, builtin.model_path(cfg.model_name_or_path), data, "input model")
+    row.path = str(cfg.model_name_or_path)
+    return row
+
+
+def before_after(
+    cfg: TrainConfig, exported: dict[str, Path], label: str = "trained", others: tuple = ()
+) -> list[Row]:
+    """Rows for the input model, each exported variant (`label (variant)`), and each arm
+    that was not shipped, on STS-B dev and SICK-R trial."""
     data = Path(cfg.eval_data_dir) if cfg.eval_data_dir else None
     if data is None or not set(SCORE_TASKS) & set(sts.available_tasks(data, "dev")):
         log.warning("no STS-B dev / SICK-R trial data found: the before/after table is skipped")
@@ -112,13 +122,15 @@ def before_after(cfg: TrainConfig, exported: dict[str, Path]) -> list[Row]:
     rows = [score_input_model(cfg, data)]
     for variant, folder in exported.items():
         scores, pooling = _score(folder, data)
-        rows.append(Row(f"trained ({variant})", pooling, str(folder), scores))
+        rows.append(Row(f"{label} ({variant})", pooling, str(folder), scores))
+    for arm in others:
+        rows.append(_score_export_of(cfg, arm.best_dir, data, f"{arm.name}, not shipped"))
     return rows
 
 
 def format_rows(rows: list[Row]) -> str:
     """A plain-text table: model, pooling, one column per task, and the change."""
-    head = f"{'model':<20} {'pooling':<8} " + " ".join(f"{TASK_NAMES[t]:>15}" for t in SCORE_TASKS)
+    head = f"{'model':<26} {'pooling':<8} " + " ".join(f"{TASK_NAMES[t]:>15}" for t in SCORE_TASKS)
     lines = [head, "-" * len(head)]
     base = rows[0].scores if rows else {}
     for row in rows:
@@ -127,7 +139,7 @@ def format_rows(rows: list[Row]) -> str:
             value = row.scores.get(task)
             delta = "" if row is rows[0] or value is None else f" ({value - base[task]:+.2f})"
             cells.append("n/a" if value is None else f"{value:.2f}{delta}")
-        lines.append(f"{row.name:<20} {row.pooling:<8} " + " ".join(f"{c:>15}" for c in cells))
+        lines.append(f"{row.name:<26} {row.pooling:<8} " + " ".join(f"{c:>15}" for c in cells))
     lines.append("Spearman x100 of cosine, scored by diffcse_runtime.Encoder on the dev splits")
     if len(rows) > 1:
         lines.append(verdict(rows[0], rows[1]))
@@ -145,8 +157,8 @@ def verdict(before: Row, after: Row) -> str:
         return "no dev set was scored, so nothing is claimed"
     if all(abs(d) < 0.005 for _, d in pairs):
         return (
-            "the trained model scores as the input model: no evaluated step beat the input on "
-            "every dev set, so the input was shipped unchanged (see metrics.jsonl)"
+            "the trained model scores as the input model: no evaluated step beat the input at "
+            "selection, so the input was shipped unchanged (see metrics.jsonl)"
         )
     worse = [f"{n} ({d:+.2f})" for n, d in pairs if d < 0]
     if worse:
@@ -154,12 +166,42 @@ def verdict(before: Row, after: Row) -> str:
     return "the trained model beats the input model on every dev set"
 
 
-def release(cfg: TrainConfig, overwrite: bool = False) -> list[Row]:
-    """Export the trained model, print and save the before/after table; return its rows."""
-    exported = export_trained(cfg, overwrite)
-    rows = before_after(cfg, exported)
+def shipped_line(arms: list[Arm], shipped: Arm, cfg: TrainConfig) -> str:
+    """Which objective shipped and why: each arm's selection score and step."""
+    on = "+".join(TASK_NAMES.get(t, t) for t in cfg.select_tasks)
+    parts = [
+        f"{a.name} {'n/a' if a.best_score is None else f'{a.best_score:.2f}'} (step {a.best_step})"
+        for a in arms
+    ]
+    return f"shipped: {shipped.name}, the better on {on} at selection: " + " vs ".join(parts)
+
+
+def release(cfg: TrainConfig, overwrite: bool = False, arms: list[Arm] | None = None) -> list[Row]:
+    """Export the trained model (with `arms`, the better arm's), print and save the
+    before/after table; return its rows."""
+    arms = arms or [Arm(objective_name(cfg), cfg)]
+    shipped = pick(arms)
+    exported = export_trained(cfg, overwrite, shipped.best_dir)
+    others = tuple(a for a in arms if a is not shipped)
+    rows = before_after(cfg, exported, shipped.name, others)
+    if len(arms) > 1:
+        log.info("%s", shipped_line(arms, shipped, cfg))
     if rows:
-        payload = {"tasks": list(SCORE_TASKS), "split": "dev", "rows": [r.__dict__ for r in rows]}
+        payload = {
+            "tasks": list(SCORE_TASKS),
+            "split": "dev",
+            "shipped": shipped.name,
+            "arms": [
+                {
+                    "objective": a.name,
+                    "output_dir": str(a.cfg.output_dir),
+                    "selection_score": a.best_score,
+                    "best_step": a.best_step,
+                }
+                for a in arms
+            ],  # fmt: skip
+            "rows": [r.__dict__ for r in rows],
+        }
         with atomic_file(Path(cfg.output_dir) / SCORES_FILE, "w") as fh:
             json.dump(payload, fh, indent=2)
             fh.write("\n")

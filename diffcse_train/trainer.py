@@ -133,20 +133,22 @@ class Trainer:
     # ------------------------------------------------------------ evaluation and saving
 
     def evaluate(self) -> float | None:
-        """The selection score: the mean dev Spearman x100 over `eval_tasks` (STS-B dev alone
-        by default), through the runtime's evaluator; None without data. Each task's score
-        is kept in `self.dev_scores` for the log."""
+        """The selection score: the mean dev Spearman x100 over the `select_on` tasks (STS-B
+        dev alone by default), through the runtime's evaluator; None without data. Every
+        eval task's score is kept in `self.dev_scores` for the log and the report."""
         if self.eval_dir is None:
             return None
         result = sts.evaluate(self.encode, self.eval_dir, tasks=self.eval_tasks, split="dev")
         self.dev_scores = {TASK_KEYS[t]: result.scores[t].spearman for t in self.eval_tasks}
-        return sum(self.dev_scores.values()) / len(self.dev_scores)
+        chosen = [TASK_KEYS[t] for t in self.eval_tasks if t in self.cfg.select_tasks]
+        chosen = chosen or list(self.dev_scores)  # the selection tasks' data is missing
+        return sum(self.dev_scores[k] for k in chosen) / len(chosen)
 
     def _describe_scores(self, score: float) -> str:
         if len(self.dev_scores) == 1:
             return f"STS-B dev {score:.2f}"
         parts = ", ".join(f"{k} {v:.2f}" for k, v in self.dev_scores.items())
-        return f"dev mean {score:.2f} ({parts})"
+        return f"selection score {score:.2f} ({parts})"
 
     def _best_metrics(self, score: float | None) -> dict:
         s = self.state
@@ -158,9 +160,9 @@ class Trainer:
             **self.dev_scores,  # each eval task's score (stsb_dev again when it is the only one)
             "dev_score": score,
             "eval_tasks": self.eval_tasks,
+            "objective": self.objective,
         }
 
-            "objective": self.objective,
     def _evaluate_and_keep_best(self) -> float | None:
         score = self._last_dev = self.evaluate()
         if score is None:
@@ -227,8 +229,44 @@ class Trainer:
 
     # ------------------------------------------------------------ training
 
+    def _lambda_now(self) -> float:
+        """lambda_weight, ramped linearly from 0 over the first `lambda_warmup_steps`."""
+        ramp = self.cfg.lambda_warmup_steps
+        factor = min(1.0, (self.state.step + 1) / ramp) if ramp else 1.0
+        return self.cfg.lambda_weight * factor
+
+    def _warm_start_discriminator(self) -> None:
+        """`discriminator_warmup_steps` steps of D alone (f frozen) on G's edits, before the
+        joint steps, on batches from the end of the first epoch's order. A resumed run
+        skips it: D's warmed weights are in last/."""
+        n, d = self.cfg.discriminator_warmup_steps, self.model.discriminator
+        if not n or d is None or self.resume:
+            return
+        params = [p for p in d.parameters() if p.requires_grad]
+        lr = self.cfg.discriminator_learning_rate or self.cfg.learning_rate
+        optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-8)
+        self.model.train()
+        for i in range(n):
+            batch = self._next_batch(self.steps_per_epoch - 1 - i % self.steps_per_epoch)
+            with autocast(self.device, self.dtype):
+                out = self.model.discriminator_loss(batch)
+            out["loss"].backward()
+            distributed.average_gradients(params)
+            if self.cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            logged = distributed.mean_over_ranks({k: v for k, v in out.items() if k != "loss"})
+            self._write_metrics({"kind": "d_warmup", "step": i + 1, **logged})
+        log.info(
+            "discriminator warm start: %d steps alone at lr %g; replaced-token recall %.2f, "
+            "accuracy %.3f", n, lr, logged.get("rtd_rep_acc", float("nan")), logged["rtd_acc"],
+        )  # fmt: skip
+
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
+        if self.cfg.uses_discriminator:
+            self.model.lambda_weight = self._lambda_now()
         with autocast(self.device, self.dtype):
             out = self.train_model(batch)
         loss = out["loss"]
@@ -278,6 +316,10 @@ class Trainer:
             if cfg.uses_discriminator
             else "SimCSE (lambda 0)"
         )
+        if self.objective == "supervised":
+            mode = (
+                f"supervised SimCSE{' + RTD on sent0, ' + mode if cfg.uses_discriminator else ''}"
+            )
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
         log.info(
             "data: %d %s from %s; %d steps/epoch, %d steps; objective %s; %s %s",
@@ -301,6 +343,7 @@ class Trainer:
         self._describe()
         if not self.resume and self.eval_dir is not None:
             self._main_only(self._initial_evaluation)
+        self._warm_start_discriminator()
         s = self.state
         started, first_step, train_seconds, last = time.perf_counter(), s.step, 0.0, {}
         with self._progress_bar() as bar, self.report:  # closes the event file on any exit
@@ -317,10 +360,6 @@ class Trainer:
                 bar.set_postfix(self._postfix(last), refresh=False)
         seconds = time.perf_counter() - started
         return self._summarise(seconds, s.step - first_step, train_seconds, last)
-        if self.objective == "supervised":
-            mode = (
-                f"supervised SimCSE{' + RTD on sent0, ' + mode if cfg.uses_discriminator else ''}"
-            )
 
     def _resume(self) -> None:
         """Restore last/ (weights, optimizer, schedule, every rank's RNGs, the position in the
@@ -347,13 +386,15 @@ class Trainer:
             total=self.total_steps, initial=self.state.step, desc="diffcse-train", disable=quiet
         )
 
-    def _next_batch(self) -> dict[str, torch.Tensor]:
-        """This rank's block of the next global batch, in the epoch's seeded order."""
+    def _next_batch(self, batch_in_epoch: int | None = None) -> dict[str, torch.Tensor]:
+        """This rank's block of the next global batch (or of batch `batch_in_epoch` of the
+        current epoch), in the epoch's seeded order."""
         s = self.state
         if self._order is None or self._order[0] != s.epoch:
             self._order = (s.epoch, epoch_order(len(self.sentences), self.cfg.seed, s.epoch))
+        index = s.batch_in_epoch if batch_in_epoch is None else batch_in_epoch
         rows = distributed.rank_batch(
-            self._order[1], s.batch_in_epoch, self.cfg.batch_size,
+            self._order[1], index, self.cfg.batch_size,
             distributed.rank(), distributed.world_size(),
         )  # fmt: skip
         sentences = [self.sentences[i] for i in rows.tolist()]
@@ -368,6 +409,8 @@ class Trainer:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         lr = self.scheduler.get_last_lr()[0]
         record = {"kind": "train", "step": s.step, "epoch": self._epoch(), "lr": lr, **last}
+        if self.cfg.uses_discriminator:
+            record["lambda"] = self.model.lambda_weight
         self._write_metrics(record)
 
     def _epoch(self) -> float:
@@ -428,7 +471,8 @@ class Trainer:
             every = " on every dev task" if self.cfg.gain_on_every_task else ""
             log.info(
                 "dev Spearman x100 (%s): before training %s, best %.2f at step %d%s",
-                "+".join(self.eval_tasks), before, summary.best_score, summary.best_step,
+                "+".join(t for t in self.eval_tasks if t in self.cfg.select_tasks), before,
+                summary.best_score, summary.best_step,
                 f"; no step beat the input model{every}, so best/ is the input model"
                 if summary.best_step == 0 else "",
             )  # fmt: skip
