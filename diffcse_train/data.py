@@ -1,7 +1,8 @@
 """Training data: the sentence file, the seeded batch order, and the edits D learns to detect.
 
-The corpus is one sentence per line (SimCSE's wiki1m format). Each step takes `batch_size`
-sentences in an order fixed by (seed, epoch), so a run resumed from "epoch e, batch b"
+The corpus is one sentence per line (SimCSE's wiki1m format), or for supervised SimCSE
+rows of sent0, sent1 and optional hard_neg (triplets.py). Each step takes `batch_size`
+sentences (or rows) in an order fixed by (seed, epoch), so a run resumed from "epoch e, batch b"
 sees exactly the batches an uninterrupted run would. All randomness of the edits comes from
 one `torch.Generator` owned by the `Collator`, whose state the checkpoint saves.
 
