@@ -289,6 +289,8 @@ def common_overrides(args, device: str, bs: int, lr: float, data: Path) -> list[
         f"device={device}",
         "precision=" + (args.precision or ("bf16" if device == "cuda" else "fp32")),
         "export_dir=null",  # exported and scored below (or read from the trainer's log)
+        "compare_with=none",  # each objective is its own run here
+        "select_on=",  # with --score trainer nothing is selected (keep_initial false)
     ]
     if args.score == "trainer":  # evaluated along the way, never selected on
         common += [

@@ -74,6 +74,8 @@ def arm_resumes(arm: TrainConfig, resume: bool) -> bool:
 
 def check_arm(cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
     """Refuse a busy arm folder before the main run trains, not after it."""
+    if not cfg.uses_discriminator:  # SimCSE already: no twin is trained
+        return
     arm = simcse_arm(cfg)
     RunDir(arm.output_dir).check(arm, arm_resumes(arm, resume), overwrite)
 

@@ -259,11 +259,6 @@ def validate(cfg: TrainConfig, where: str = "") -> TrainConfig:
             )
     _check_choice(cfg, "condition_on", CONDITIONS, where)
     _check_choice(cfg, "compare_with", ("none", "simcse"), where)
-    if cfg.compare_with == "simcse" and not cfg.uses_discriminator:
-        raise ConfigError(
-            f"{where}compare_with: simcse compares DiffCSE with SimCSE, but this run is "
-            "already SimCSE (lambda_weight 0); set compare_with: none"
-        )
     _check_choice(cfg, "precision", PRECISIONS, where)
     _check_choice(cfg, "device", DEVICES, where)
     _check_choice(cfg, "encoding_errors", ENCODING_ERRORS, where)

@@ -19,7 +19,7 @@ diffcse-train --config configs/demo_cpu.yaml --overwrite \
   --set max_steps="$STEPS" --set eval_steps="$STEPS" --set save_steps="$STEPS" \
   --set augmentation=replace --set fit_generator=false --set generator_name_or_path=null \
   --set eval_data_dir=null --set keep_initial=false --set gain_on_every_task=false \
-  --set eval_tasks=STSBenchmark
+  --set eval_tasks=STSBenchmark --set compare_with=none
 
 diffcse-serve --model "$RUN/model" --port "$PORT" &
 SERVER=$!

@@ -17,7 +17,7 @@ if [ "${QUICK:-0}" = 1 ]; then GSTEPS="--max-steps 0 --min-accuracy-gain 0"; S1=
 # (and give the machine back) rather than after the whole budget
 for aug in none replace; do
   lam=0.005; [ $aug = none ] && lam=0
-  $PY -m diffcse_train --config configs/demo_cpu.yaml --overwrite --quiet --set device=$DEV \
+  $PY -m diffcse_train --config configs/demo_cpu.yaml --overwrite --quiet --set device=$DEV --set compare_with=none \
     --set model_name_or_path=$MODEL --set train_file=$CORPUS --set augmentation=$aug \
     --set lambda_weight=$lam --set max_steps=3 --set eval_data_dir=null --set export_dir=null \
     --set precision=bf16 --set output_dir=$WORK/smoke-$aug > "$OUT/smoke-$aug.log" 2>&1 \
