@@ -75,23 +75,29 @@ def _curve(ax, steps: list[int], values: list, label: str, color: str) -> bool:
 
 
 def _dev_scores(ax, ev: dict) -> None:
-    ax.set_title("dev Spearman x100 per evaluation")
+    """Each task's score minus the input model's (tasks ~7 points apart share one readable
+    scale, and the input model is the line at 0); absolute scores when step 0 is missing."""
     if not ev["steps"]:
+        ax.set_title("dev Spearman x100 per evaluation")
         _say(ax, "no dev evaluation ran (no STS-B dev data under eval_data_dir)")
         return
-    selected = ev["selected_step"]
+    selected, base = ev["selected_step"], ev["input"] or {}
+    relative = bool(base) and all(base.get(k) is not None for k in ev["scores"])
+    ax.set_title(f"dev Spearman x100 per evaluation{' (vs the input)' * relative}")
     for i, (key, values) in enumerate(ev["scores"].items()):
         name, color = TASK_NAMES.get(key, key), f"C{i}"
         xs, ys = _points(ev["steps"], values)
-        ax.plot(xs, ys, marker="o", ms=4, color=color, label=name)
-        base = (ev["input"] or {}).get(key)
-        if base is not None:
-            ax.axhline(base, color=color, ls="--", lw=1, label=f"input model, {name} {base:.2f}")
+        label = f"{name}: input {base[key]:.2f}, last {ys[-1]:.2f}" if relative else name
+        ys = [y - base[key] for y in ys] if relative else ys
+        ax.plot(xs, ys, marker="o", ms=4, color=color, label=label)
         if selected in xs:
             ax.plot(selected, ys[xs.index(selected)], marker="*", ms=16, color=color, mec="k")
+    if relative:
+        ax.axhline(0, color="k", ls="--", lw=1, label="input model")
     if selected is not None:
         ax.axvline(selected, color="k", ls=":", lw=1, label=f"selected step {selected}")
     ax.set_xlabel("step")
+    ax.set_ylabel("Spearman x100 minus the input model's" if relative else "Spearman x100")
     ax.legend(fontsize=8)
 
 
