@@ -62,10 +62,10 @@ def test_main_job_trains_exports_and_scores_before_and_after(mean_source, data, 
     result = run(mean_source, data, out)
     assert result.exit_code == 0, result.output
     assert "before vs after training" in result.output  # printed even with --quiet
-    assert "trained (int8)" in result.output
+    assert "DiffCSE-replace (int8)" in result.output  # the row names the objective shipped
     scores = json.loads((out / "scores.json").read_text())
     names = [row["name"] for row in scores["rows"]]
-    assert names == ["input model", "trained (fp32)", "trained (int8)"]
+    assert names == ["input model", "DiffCSE-replace (fp32)", "DiffCSE-replace (int8)"]
     for row in scores["rows"]:
         assert row["pooling"] == "mean"  # the input keeps its native pooling, as trained
         assert set(row["scores"]) == {"STSBenchmark", "SICKRelatedness"}
