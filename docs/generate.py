@@ -190,7 +190,7 @@ def machine_extra(data: dict) -> str:
 def paired_encode_tables(data: dict, name: str) -> str:
     """Per thread count: sentences/s of every contender with its paired ratio to the
     baseline, then ours / best peer (paired per round: median, min-max); then quality."""
-    base, peers = data["baseline"], data["peers"]
+    base, peers, rounds = data["baseline"], data["peers"], data.get("repeats", 0)
     ran = list(dict.fromkeys(r["contender"] for r in data["rows"]))
     contenders = [c for c in [base, *peers] if c in ran] + [
         c for c in ran if c not in peers + [base]
@@ -198,7 +198,7 @@ def paired_encode_tables(data: dict, name: str) -> str:
     ours = [c for c in contenders if c.startswith("ours-")]
     parts = [
         machine(data, name),
-        f"Cells: sentences/s (median of {data.get('repeats', '?')} interleaved rounds), the "
+        f"Cells: sentences/s (median of {rounds} interleaved round{'s' * (rounds != 1)}), the "
         f"ratio to {base} in brackets (median of per-round paired ratios). "
         "ours / best peer: each round's time of the cell's fastest peer "
         f"({', '.join(peers)}) over ours, median (min-max).",
