@@ -77,7 +77,15 @@ def parse_prompts(values: tuple[str, ...]) -> dict[str, str]:
     "--quantize",
     type=click.Choice(["int8"]),
     default=None,
-    help="Also write OUT-int8/ (dynamic int8 MatMuls).",
+    help="Also write OUT-int8/ (static int8 MatMuls: activation scales fixed at export, so "
+    "a text's vector does not depend on its batch).",
+)
+@click.option(
+    "--calibration-file",
+    default=None,
+    metavar="FILE",
+    help="Text that fixes the int8 activation scales: one sentence per line (UTF-8; an even "
+    "sample of at most 300 is used). Default: builtin:wiki_en.",
 )
 @click.option("--fp16", is_flag=True, help="Also write OUT-fp16/ (float16 for GPUs, fused).")
 @click.option(
@@ -135,6 +143,7 @@ def main(
     pooling: str,
     optimize: bool,
     quantize: str | None,
+    calibration_file: str | None,
     fp16: bool,
     max_seq_length: int | None,
     sts_data: Path,
@@ -162,6 +171,7 @@ def main(
         pooling=pooling,
         optimize=optimize,
         quantize=quantize,
+        calibration_file=calibration_file,
         fp16=fp16,
         max_seq_length=max_seq_length,
         sts_data=sts_data,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffcse_export import graph, openvino_gate, validate, variants
+from diffcse_export.calibration import Calibration, load_calibration
 from diffcse_export.cls_layer import CLS_PRUNED
 from diffcse_export.errors import ExportError, ValidationError, first_line
 from diffcse_export.model_card import write_model_cards
@@ -45,6 +46,7 @@ class ExportOptions:
     pooling: str = "auto"  # auto = the source's own; cls/mean = explicit (noted if it differs)
     optimize: bool = False
     quantize: str | None = None  # "int8" or None
+    calibration_file: str | Path | None = None  # int8 scales' text; None: builtin:wiki_en
     fp16: bool = False
     max_seq_length: int | None = None  # default: tokenizer limit capped by position table
     sts_data: Path | None = None  # None: semantic parity skipped, noted in the metadata
@@ -56,6 +58,8 @@ class ExportOptions:
     def variants(self) -> list[str]:
         if self.quantize not in (None, "int8"):
             raise ExportError(f"--quantize {self.quantize!r} is not supported; use int8")
+        if self.calibration_file is not None and not self.quantize:
+            raise ExportError("--calibration-file calibrates int8; add --quantize int8")
         wanted = {"optimized": self.optimize, "int8": bool(self.quantize), "fp16": self.fp16}
         return ["fp32"] + [v for v in variants.VARIANTS if wanted.get(v)]
 
@@ -123,6 +127,7 @@ def export_model(
         ckpt.path, ckpt.pooling, opts.prompts, opts.default_prompt_name
     )  # checked before any work; recorded in every variant's diffcse.json
     opts = dataclasses.replace(opts, prompts=prompts, default_prompt_name=default)
+    calibration = load_calibration(opts.calibration_file) if "int8" in names else None
     max_len = graph.resolve_max_seq_length(ckpt, opts.max_seq_length)
     reference, to_export = graph.embedding_modules(ckpt, opts.with_projector)
     with contextlib.ExitStack() as stack:
@@ -145,7 +150,7 @@ def export_model(
         ref.graph_notes = [CLS_PRUNED] if to_export.prune_last else []
         if ckpt.pooling_switched:
             ref.graph_notes.append(ckpt.pooling_switched)
-        reports = [_variant(name, ckpt, staged, ref, opts, max_len) for name in names]
+        reports = [_variant(name, ckpt, staged, ref, opts, max_len, calibration) for name in names]
         failures = [f for r in reports for f in r.failures]
         if failures:
             raise ValidationError(
@@ -173,12 +178,13 @@ def _variant(
     ref: _Reference,
     opts: ExportOptions,
     max_len: int,
+    calibration: Calibration | None = None,
 ) -> VariantReport:
     """Build one variant in its staging folder, measure it, gate it, write its metadata."""
     folder = staged[name]
     start = time.perf_counter()
     try:
-        fused = _build(name, staged["fp32"] / MODEL_FILE, staged, ckpt)
+        fused = _build(name, staged["fp32"] / MODEL_FILE, staged, ckpt, max_len, calibration)
     except Exception as exc:  # onnxscript/onnxruntime tools raise assorted types
         raise ExportError(f"building the {name} variant failed ({first_line(exc)})") from exc
     report = VariantReport(
@@ -200,23 +206,38 @@ def _variant(
     if name == "fp16" and provider == "CPUExecutionProvider":
         report.notes.append(validate.FP16_ON_CPU)
     report.notes += ref.graph_notes
+    if name == "int8" and calibration is not None:
+        report.notes.append(
+            f"int8 scales calibrated on {len(calibration.sentences)} sentences of "
+            f"{calibration.source}"
+        )
     report.failures = validate.gate(report)
     report.failures += openvino_gate.check(
         report, folder, ref.inputs, ref.expected, ref.sts, opts.sts_data
     )
     meta.validation = {**report.to_json(), **_provenance(ref.export_seconds)}
+    if name == "int8" and calibration is not None:
+        meta.validation["calibration"] = calibration.to_json()
     write_metadata(folder, meta)
     return report
 
 
-def _build(name: str, fp32: Path, staged: dict[str, Path], ckpt: graph.Checkpoint) -> dict:
+def _build(
+    name: str,
+    fp32: Path,
+    staged: dict[str, Path],
+    ckpt: graph.Checkpoint,
+    max_len: int,
+    calibration: Calibration | None,
+) -> dict:
     """Write variant `name`'s model.onnx from the fp32 graph; return its fused-op counts."""
     dst = staged[name] / MODEL_FILE
     if name == "fp32":
         return {}
     if name == "int8":
-        tokenizer = staged["fp32"] / TOKENIZER_FILE  # calibration text, see variants
-        variants.quantize_int8(fp32, dst, graph.head_nodes(fp32), tokenizer)
+        sentences = (calibration or load_calibration(None)).sentences
+        feeds = variants.graph_feeds(fp32, sentences, staged["fp32"] / TOKENIZER_FILE, max_len)
+        variants.quantize_int8(fp32, dst, feeds, graph.head_nodes(fp32))
         return {}
     if name == "optimized":
         return variants.optimize(fp32, dst, ckpt.num_heads, ckpt.hidden_size)

@@ -22,10 +22,12 @@ from diffcse_export.graph import SentenceEmbedding, head_nodes, load_checkpoint 
 from diffcse_export.validate import compare, gate, onnx_outputs, parity_inputs  # noqa: E402
 from diffcse_export.variants import (  # noqa: E402
     FUSED_OPS,
+    graph_feeds,
     op_counts,
     smooth_layernorm_inputs,
 )
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
+from tests.support import tiny  # noqa: E402
 from tests.support.export_helpers import make_checkpoint, make_sts_dir, scale_last_weight  # noqa: E402
 
 SHAPES = [(1, 3), (37, 3), (1, 128), (37, 128)]
@@ -231,8 +233,16 @@ def test_int8_variant_quantizes_matmuls_and_reports_its_sts_delta(projector_expo
     out, reports = projector_export
     int8 = out.with_name(f"{out.name}-int8") / "model.onnx"
     counts = op_counts(int8)
-    assert counts.get("MatMulInteger") == 12  # 6 weight MatMuls per layer x 2 layers
-    assert counts.get("DynamicQuantizeLinear", 0) > 0
+    model = onnx.load(str(int8))
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    int8_matmuls = [
+        n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in dequantized
+    ]
+    # static QDQ: Q/K/V, output, FFN up and down of layer 0, and Q/K/V of the last layer;
+    # the last layer's [CLS]-row-only Gemms (diffcse_export.cls_layer) stay fp32
+    assert len(int8_matmuls) == 9
+    assert counts.get("Gemm") == 3
+    assert counts.get("QuantizeLinear", 0) > 0 and "DynamicQuantizeLinear" not in counts
     # LayerNorm outputs read by MatMuls are rescaled first (variants.smooth_layernorm_inputs)
     graph_nodes = onnx.load(str(int8)).graph.node
     assert any(n.op_type == "Mul" and n.name.endswith("_smooth") for n in graph_nodes)
@@ -251,10 +261,11 @@ def test_int8_smoothing_keeps_the_fp32_function_and_moves_scale_into_weights(
     """x W == (x / s)(diag(s) W): the rescaled graph computes what the export did."""
     src, tokenizer = tiny_model_dir / "model.onnx", tiny_model_dir / "tokenizer.json"
     dst = tmp_path / "smoothed.onnx"
+    meta = load_metadata(tiny_model_dir)
+    feeds = graph_feeds(src, tiny.corpus(40), tokenizer, meta.max_seq_length)
     # [CLS] graph, 2 layers: layer 0's QKV and FFN input, layer 1's K/V input (its [CLS]-only
     # query and FFN read a slice of the LayerNorm output, so they stay as they are)
-    assert smooth_layernorm_inputs(src, dst, tokenizer) == 3
-    meta = load_metadata(tiny_model_dir)
+    assert smooth_layernorm_inputs(src, dst, feeds) == 3
     feed = parity_inputs(tokenizer, meta.max_seq_length, meta.pad_token_id)
     before, _ = onnx_outputs(src, feed)
     after, _ = onnx_outputs(dst, feed)
