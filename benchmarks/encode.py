@@ -13,7 +13,7 @@ Beside it, once: STS-B dev Spearman of every contender, its minimum cosine to ou
 the STS-B dev sentences, and batch independence (32 short texts alone vs in one batch with
 long neighbours: min cosine).
 
-Contenders (DEFAULT: all but pytorch and ours-optimized):
+Contenders (DEFAULT: all but the three optional ones):
   st-torch          sentence-transformers 5.1.2, torch backend (the baseline)
   st-onnx           ... backend="onnx" (onnxruntime)
   st-onnx-int8      ... its dynamic int8 (avx2) export
@@ -27,6 +27,8 @@ Contenders (DEFAULT: all but pytorch and ours-optimized):
   ours-openvino-int8  ... int8 directory, backend="openvino"
   ours-auto         ... int8 directory, backend="auto" (what the runtime picks for the CPU)
   ours-optimized    ... on `diffcse-export --optimize` (optional: never the fastest of ours)
+  ours-openvino-bf16  ... fp32 directory, OpenVINO, inference_precision="bf16" (optional; needs
+                    AVX512-BF16 or AMX: st-openvino runs bf16 there by OpenVINO's default)
   pytorch           transformers AutoModel, eager, [CLS] (optional)
 The st-* contenders run in a separate venv: bash benchmarks/setup_st_venv.sh.
 
@@ -56,17 +58,19 @@ from benchmarks.benchlib import BENCH_DIR, CACHE_DIR, ROOT, BenchSkip
 from benchmarks.models import given_or_exported
 
 PEERS = ("st-onnx", "st-onnx-int8", "st-openvino", "st-openvino-int8")
-# ours-* contender: (model directory variant, Encoder backend)
+# ours-* contender: (model directory variant, Encoder backend, inference_precision or None)
 OURS = {
-    "ours-fp32": ("fp32", "onnxruntime"),
-    "ours-int8": ("int8", "onnxruntime"),
-    "ours-openvino": ("fp32", "openvino"),
-    "ours-openvino-int8": ("int8", "openvino"),
-    "ours-auto": ("int8", "auto"),
-    "ours-optimized": ("optimized", "onnxruntime"),
+    "ours-fp32": ("fp32", "onnxruntime", None),
+    "ours-int8": ("int8", "onnxruntime", None),
+    "ours-openvino": ("fp32", "openvino", None),
+    "ours-openvino-int8": ("int8", "openvino", None),
+    "ours-auto": ("int8", "auto", None),
+    "ours-optimized": ("optimized", "onnxruntime", None),
+    "ours-openvino-bf16": ("fp32", "openvino", "bf16"),
 }
 ALL = ("st-torch", *PEERS, *OURS, "pytorch")
-DEFAULT = tuple(n for n in ALL if n not in ("pytorch", "ours-optimized"))
+OPTIONAL = ("pytorch", "ours-optimized", "ours-openvino-bf16")
+DEFAULT = tuple(n for n in ALL if n not in OPTIONAL)
 BASELINE = "st-torch"
 REFERENCE = "ours-fp32"  # the vectors every contender's cosine is taken to
 ST_VENV = BENCH_DIR / ".venv-st"
@@ -82,6 +86,7 @@ class Contender:
     model: Path | None = None
     python: str = sys.executable
     backend: str | None = None  # Encoder(backend=...) of an ours-* contender
+    precision: str | None = None  # ... and its inference_precision=, if set
     reason: str = ""  # why it is unavailable, if it is
     proc: subprocess.Popen | None = None
     info: dict = field(default_factory=dict)
@@ -93,6 +98,7 @@ class Contender:
         cmd += ["--model", str(self.model), "--threads", str(threads), "--device", device]
         cmd += ["--texts", str(texts)]
         cmd += ["--backend", self.backend] if self.backend else []
+        cmd += ["--precision", self.precision] if self.precision else []
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
         )
@@ -164,7 +170,7 @@ def make_contenders(names: list[str], args) -> list[Contender]:
         elif name.startswith("st-"):
             st_contender(c, minilm, args.st_venv)
         else:
-            variant, c.backend = OURS[name]
+            variant, c.backend, c.precision = OURS[name]
             c.kind = "ours"
             if isinstance(dirs[variant], Path):
                 c.model = dirs[variant]
@@ -310,8 +316,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument(
         "--contenders",
         default=",".join(DEFAULT),
-        help=f"comma-separated, from {', '.join(ALL)} "
-        "(default: all but pytorch and ours-optimized)",
+        help=f"comma-separated, from {', '.join(ALL)} (default: all but {', '.join(OPTIONAL)})",
     )
     p.add_argument(
         "--threads",

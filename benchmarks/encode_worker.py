@@ -7,7 +7,8 @@ and the orchestrator can interleave contenders request by request. Protocol: one
 per line.
 
     start:   python -m benchmarks.encode_worker CONTENDER --model PATH --threads N --device cpu|cuda
-             --texts TEXTS.json [--backend onnxruntime|openvino|auto]   (--backend: ours only)
+             --texts TEXTS.json [--backend onnxruntime|openvino|auto] [--precision f32|bf16]
+             (--backend, --precision: ours only; Encoder's backend / inference_precision)
              TEXTS.json maps set names to lists of texts; "calibration" holds the STS-B train
              sentences st-openvino-int8 is calibrated on.
     request: {"op": "time", "set": "short", "batch_size": 32}  -> {"seconds": 0.41}
@@ -247,7 +248,8 @@ def _ov_properties(st_model) -> dict:
     out = {}
     for key in ("INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT"):
         try:
-            out[key] = str(request.get_property(key))
+            value = request.get_property(key)
+            out[key] = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
         except Exception:  # not compiled yet, or a property this version does not have
             continue
     return out
@@ -288,6 +290,9 @@ class SentenceTransformersModel:
         self.model.encode(["compile before the first timed request"])
         if backend == "openvino":
             self.info["openvino"] = _ov_properties(self.model)
+        else:
+            session = self.model[0].auto_model.session  # optimum's InferenceSession
+            self.info["intra_op_num_threads"] = session.get_session_options().intra_op_num_threads
 
     @staticmethod
     def _onnx_kwargs(model: Path, threads: int, device: str, int8: bool) -> dict:
@@ -310,29 +315,39 @@ class Ours:
 
     `backend` is passed only when the contender names one, and only to an Encoder that
     takes it; an Encoder without `backend=` runs onnxruntime, so asking it for
-    "onnxruntime" is still answered, anything else is refused with a reason.
+    "onnxruntime" is still answered, anything else is refused with a reason. Providers are
+    passed only where they differ from the Encoder's own choice: an explicit list keeps
+    backend="auto" on onnxruntime, and ours-auto must get what a user gets.
     """
 
-    def __init__(self, model: Path, threads: int, device: str, backend: str | None) -> None:
+    def __init__(
+        self, model: Path, threads: int, device: str, backend: str | None, precision: str | None
+    ) -> None:
         from diffcse_runtime import Encoder
         from diffcse_runtime.encoder import pick_providers
 
-        providers = pick_providers() if device == "cuda" else ["CPUExecutionProvider"]
+        default = pick_providers()
+        providers = default if device == "cuda" else ["CPUExecutionProvider"]
         if device == "cuda" and providers[0] != "CUDAExecutionProvider":
             raise RuntimeError("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
         if device == "cuda" and backend == "openvino":
             raise RuntimeError("the OpenVINO contenders run on the CPU only")
-        kwargs: dict = {"providers": providers, "intra_op_threads": threads}
+        kwargs: dict = {"intra_op_threads": threads}
+        if providers != default:  # providers the caller lists make backend="auto" onnxruntime
+            kwargs["providers"] = providers
         if backend is not None:
             if "backend" in inspect.signature(Encoder).parameters:
                 kwargs["backend"] = backend
             elif backend != "onnxruntime":
                 raise RuntimeError(f"this Encoder has no backend= (asked for {backend!r})")
+        if precision is not None:
+            kwargs["inference_precision"] = precision
         self.encoder = Encoder(model, **kwargs)
+        runs = getattr(self.encoder, "backend", "onnxruntime")
         self.info = {
             "variant": self.encoder.meta.variant,
-            "provider": providers[0],
-            "backend": getattr(self.encoder, "backend", "onnxruntime"),
+            "backend": runs,
+            "provider": providers[0] if runs == "onnxruntime" else None,
             "inference_precision": getattr(self.encoder, "inference_precision", None),
         }
 
@@ -344,7 +359,7 @@ def load(args: argparse.Namespace, texts: dict[str, list[str]]):
     if args.contender == "torch":
         return TorchCLS(args.model, args.threads, args.device)
     if args.contender == "ours":
-        return Ours(args.model, args.threads, args.device, args.backend)
+        return Ours(args.model, args.threads, args.device, args.backend, args.precision)
     calibration = texts.get("calibration", [])
     return SentenceTransformersModel(
         args.model, args.threads, args.device, args.contender, calibration
@@ -415,6 +430,7 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--texts", type=Path, required=True)
     p.add_argument("--backend", choices=["onnxruntime", "openvino", "auto"], default=None)
+    p.add_argument("--precision", choices=["f32", "bf16", "auto"], default=None)
     args = p.parse_args()
     _limit_threads(args.threads)
     sys.stdout = sys.stderr  # library chatter must not corrupt the protocol channel
