@@ -33,7 +33,11 @@ class Calibration:
     available: int  # sentences the source holds; `sentences` is an even sample of them
 
     def to_json(self) -> dict:
-        return {"source": self.source, "sentences": len(self.sentences), "of": self.available}
+        return {
+            "source": self.source,
+            "sentences": len(self.sentences),
+            "available": self.available,
+        }
 
 
 def load_calibration(spec: str | Path | None) -> Calibration:

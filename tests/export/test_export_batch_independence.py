@@ -128,7 +128,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_int8_metadata_records_its_calibration(every_variant, calibration_file):
     validation = load_metadata(every_variant.with_name("tiny-int8")).validation
-    assert validation["calibration"] == {"source": str(calibration_file), "sentences": 60, "of": 60}
+    assert validation["calibration"] == {
+        "source": str(calibration_file),
+        "sentences": 60,
+        "available": 60,
+    }
     assert any("calibrated on 60 sentences" in note for note in validation["notes"])
     assert "calibration" not in load_metadata(every_variant).validation
 
