@@ -75,6 +75,17 @@ def _model_section(name: str, meta: ModelMeta) -> list[str]:
         ("source", f"`{meta.source}`"),
         ("model.onnx SHA-256", f"`{meta.onnx_sha256}`"),
     ]
+    calibration = meta.validation.get("calibration")
+    if meta.variant == "int8" and isinstance(calibration, dict):
+        rows.insert(
+            1,
+            (
+                "quantization",
+                "static int8 MatMuls: activation scales fixed at export from "
+                f"{calibration.get('sentences')} sentences of `{calibration.get('source')}`, "
+                "so a text's vector does not depend on its batch",
+            ),
+        )
     return [
         f"# {name}",
         "",

@@ -135,6 +135,8 @@ def test_int8_metadata_records_its_calibration(every_variant, calibration_file):
     }
     assert any("calibrated on 60 sentences" in note for note in validation["notes"])
     assert "calibration" not in load_metadata(every_variant).validation
+    card = (every_variant.with_name("tiny-int8") / "README.md").read_text(encoding="utf-8")
+    assert f"fixed at export from 60 sentences of `{calibration_file}`" in card
 
 
 def test_a_bad_calibration_file_is_one_sentence_naming_file_and_line(tiny_bert, tmp_path):
