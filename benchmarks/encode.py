@@ -32,7 +32,9 @@ Contenders (DEFAULT: all but the three optional ones):
   pytorch           transformers AutoModel, eager, [CLS] (optional)
 The st-* contenders run in a separate venv: bash benchmarks/setup_st_venv.sh.
 
-Run: python -m benchmarks.encode            (full: threads 1 and all cores, batch 1 and 32)
+Run: python -m benchmarks.encode            (full: threads 1 and all cores, batch 1 and 32;
+         8 rounds: about 14 min on 2 quiet cores, plus about 5 min once for the exports
+         into benchmarks/.cache, which the smoke run below also makes)
      python -m benchmarks.encode --rounds 1 --threads 1 --sets short --batch-sizes 1 \\
          --limit 16 --texts-per-batch-size 1:4   (smoke)
 """
