@@ -25,7 +25,9 @@ Contenders (DEFAULT: all but the three optional ones):
   ours-int8         ... on `diffcse-export --quantize int8`, onnxruntime
   ours-openvino     ... fp32 directory, backend="openvino"
   ours-openvino-int8  ... int8 directory, backend="openvino"
-  ours-auto         ... int8 directory, backend="auto" (what the runtime picks for the CPU)
+  ours-auto         ... int8 directory, backend="auto", inference_precision="auto" (the
+                    runtime's pick for the CPU: OpenVINO, bf16 where the CPU has it and
+                    the export gate passed it)
   ours-optimized    ... on `diffcse-export --optimize` (optional: never the fastest of ours)
   ours-openvino-bf16  ... fp32 directory, OpenVINO, inference_precision="bf16" (optional; needs
                     AVX512-BF16 or AMX: st-openvino runs bf16 there by OpenVINO's default)
@@ -66,7 +68,7 @@ OURS = {
     "ours-int8": ("int8", "onnxruntime", None),
     "ours-openvino": ("fp32", "openvino", None),
     "ours-openvino-int8": ("int8", "openvino", None),
-    "ours-auto": ("int8", "auto", None),
+    "ours-auto": ("int8", "auto", "auto"),
     "ours-optimized": ("optimized", "onnxruntime", None),
     "ours-openvino-bf16": ("fp32", "openvino", "bf16"),
 }

@@ -67,8 +67,8 @@ precision_option = click.option(
     type=click.Choice(INFERENCE_PRECISIONS),
     default="f32",
     show_default=True,
-    help="OpenVINO's float math: f32 (what export validated), bf16 (CPUs with AVX512-BF16 or "
-    "AMX), or auto (OpenVINO's choice: bf16 where the CPU has it).",
+    help="OpenVINO's float math: f32 (what export validated), auto (bf16 where the CPU has "
+    "AVX512-BF16 or AMX and the export's gate passed it for this model, else f32), or bf16.",
 )
 verbose_option = click.option(
     "--verbose", "-v", is_flag=True, help="Log which device runs the model."

@@ -45,6 +45,7 @@ from diffcse_runtime.inputs import as_text_list, iter_text_chunks
 from diffcse_runtime.model_dir import MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, load_metadata
 from diffcse_runtime.openvino_backend import (
     OpenVINOSession,
+    bf16_validated,
     check_backend,
     gate_warning,
     resolve_backend,
@@ -110,8 +111,9 @@ class Encoder:
         `backend`: "onnxruntime", "openvino" (extra `diffcse[openvino]`) or "auto" (OpenVINO
         when installed and the model would run on the CPU; see `openvino_backend`); the
         one chosen is `self.backend`. `inference_precision` (OpenVINO only): "f32" (the
-        default: the numbers the export gate validated), "bf16" (CPUs with AVX512-BF16 or
-        AMX), or "auto" (OpenVINO's own choice: bf16 on such CPUs); the effective one is
+        default: the numbers the export gate validated), "auto" (bf16 where the CPU has
+        AVX512-BF16 or AMX and the export's gate passed this model's OpenVINO bf16 leg, else
+        f32: faster on long batches), or "bf16"; the effective one is
         `self.inference_precision` (None on onnxruntime: the graph's own types). `streams`
         (OpenVINO only): batches run at once from different threads (a server's workers),
         each on `intra_op_threads` threads; one onnxruntime session needs no such setting."""
@@ -156,7 +158,11 @@ class Encoder:
         self.inference_precision: str | None = None  # onnxruntime: the graph's own types
         if self.backend == "openvino":
             self.session = OpenVINOSession(
-                self.path / MODEL_FILE, intra_op_threads, inference_precision, streams
+                self.path / MODEL_FILE,
+                intra_op_threads,
+                inference_precision,
+                streams,
+                bf16_allowed=bf16_validated(self.meta.validation),
             )
             self.inference_precision = self.session.precision
             provider_checks.warn(gate_warning(self.meta.validation, self.session.precision))

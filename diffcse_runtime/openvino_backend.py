@@ -19,8 +19,10 @@ same code for both backends. Settings:
 - `ENABLE_CPU_PINNING` off: worker processes of `EncoderPool` each compile their own
   model, and pinned threads of several processes would pile onto the same cores.
 - `inference_precision`: "f32" (exact float32 math), "bf16" (only where the CPU has it),
-  or "auto" (OpenVINO's default: bf16 on such CPUs, f32 elsewhere). The effective hint the
-  compiled model reports is kept in `OpenVINOSession.precision`.
+  or "auto": bf16 where the CPU has it (AVX512-BF16 or AMX) AND the export's parity gate
+  passed this model's OpenVINO bf16 leg (`validation.openvino.bf16` in diffcse.json), f32
+  otherwise; bf16 is gated as fp16 is, never assumed. The effective hint the compiled
+  model reports is kept in `OpenVINOSession.precision`.
 
 OpenVINO's synchronous infer requests are not thread-safe, while an onnxruntime session
 is; the server runs batches from several threads, so each thread gets its own request.
@@ -103,6 +105,13 @@ def resolve_backend(
     return "onnxruntime"
 
 
+def bf16_validated(validation: Mapping[str, Any]) -> bool:
+    """The export's gate measured this model's OpenVINO bf16 leg and it passed."""
+    record = validation.get("openvino")
+    got = record.get("bf16") if isinstance(record, Mapping) else None
+    return isinstance(got, Mapping) and got.get("passed") is True
+
+
 def gate_warning(validation: Mapping[str, Any], precision: str) -> str | None:
     """Why the precision OpenVINO runs was not validated for this model, or None.
 
@@ -139,10 +148,15 @@ class OpenVINOSession:
         threads: int | None,
         inference_precision: str = "auto",
         streams: int = 1,
+        bf16_allowed: bool = False,
     ) -> None:
+        """`bf16_allowed`: "auto" may take bf16 (the export's gate passed it)."""
         import openvino as ov  # the optional extra: imported only when chosen
 
         core = ov.Core()
+        if inference_precision == "auto":
+            caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            inference_precision = "bf16" if bf16_allowed and "BF16" in caps else "f32"
         config: dict[str, Any] = {
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": streams,

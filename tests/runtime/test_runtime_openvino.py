@@ -129,7 +129,7 @@ def test_bad_choices_are_refused_in_one_sentence(tiny_model_dir, kwargs, message
 
 
 def test_pickled_encoder_keeps_its_backend_and_precision(tiny_model_dir):
-    enc = Encoder(tiny_model_dir, backend="openvino", intra_op_threads=1)
+    enc = Encoder(tiny_model_dir, backend="openvino", inference_precision="f32", intra_op_threads=1)
     copy = pickle.loads(pickle.dumps(enc))
     assert (copy.backend, copy.inference_precision) == ("openvino", "f32")
     np.testing.assert_array_equal(copy.encode(TEXTS[:5]), enc.encode(TEXTS[:5]))
@@ -141,6 +141,7 @@ def test_embed_cli_runs_on_the_chosen_runtime(tiny_model_dir, ort_rows, tmp_path
     for runtime in ("openvino", "onnxruntime"):
         out = tmp_path / f"{runtime}.npy"
         args = [str(src), "-m", str(tiny_model_dir), "-o", str(out), "--runtime", runtime]
+        args += ["--inference-precision", "f32"] if runtime == "openvino" else []
         result = run(embed, args)
         assert result.exit_code == 0, result.output
         np.testing.assert_allclose(np.load(out), ort_rows[:8], atol=1e-5)
@@ -152,14 +153,36 @@ def test_a_precision_the_export_gate_failed_is_warned_about(tiny_model_dir, tmp_
     meta = load_metadata(folder)
     assert meta.validation["openvino"]["f32"]["passed"] is True  # export measured it
     with caplog.at_level(logging.WARNING, logger="diffcse_runtime"):
-        Encoder(folder, backend="openvino")
+        Encoder(folder, backend="openvino", inference_precision="f32")
     assert not [r for r in caplog.records if "parity limits" in r.getMessage()]
     meta.validation["openvino"]["f32"].update(passed=False, failures=["min cosine 0.9 < 0.99"])
     write_metadata(folder, meta)
     with caplog.at_level(logging.WARNING, logger="diffcse_runtime"):
-        Encoder(folder, backend="openvino")
+        Encoder(folder, backend="openvino", inference_precision="f32")
     (message,) = [r.getMessage() for r in caplog.records if "parity limits" in r.getMessage()]
     assert "OpenVINO f32 missed" in message and "min cosine 0.9 < 0.99" in message
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it_and_the_gate_passed_it(
+    tiny_model_dir, tmp_path
+):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    meta = load_metadata(folder)
+    assert meta.validation["openvino"]["bf16"]["passed"] is True  # export measured it
+    expected = "bf16" if _bf16_cpu() else "f32"
+    assert Encoder(folder, backend="openvino").inference_precision == "f32"  # the default
+
+    def auto(path):
+        return Encoder(path, backend="openvino", inference_precision="auto")
+
+    assert auto(folder).inference_precision == expected
+    meta.validation["openvino"]["bf16"].update(passed=False, failures=["min cosine 0.9 < 0.999"])
+    write_metadata(folder, meta)
+    assert auto(folder).inference_precision == "f32"
+    del meta.validation["openvino"]  # exported without openvino: bf16 was never gated
+    write_metadata(folder, meta)
+    assert auto(folder).inference_precision == "f32"
 
 
 def test_ray_text_embedder_passes_the_runtime_choice_through(tiny_model_dir, ort_rows):
