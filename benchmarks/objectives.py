@@ -9,8 +9,10 @@ replaced-token recall at the last step (is D learning the generator's edits?).
 
 Settings (`--settings`, comma-separated; each is one row):
   simcse            lambda_weight 0, no augmentation
-  diffcse           DiffCSE-mlm as configured (lambda 0.005, the fitted generator)
-  diffcse-dlr       ... with D's own learning rate (discriminator_learning_rate, --d-lr)
+  diffcse           DiffCSE-mlm, the paper's single learning rate (lambda 0.005, the
+                    fitted generator)
+  diffcse-dlr       ... with D's own learning rate (discriminator_learning_rate, --d-lr;
+                    the demo config's setting)
   diffcse-dwarm     ... D warm-started alone for --d-warm steps at that rate first
   diffcse-lamwarm   ... lambda ramped from 0 over the first half of the steps, D at --d-lr
   supervised        supervised SimCSE on triplets from SICK_train + STS-B train
@@ -50,7 +52,7 @@ def overrides(setting: str, args) -> list[str]:
     d_lr = f"discriminator_learning_rate={args.d_lr}"
     table = {
         "simcse": ["lambda_weight=0", "augmentation=none"],
-        "diffcse": [],
+        "diffcse": ["discriminator_learning_rate=null"],  # the paper's one rate
         "diffcse-dlr": [d_lr],
         "diffcse-dwarm": [d_lr, f"discriminator_warmup_steps={args.d_warm}"],
         "diffcse-lamwarm": [d_lr, f"lambda_warmup_steps={args.steps // 2}"],
