@@ -117,7 +117,7 @@ def train_arms(cfg, resume: bool, overwrite: bool) -> list:
             )
         compare.check_arm(cfg, resume, overwrite)  # a busy twin folder, before any training
     summary = train(cfg, resume=resume, overwrite=overwrite)
-    arms = [compare.Arm.of(compare.objective_name(cfg), cfg, summary)]
+    arms = [compare.Arm.of(cfg, summary)]
     log = logging.getLogger("diffcse_train")
     if cfg.compare_with == "simcse" and not cfg.uses_discriminator:
         log.info("compare_with: simcse: this run has no discriminator, so it is its own twin")
@@ -125,7 +125,7 @@ def train_arms(cfg, resume: bool, overwrite: bool) -> list:
         twin = compare.simcse_arm(cfg)
         log.info("compare_with: simcse: training the SimCSE twin in %s", twin.output_dir)
         twin_summary = train(twin, resume=compare.arm_resumes(twin, resume), overwrite=overwrite)
-        arms.append(compare.Arm.of(compare.objective_name(twin), twin, twin_summary))
+        arms.append(compare.Arm.of(twin, twin_summary))
     return arms
 
 

@@ -34,8 +34,9 @@ class Arm:
     report: str | None = None
 
     @classmethod
-    def of(cls, name: str, cfg: TrainConfig, summary) -> Arm:
-        """The arm a finished `train()` call describes."""
+    def of(cls, cfg: TrainConfig, summary) -> Arm:
+        """The arm a finished `train()` call describes, named by the objective it resolved."""
+        name = objective_name(cfg, summary.objective)
         return cls(name, cfg, summary.best_score, summary.best_step, summary.report)
 
     @property
@@ -43,13 +44,13 @@ class Arm:
         return RunDir(self.cfg.output_dir).best
 
 
-def objective_name(cfg: TrainConfig) -> str:
-    """What the table calls the objective `cfg` trains."""
-    supervised = getattr(cfg, "objective", "") == "supervised"
-    base = "supervised SimCSE" if supervised else "SimCSE"
+def objective_name(cfg: TrainConfig, objective: str) -> str:
+    """What the table calls the objective `cfg` trains; `objective` is the resolved one
+    (`objective: auto` becomes supervised for a sent0/sent1 file)."""
+    supervised = objective == "supervised"
     if cfg.uses_discriminator:
         return f"{'supervised ' if supervised else ''}DiffCSE-{cfg.augmentation}"
-    return base
+    return "supervised SimCSE" if supervised else "SimCSE"
 
 
 def simcse_arm(cfg: TrainConfig) -> TrainConfig:

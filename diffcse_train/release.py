@@ -26,6 +26,7 @@ from diffcse_runtime.encoder import Encoder
 from diffcse_runtime.errors import DiffcseError
 from diffcse_train.compare import Arm, objective_name, pick
 from diffcse_train.config import TrainConfig
+from diffcse_train.triplets import resolve_objective
 
 log = logging.getLogger("diffcse_train")
 SCORE_TASKS = ("STSBenchmark", "SICKRelatedness")  # dev split: STS-B dev, SICK-R trial
@@ -179,13 +180,13 @@ def shipped_line(arms: list[Arm], shipped: Arm, cfg: TrainConfig) -> str:
 def release(cfg: TrainConfig, overwrite: bool = False, arms: list[Arm] | None = None) -> list[Row]:
     """Export the trained model (with `arms`, the better arm's), print and save the
     before/after table; return its rows."""
-    arms = arms or [Arm(objective_name(cfg), cfg)]
+    if not arms:  # called on its own: name the objective train_file resolves to
+        objective = resolve_objective(cfg.objective, cfg.train_file, cfg.encoding_errors)
+        arms = [Arm(objective_name(cfg, objective), cfg)]
     shipped = pick(arms)
     exported = export_trained(cfg, overwrite, shipped.best_dir)
     others = tuple(a for a in arms if a is not shipped)
     rows = before_after(cfg, exported, shipped.name, others)
-    if len(arms) > 1:
-        log.info("%s", shipped_line(arms, shipped, cfg))
     if rows:
         payload = {
             "tasks": list(SCORE_TASKS),

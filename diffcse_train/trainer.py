@@ -56,6 +56,7 @@ class TrainSummary:
     final_loss: float | None
     output_dir: str
     report: str | None = None  # report.png, when drawn
+    objective: str = "unsupervised"  # as resolved from train_file (objective: auto)
 
 
 def _size(module: torch.nn.Module) -> str:
@@ -432,6 +433,7 @@ class Trainer:
             best_step=s.best_step,
             final_loss=last.get("loss"),
             output_dir=str(self.out),
+            objective=self.objective,
         )
         self._report(summary)
         return summary
