@@ -105,11 +105,17 @@ def resolve_backend(
     return "onnxruntime"
 
 
+def _gate_record(validation: Mapping[str, Any], precision: str) -> Mapping[str, Any] | None:
+    """The export gate's record of this model's OpenVINO `precision` leg, if it ran one."""
+    record = validation.get("openvino")
+    got = record.get(precision) if isinstance(record, Mapping) else None
+    return got if isinstance(got, Mapping) else None
+
+
 def bf16_validated(validation: Mapping[str, Any]) -> bool:
     """The export's gate measured this model's OpenVINO bf16 leg and it passed."""
-    record = validation.get("openvino")
-    got = record.get("bf16") if isinstance(record, Mapping) else None
-    return isinstance(got, Mapping) and got.get("passed") is True
+    got = _gate_record(validation, "bf16")
+    return got is not None and got.get("passed") is True
 
 
 def gate_warning(validation: Mapping[str, Any], precision: str) -> str | None:
@@ -118,11 +124,8 @@ def gate_warning(validation: Mapping[str, Any], precision: str) -> str | None:
     Export records its OpenVINO leg in diffcse.json (`validation.openvino`); a precision
     it measured and failed, or one it did not measure, is worth one WARNING.
     """
-    record = validation.get("openvino")
-    if not isinstance(record, Mapping) or precision not in ("f32", "bf16"):
-        return None
-    got = record.get(precision)
-    if isinstance(got, Mapping) and got.get("passed") is False:
+    got = _gate_record(validation, precision) if precision in ("f32", "bf16") else None
+    if got is not None and got.get("passed") is False:
         return (
             f"OpenVINO {precision} missed the export's parity limits for this model "
             f"({'; '.join(map(str, got.get('failures', [])))}); inference_precision='f32' "
