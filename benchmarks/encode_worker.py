@@ -33,7 +33,6 @@ only sentence_transformers is installed.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import inspect
 import json
 import os
@@ -81,13 +80,9 @@ def _limit_threads(n: int) -> None:
 
 def versions() -> dict[str, str]:
     """The installed versions of the packages that decide a contender's speed (metadata only)."""
-    out = {}
-    for name in VERSIONED:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
+    from benchmarks.benchlib import library_versions  # stdlib only: safe in the peers' venv
+
+    return library_versions(VERSIONED)
 
 
 class TorchCLS:

@@ -94,7 +94,9 @@ def train(setting: str, seed: int, args) -> Path:
 
 def read_run(out: Path) -> dict:
     """Selected step, its dev scores, the input's, and D's last replaced-token recall."""
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    from diffcse_train.report import read_metrics  # the trainer's own reader
+
+    rows = read_metrics(out / "metrics.jsonl")
     evals = [r for r in rows if r["kind"] == "eval"]
     trains = [r for r in rows if r["kind"] == "train"]
     best = json.loads((out / "best" / "metrics.json").read_text())
