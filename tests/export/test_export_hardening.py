@@ -62,20 +62,8 @@ def test_thresholds_built_in_code_are_checked():
 # ---------------------------------------------------------------- builtin: and the card
 
 
-@pytest.fixture(scope="module")
-def builtin_minilm():
-    from diffcse_runtime.builtin import model_path
-
-    try:
-        return model_path("builtin:all-MiniLM-L6-v2")
-    except Exception as exc:  # the demo extra is not installed
-        pytest.skip(str(exc))
-
-
 @pytest.mark.slow
-def test_export_accepts_builtin_names_and_the_card_names_them(
-    builtin_minilm, tmp_path, monkeypatch
-):
+def test_export_accepts_builtin_names_and_the_card_names_them(minilm, tmp_path, monkeypatch):
     """Issue 24: `diffcse-export builtin:all-MiniLM-L6-v2 my-model` as the README says."""
     monkeypatch.chdir(tmp_path)
     result = run("builtin:all-MiniLM-L6-v2", "my-model", "--sts-data", tmp_path / "none")
@@ -83,7 +71,7 @@ def test_export_accepts_builtin_names_and_the_card_names_them(
     meta = json.loads((tmp_path / "my-model" / "diffcse.json").read_text())
     assert meta["source"] == "builtin:all-MiniLM-L6-v2"
     card = (tmp_path / "my-model" / "README.md").read_text()
-    assert "`builtin:all-MiniLM-L6-v2`" in card and str(builtin_minilm) not in card
+    assert "`builtin:all-MiniLM-L6-v2`" in card and str(minilm) not in card
     assert 'base_model: "sentence-transformers/all-MiniLM-L6-v2"' in card
 
 

@@ -12,17 +12,6 @@ pytest.importorskip("torch")
 
 from diffcse_export import ExportOptions, export_model  # noqa: E402
 from diffcse_runtime import load_metadata  # noqa: E402
-from diffcse_runtime.errors import DiffcseError  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    from diffcse_runtime.builtin import model_path
-
-    try:
-        return model_path("builtin:all-MiniLM-L6-v2")
-    except DiffcseError as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.mark.slow

@@ -14,18 +14,7 @@ pytest.importorskip("torch")
 
 from diffcse_export import ExportOptions, export_model  # noqa: E402
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
-from diffcse_runtime.errors import DiffcseError  # noqa: E402
 from diffcse_runtime.sts import load_stsb  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    from diffcse_runtime.builtin import model_path
-
-    try:
-        return model_path("builtin:all-MiniLM-L6-v2")
-    except DiffcseError as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.mark.slow

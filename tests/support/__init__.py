@@ -5,6 +5,7 @@ export and docs helpers, and the scripts tests run as subprocesses by path
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,3 +20,10 @@ def sts_data_dir(option: str | None = None) -> Path:
     ../shared/data/sts beside the repository. The one place tests learn where it is."""
     chosen = option or os.environ.get(STS_DATA_ENV)
     return Path(chosen).expanduser().resolve() if chosen else STS_DATA_DEFAULT
+
+
+def read_metrics(out: Path, kind: str | None = None) -> list[dict]:
+    """A run's metrics.jsonl records (of one `kind`: train, eval, d_warmup), strictly: a
+    damaged line fails the test instead of being skipped as the report's reader does."""
+    lines = (Path(out) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if kind is None or r["kind"] == kind]

@@ -18,7 +18,7 @@ from diffcse_runtime import sts  # noqa: E402
 from diffcse_train import model as model_module  # noqa: E402
 from diffcse_train.config import TrainConfig  # noqa: E402
 from diffcse_train.trainer import TrainingDiverged, train  # noqa: E402
-from tests.support import tiny  # noqa: E402
+from tests.support import read_metrics, tiny  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end training runs, one killed and resumed in a subprocess
 
@@ -64,11 +64,6 @@ def make_cfg(tiny_bert, corpus_file, out: Path, **kw) -> TrainConfig:
     )
     values.update(kw)
     return TrainConfig(**values)
-
-
-def read_metrics(out: Path, kind: str) -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def test_training_lowers_the_loss_and_keeps_the_best_dev_step(

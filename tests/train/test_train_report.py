@@ -24,7 +24,7 @@ from diffcse_train.evaluation import make_encode_fn  # noqa: E402
 from diffcse_train.model import build_model  # noqa: E402
 from diffcse_train.run_dir import RUN_RECORD, RunDir  # noqa: E402
 from diffcse_train.trainer import Trainer, train  # noqa: E402
-from tests.support import tiny  # noqa: E402
+from tests.support import read_metrics, tiny  # noqa: E402
 
 pytestmark = pytest.mark.slow  # tiny end-to-end training runs
 
@@ -69,11 +69,6 @@ def make_cfg(tiny_bert, corpus_file, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def records(out: Path, kind: str) -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
 def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar tag in the event files under `logdir`, as TensorBoard itself reads them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -108,7 +103,7 @@ def test_report_json_holds_the_series_of_the_metrics_log(tb_run):
     cfg, summary = tb_run
     out = Path(cfg.output_dir)
     body = json.loads((out / "report.json").read_text())
-    evals, steps = records(out, "eval"), records(out, "train")
+    evals, steps = read_metrics(out, "eval"), read_metrics(out, "train")
     assert body["eval"]["steps"] == [r["step"] for r in evals] == [0, 4, 8, 12]
     assert body["eval"]["scores"]["stsb_dev"] == [r["stsb_dev"] for r in evals]
     assert body["eval"]["input"] == {"stsb_dev": evals[0]["stsb_dev"]}
@@ -157,7 +152,7 @@ def test_tensorboard_holds_every_scalar_per_step_and_eval(tb_run):
     cfg, _ = tb_run
     out = Path(cfg.output_dir)
     found = scalars(out / "tensorboard")
-    steps, evals = records(out, "train"), records(out, "eval")
+    steps, evals = read_metrics(out, "train"), read_metrics(out, "eval")
     for key in TRAIN_TAGS:
         assert found[f"train/{key}"] == [
             (r["step"], pytest.approx(r[key], rel=1e-5)) for r in steps

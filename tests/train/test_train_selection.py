@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from diffcse_train.config import ConfigError, TrainConfig, validate  # noqa: E402
 from diffcse_train.trainer import Trainer, train  # noqa: E402
-from tests.support import tiny  # noqa: E402
+from tests.support import read_metrics, tiny  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,8 +72,7 @@ def test_select_on_picks_best_by_those_tasks_alone(
         select_on=select_on, keep_initial=True,
     )  # fmt: skip
     assert train(cfg).best_step == best_step
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r["kind"] == "eval"]
+    evals = read_metrics(tmp_path / "run", "eval")
     assert [(r["stsb_dev"], r["sick_trial"]) for r in evals] == SCORES  # both still logged
     assert json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())["step"] == best_step
 
@@ -122,8 +121,7 @@ def test_discriminator_warm_start_trains_d_alone(tiny_bert, data, tmp_path):
     assert all(torch.equal(f_before[k], f_after[k]) for k in f_before)  # f frozen
     assert any(not torch.equal(d_before[k], d_after[k]) for k in d_before)  # D learned
     assert trainer.state.step == 0 and trainer.state.batch_in_epoch == 0  # data not consumed
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    warm = [r for r in records if r["kind"] == "d_warmup"]
+    warm = read_metrics(tmp_path / "run", "d_warmup")
     assert [r["step"] for r in warm] == [1, 2, 3]
     assert all(0 <= r["rtd_acc"] <= 1 for r in warm)
 
@@ -134,8 +132,7 @@ def test_lambda_rises_over_lambda_warmup_steps(tiny_bert, data, tmp_path):
         save_steps=5, eval_data_dir=None,
     )  # fmt: skip
     train(cfg)
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    lambdas = [r["lambda"] for r in records if r["kind"] == "train"]
+    lambdas = [r["lambda"] for r in read_metrics(tmp_path / "run", "train")]
     assert lambdas == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
 
 
