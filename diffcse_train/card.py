@@ -2,7 +2,8 @@
 
 best/ is what a user keeps, copies or pushes to a hub before (or instead of) exporting it,
 so it says what it is on its own: what it was trained from and on (as the config names
-them, never an absolute path of the training machine), the vector it gives, the step kept
+them, never an absolute path of the training machine), the objective under the name the
+main job's table gives it (config.objective_name), the vector it gives, the step kept
 and its dev score, how to load or export it, and the full config. The front matter is the
 hub's model-card metadata: best/ is also a sentence-transformers folder (st_files.py).
 diffcse-export writes the card of the exported ONNX directory (diffcse_export/model_card.py).
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 
 from diffcse_runtime import builtin
-from diffcse_train.config import TrainConfig
+from diffcse_train.config import TrainConfig, objective_name
 
 CARD_FILE = "README.md"
 
@@ -42,13 +43,12 @@ def best_card(cfg: TrainConfig, head: dict, metrics: dict) -> str:
     vector = "masked mean of the token states" if pooling == "mean" else "[CLS] state"
     if head.get("normalize"):
         vector += ", L2-normalised"
-    objective = "SimCSE (lambda_weight 0)" if cfg.lambda_weight == 0 else "DiffCSE"
-    if metrics.get("objective") == "supervised":  # sent0, sent1[, hard_neg] rows
-        objective = "supervised SimCSE" + (" + RTD on sent0" if cfg.lambda_weight else "")
+    # the main job's table names the arm the same way: one wording for one run
+    objective = objective_name(cfg, metrics.get("objective", "unsupervised"))
     rows = [
         ("trained from", f"`{cfg.model_name_or_path}`"),
         ("training text", f"`{cfg.train_file}`"),
-        ("objective", f"{objective}, augmentation {cfg.augmentation}"),
+        ("objective", objective),
         ("sentence vector", f"{head['hidden_size']} dimensions, {pooling} ({vector})"),
         ("projector", f"{head['projector']} (training only; kept in projector.safetensors)"),
         ("step kept", str(metrics.get("step", "?"))),

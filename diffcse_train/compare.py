@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffcse_train.config import TrainConfig
+from diffcse_train.config import TrainConfig, objective_name
 from diffcse_train.run_dir import RunDir
 
 COMPARE_WITH = ("none", "simcse")
@@ -42,15 +42,6 @@ class Arm:
     @property
     def best_dir(self) -> Path:
         return RunDir(self.cfg.output_dir).best
-
-
-def objective_name(cfg: TrainConfig, objective: str) -> str:
-    """What the table calls the objective `cfg` trains; `objective` is the resolved one
-    (`objective: auto` becomes supervised for a sent0/sent1 file)."""
-    supervised = objective == "supervised"
-    if cfg.uses_discriminator:
-        return f"{'supervised ' if supervised else ''}DiffCSE-{cfg.augmentation}"
-    return "supervised SimCSE" if supervised else "SimCSE"
 
 
 def simcse_arm(cfg: TrainConfig) -> TrainConfig:

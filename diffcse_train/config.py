@@ -179,6 +179,18 @@ class TrainConfig:
         return [t.strip() for t in chosen.split(",") if t.strip()]
 
 
+def objective_name(cfg: TrainConfig, objective: str) -> str:
+    """What the main job's table and best/'s model card call the objective `cfg` trains;
+    `objective` is the resolved one (`objective: auto` becomes supervised for a sent0/sent1
+    file: TrainSummary.objective, best/metrics.json's "objective"). Here, below compare.py
+    and card.py, so both name a run with this one function (card.py sits under run_dir.py,
+    which compare.py imports)."""
+    supervised = objective == "supervised"
+    if cfg.uses_discriminator:
+        return f"{'supervised ' if supervised else ''}DiffCSE-{cfg.augmentation}"
+    return "supervised SimCSE" if supervised else "SimCSE"
+
+
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 

@@ -45,6 +45,49 @@ def test_best_has_a_model_card_naming_the_source_as_given(tiny_bert, tmp_path, m
     assert "model_name_or_path: models/enc" in card  # the full config
 
 
+def card_row(card: str, key: str) -> str:
+    """The value of the card's `| key | value |` table row."""
+    rows = [line for line in card.splitlines() if line.startswith(f"| {key} | ")]
+    assert len(rows) == 1, card
+    return rows[0].removeprefix(f"| {key} | ").removesuffix(" |")
+
+
+@pytest.mark.parametrize(
+    ("rows", "keys", "expected"),
+    [
+        ("sentences", {"lambda_weight": 0.0, "augmentation": "none"}, "SimCSE"),
+        ("sentences", {"lambda_weight": 0.1, "augmentation": "replace"}, "DiffCSE-replace"),
+        ("pairs", {"lambda_weight": 0.0, "augmentation": "none"}, "supervised SimCSE"),
+        ("pairs", {"lambda_weight": 0.1, "augmentation": "delete"}, "supervised DiffCSE-delete"),
+    ],
+    ids=["simcse", "diffcse", "supervised", "supervised_rtd"],
+)
+def test_card_names_the_objective_as_the_main_jobs_table_does(
+    tiny_bert, tmp_path, rows, keys, expected
+):
+    """best/README.md and the main job's table (Arm.of: objective_name of the summary's
+    resolved objective) must say the same thing for the same run."""
+    from diffcse_train.compare import Arm
+    from diffcse_train.config import TrainConfig
+    from diffcse_train.trainer import train as train_run
+
+    sents = tiny.corpus(32, seed=1)
+    if rows == "pairs":  # objective auto resolves this header to supervised
+        data = tmp_path / "pairs.csv"
+        body = [f"{s},{s.replace(' .', ' today .')}" for s in sents]
+        data.write_text("\n".join(["sent0,sent1", *body]) + "\n", encoding="utf-8")
+    else:
+        data = tmp_path / "train.txt"
+        data.write_text("\n".join(sents) + "\n", encoding="utf-8")
+    cfg = TrainConfig(
+        model_name_or_path=str(tiny_bert), train_file=str(data), output_dir=str(tmp_path / "run"),
+        batch_size=8, max_steps=1, save_steps=1, device="cpu", seed=0, **keys,
+    )  # fmt: skip
+    summary = train_run(cfg)
+    card = (tmp_path / "run" / "best" / "README.md").read_text(encoding="utf-8")
+    assert card_row(card, "objective") == Arm.of(cfg, summary).name == expected
+
+
 @pytest.mark.slow
 def test_export_of_a_run_names_its_best_folder_as_given(tiny_bert, tmp_path, monkeypatch):
     """`diffcse-export runs/demo m` reads runs/demo/best and says so, relative as given."""

@@ -246,12 +246,14 @@ def test_hard_negative_run_end_to_end_with_rtd_on_sent0(tiny_bert, tmp_path):
     for folder in ("best", "last"):
         assert (out / folder / "model.safetensors").is_file(), folder
     assert json.loads((out / "best" / "metrics.json").read_text())["objective"] == "supervised"
-    assert "supervised SimCSE + RTD on sent0" in (out / "best" / "README.md").read_text()
-    # the main job's table names what auto resolved to, not what the config says (auto)
+    # the main job's table names what auto resolved to, not what the config says (auto),
+    # and best/'s card uses the same words
     from diffcse_train.compare import Arm
 
     assert summary.objective == "supervised"
     assert Arm.of(cfg, summary).name == "supervised DiffCSE-replace"
+    card = (out / "best" / "README.md").read_text(encoding="utf-8")
+    assert "| objective | supervised DiffCSE-replace |" in card
 
 
 @pytest.mark.slow
