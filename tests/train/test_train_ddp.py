@@ -23,7 +23,7 @@ from diffcse_train import distributed  # noqa: E402
 from diffcse_train.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from diffcse_train.data import IGNORE, Collator, epoch_order  # noqa: E402
 from diffcse_train.trainer import train  # noqa: E402
-from tests.support import tiny  # noqa: E402
+from tests.support import read_metrics, tiny  # noqa: E402
 from tests.support.ddp_worker import build_trainer, rank_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -223,10 +223,6 @@ def test_ddp_training_loop_follows_the_single_process_run(equivalence, tmp_path)
 
 
 # ---------------------------------------------------------------- torchrun -m diffcse_train
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow  # torchrun, 2 processes

@@ -13,7 +13,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from diffcse_runtime import Encoder, load_metadata  # noqa: E402
 from diffcse_train.cli import train_cmd as main  # noqa: E402
-from tests.support import tiny  # noqa: E402
+from tests.support import read_metrics, tiny  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -117,8 +117,7 @@ def test_gain_on_every_task_keeps_a_step_that_is_worse_on_one_task(
         keep_initial=True, gain_on_every_task=every_task,
     )  # fmt: skip
     assert train(cfg).best_step == best_step
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r["kind"] == "eval"]
+    evals = read_metrics(out, "eval")
     assert [r.get("eligible", True) for r in evals[1:]] == [not every_task, True]
     assert json.loads((out / "best" / "metrics.json").read_text())["step"] == best_step
 

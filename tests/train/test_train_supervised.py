@@ -18,7 +18,7 @@ from diffcse_train.losses import supervised_contrastive_loss  # noqa: E402
 from diffcse_train.model import build_model, load_tokenizer  # noqa: E402
 from diffcse_train.trainer import train  # noqa: E402
 from diffcse_train.triplets import Triplet, load_triplets, resolve_objective  # noqa: E402
-from tests.support import tiny  # noqa: E402
+from tests.support import read_metrics, tiny  # noqa: E402
 
 ANCHOR = [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 1.0]]
 POSITIVE = [[0.9, 0.1, 0.0], [0.2, 1.0, 0.3], [1.0, 0.5, 1.0]]
@@ -239,8 +239,7 @@ def test_hard_negative_run_end_to_end_with_rtd_on_sent0(tiny_bert, tmp_path):
     )  # fmt: skip
     summary = train(cfg)  # objective auto: the .csv header names sent0 and sent1
     assert summary.steps == 6
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    trained = [r for r in rows if r["kind"] == "train"]
+    trained = read_metrics(out, "train")
     assert len(trained) == 6
     assert all(math.isfinite(r["loss"]) and r["loss_rtd"] > 0 for r in trained)
     for folder in ("best", "last"):
