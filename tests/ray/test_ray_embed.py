@@ -387,6 +387,12 @@ def _processes_with(marker: str) -> list[int]:
     return pids
 
 
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    return ""
+
+
 def _wait_for_a_part(proc, out, log) -> None:
     import time
 
@@ -398,17 +404,50 @@ def _wait_for_a_part(proc, out, log) -> None:
         time.sleep(0.05)
 
 
-def _no_processes_left(marker: str) -> list[int]:
-    """Wait up to 15 s for `marker`'s processes to end; kill and return any still alive."""
+def _descendants(root: int) -> set[tuple[int, bytes]]:
+    """`root`'s descendants now, as (pid, start time). Taken before a kill: Ray's agents
+    retitle themselves, which overwrites the environment /proc shows, so a marker in the
+    environment can miss them (it did, and they outlived the job by a minute)."""
+    table = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+            table[int(pid)] = (int(fields[1]), fields[19])
+    tree, grew = set(), True
+    while grew:
+        grew = False
+        for pid, (ppid, start) in table.items():
+            if (ppid == root or ppid in {p for p, _ in tree}) and (pid, start) not in tree:
+                tree.add((pid, start))
+                grew = True
+    return tree
+
+
+def _alive(tree: set[tuple[int, bytes]]) -> list[int]:
+    """The processes of `tree` still running (same pid and start time, not a zombie)."""
+    pids = []
+    for pid, start in tree:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+            if fields[19] == start and fields[0] != b"Z":
+                pids.append(pid)
+    return pids
+
+
+def _no_processes_left(marker: str, tree: set[tuple[int, bytes]]) -> list[str]:
+    """Wait up to 15 s for `marker`'s processes and `tree` to end; kill and return any
+    still alive."""
     import time
 
+    def running() -> list[int]:
+        return sorted(set(_processes_with(marker)) | set(_alive(tree)))
+
     end = time.monotonic() + 15  # workers notice their parent's end within seconds
-    while _processes_with(marker) and time.monotonic() < end:
+    while running() and time.monotonic() < end:
         time.sleep(0.2)
     left = []
-    for pid in _processes_with(marker):  # never leave them running past the test
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
-            left.append(fh.read().replace(b"\0", b" ")[:60].decode(errors="replace"))
+    for pid in running():  # never leave them running past the test
+        left.append(_cmdline(pid)[:60])
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     return left
@@ -434,19 +473,23 @@ def test_killed_job_exits_cleanly_leaves_no_ray_processes_and_resumes(tiny_model
         short = tempfile.mkdtemp(prefix="drk-")  # TMPDIR: Ray's session files, our marker
         env = {**os.environ, "TMPDIR": short, "RAY_USAGE_STATS_ENABLED": "0"}
         log = tmp_path / f"log-{sig}"
+        tree = set()
         with open(log, "wb") as fh:
             proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=fh)
             try:
                 if sig is not None:
                     _wait_for_a_part(proc, out, log)
                     assert _processes_with(short), "the marker does not find Ray's processes"
+                    tree = _descendants(proc.pid)
+                    names = " ".join(_cmdline(pid) for pid, _ in tree)
+                    assert "raylet" in names and "ray::" in names, names
                     proc.send_signal(sig)
                 proc.wait(timeout=180)
             finally:
                 if proc.poll() is None:
                     proc.kill()
         text = log.read_text(errors="replace")
-        left = _no_processes_left(short)
+        left = _no_processes_left(short, tree)
         shutil.rmtree(short, ignore_errors=True)
         assert left == [], f"alive after the parent exited ({sig}): {left}"
         if sig == signal.SIGTERM:
