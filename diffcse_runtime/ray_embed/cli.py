@@ -11,9 +11,11 @@ from pathlib import Path
 import click
 
 from diffcse_runtime.bounds import Bound, option_type
+from diffcse_runtime.cli import precision_option, runtime_option
 from diffcse_runtime.cli_errors import friendly_errors
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.model_dir import load_metadata
+from diffcse_runtime.openvino_backend import resolve_backend
 from diffcse_runtime.ray_embed import FORMATS, watchdog
 from diffcse_runtime.signals import signals_deferred, sigterm_as_interrupt
 from diffcse_runtime.textio import ERROR_MODES
@@ -97,7 +99,7 @@ def default_actors(cpus_per_actor: float) -> int:
     type=THREADS,
     default=1,
     show_default=True,
-    help="onnxruntime threads per actor (each actor reserves as many CPUs).",
+    help="Inference threads per actor (each actor reserves as many CPUs).",
 )
 @click.option(
     "--num-cpus",
@@ -147,6 +149,8 @@ def default_actors(cpus_per_actor: float) -> int:
     show_default=True,
     help="Bytes that are not UTF-8: stop with FILE:LINE, or replace them.",
 )
+@runtime_option
+@precision_option
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray Data's progress log.")
 @friendly_errors(interrupted="interrupted; finished parts are kept, rerun to resume")
 def main(
@@ -165,6 +169,8 @@ def main(
     normalize,
     keep_text,
     errors,
+    runtime,
+    inference_precision,
     verbose,
 ):
     """Embed INPUTS (files, folders or globs; local or any pyarrow filesystem URI such as
@@ -184,6 +190,7 @@ def main(
     from diffcse_runtime.ray_embed.job import JobSpec
 
     meta = load_metadata(model)  # a broken model folder fails here, before Ray starts
+    check_runtime(runtime, inference_precision)  # so does an engine this install lacks
     check_output_folder(output_dir, inputs)  # so does a folder that is not this job's
     spec = JobSpec(
         inputs=list(inputs),
@@ -195,6 +202,7 @@ def main(
         normalize=normalize,
         keep_text=keep_text,
         errors=errors,
+        inference_precision=spec_precision(runtime, inference_precision),
     )
     owns_ray = not ray.is_initialized()  # a caller's (or a test's) running Ray is reused
     guard = None
@@ -209,7 +217,7 @@ def main(
                 guard = watchdog.start()  # even a SIGKILL of ours ends the local Ray
                 start_local_ray(num_cpus or os.cpu_count() or 1)
         with sigterm_as_interrupt():
-            result = _run(spec, model, output_dir, actors, threads, batch_size, verbose)
+            result = _run(spec, model, output_dir, actors, threads, batch_size, runtime, verbose)
     finally:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
@@ -225,7 +233,27 @@ def main(
         raise DiffcseError(f"{result.manifest}: {result.rows_in - result.rows_out} rows missing")
 
 
-def _run(spec, model: Path, output_dir: str, actors, threads: int, batch_size: int, verbose):
+def check_runtime(runtime: str, inference_precision: str) -> None:
+    """Refuse, before Ray starts, what every CPU actor's Encoder would refuse: the check is
+    `Encoder`'s own (`resolve_backend`), so `--runtime openvino` without the openvino package
+    is the sentence diffcse-embed gives. The actors run it again with their own install,
+    which on a cluster may differ from this machine's."""
+    try:
+        resolve_backend(runtime, inference_precision, ["CPUExecutionProvider"])
+    except ValueError as exc:  # the one pair the choices let through: onnxruntime + bf16
+        raise click.BadParameter(str(exc), param_hint="--inference-precision") from None
+
+
+def spec_precision(runtime: str, inference_precision: str) -> str:
+    """The precision the job record keeps: onnxruntime always computes in float32 (its
+    precision setting is OpenVINO's only), so a job run there records "f32", and a rerun
+    may switch to `--runtime openvino` at f32 without being refused as another job."""
+    return "f32" if runtime == "onnxruntime" else inference_precision
+
+
+def _run(
+    spec, model: Path, output_dir: str, actors, threads: int, batch_size: int, runtime, verbose
+):
     from diffcse_runtime.ray_embed.job import run_job
 
     quiet_ray_data(verbose)
@@ -239,6 +267,7 @@ def _run(spec, model: Path, output_dir: str, actors, threads: int, batch_size: i
         cpus_per_actor=threads,
         threads=threads,
         batch_size=batch_size,
+        backend=runtime,
         progress=_progress,
         notify=lambda note: click.echo(f"diffcse-embed-ray: {note}", err=True),
     )

@@ -55,11 +55,24 @@ from diffcse_runtime.ray_embed.record import JOB_FILE, Record, reconcile
 log = logging.getLogger("diffcse_runtime.ray_embed")
 MANIFEST_FORMAT = "diffcse-embed-ray/2"
 PART_DIGEST_KEY = b"diffcse.input_sha256"  # Parquet metadata: the bytes a part came from
+# Parquet metadata: the engine and float math of the actor that wrote the part, as it ran
+# (precision "auto" is bf16 or f32 by each node's CPU; onnxruntime has no such setting)
+PART_BACKEND_KEY = b"diffcse.backend"
+PART_PRECISION_KEY = b"diffcse.inference_precision"
 
 
 @dataclass
 class JobSpec:
-    """What decides the output: a rerun with a different spec would mix two jobs."""
+    """What decides the output: a rerun with a different spec would mix two jobs, so it is
+    refused ("holds a different job (changed: ...)").
+
+    `inference_precision` is here because it changes the vectors: bf16 moves them (min
+    cosine ~0.995 to f32), so a rerun at another precision would leave parts of two kinds.
+    What is kept is the precision asked for: "auto" picks bf16 or f32 per actor (by its
+    CPU), so it is one job whatever each node chose. The engine (`run_job`'s `backend`) is
+    not here, as the actors' threads and batch size are not: onnxruntime and OpenVINO at f32
+    agree to ~1e-6, so a rerun may switch engines and keep the finished parts.
+    """
 
     inputs: list[str]
     model_sha256: str
@@ -70,6 +83,11 @@ class JobSpec:
     normalize: bool = False
     keep_text: bool = False
     errors: str = "strict"
+    inference_precision: str = "f32"
+
+
+# spec keys added after records were first written, with the value those jobs ran with
+SPEC_ADDED = {"inference_precision": "f32"}
 
 
 @dataclass
@@ -93,10 +111,22 @@ class ShardWriter(TextEmbedder):
     """The job's actor: embeds whole shards and publishes each as one Parquet part."""
 
     def __init__(self, model_dir: str, output_dir: str, spec: dict, **embedder_kwargs) -> None:
-        super().__init__(model_dir, normalize=spec["normalize"], **embedder_kwargs)
         self.spec = spec
         self.out_fs, self.out_path = resolve_fs(output_dir)
         self.in_fs: dict[str, pafs.FileSystem] = {}
+        self.unusable = ""  # why this actor's Encoder could not be built, if it could not
+        try:
+            super().__init__(
+                model_dir,
+                normalize=spec["normalize"],
+                inference_precision=spec["inference_precision"],
+                **embedder_kwargs,
+            )
+        except DiffcseError as exc:
+            # a setting this node cannot run (no openvino package, no bf16 in its CPU, no
+            # model folder at that path): raised here, Ray would report only an actor death
+            # and a traceback text, so it comes back as each shard's error instead
+            self.unusable = str(exc)
 
     def __call__(self, batch: dict) -> dict:
         """One summary row per shard. A user error (a malformed line) comes back as data:
@@ -105,6 +135,8 @@ class ShardWriter(TextEmbedder):
         for raw in batch["shard"]:
             shard = Shard.from_dict(json.loads(raw))
             try:
+                if self.unusable:
+                    raise DiffcseError(self.unusable)
                 rows, error = self.write_shard(shard)[1], ""
             except DiffcseError as exc:
                 rows, error = -1, str(exc)
@@ -125,7 +157,10 @@ class ShardWriter(TextEmbedder):
         }
         if spec["keep_text"]:
             columns["text"] = pa.array(texts, type=pa.string())
-        table = pa.table(columns).replace_schema_metadata({PART_DIGEST_KEY: shard.digest})
+        meta = {PART_DIGEST_KEY: shard.digest, PART_BACKEND_KEY: self.encoder.backend}
+        if self.encoder.inference_precision:  # OpenVINO's effective one
+            meta[PART_PRECISION_KEY] = self.encoder.inference_precision
+        table = pa.table(columns).replace_schema_metadata(meta)
         write_table(table, self.out_fs, f"{self.out_path}/{part_name(shard)}")
         return shard.index, len(ids)
 
@@ -175,8 +210,10 @@ def load_or_plan(out_fs, out_path: str, spec: JobSpec) -> tuple[Record, list[str
     job_path = f"{out_path}/{JOB_FILE}"
     files = input_files(spec)
     saved = check_folder(out_fs, out_path, [*spec.inputs, *files.values()], out_path)
-    if saved is not None and saved.spec != vars(spec):
-        changed = sorted(k for k in saved.spec if saved.spec[k] != vars(spec).get(k))
+    asked = vars(spec)
+    was = {**SPEC_ADDED, **saved.spec} if saved is not None else asked
+    if was != asked:
+        changed = sorted(k for k in was.keys() | asked if was.get(k) != asked.get(k))
         raise DiffcseError(
             f"{out_path}: holds a different job (changed: {', '.join(changed)}); "
             "use a new output folder"
@@ -241,6 +278,7 @@ def run_job(
     cpus_per_actor: float = 1.0,
     threads: int = 1,
     batch_size: int = 64,
+    backend: str = "auto",
     worker: type[ShardWriter] = ShardWriter,
     progress: Callable[[int, int], None] | None = None,
     notify: Callable[[str], None] | None = None,
@@ -251,6 +289,10 @@ def run_job(
     Ray Data's default for actor pools (`max_restarts=-1`, `max_task_retries=-1`), which
     Ray 2.60 deprecates overriding through `map_batches`. An exception raised by our code
     (a malformed line) is not retried: it fails the job with its message.
+
+    `backend`: each actor's `Encoder` engine ("auto", "onnxruntime", "openvino"); its
+    precision is `spec.inference_precision` (see JobSpec for why one is in the spec and the
+    other is not).
     """
     started = time.perf_counter()
     out_fs, out_path = resolve_fs(output_dir)
@@ -279,6 +321,7 @@ def run_job(
                 "spec": {**vars(spec), "inputs_fs": uris},
                 "intra_op_threads": threads,
                 "batch_size": batch_size,
+                "backend": backend,
             },
         )
         rows = iter(ds.iter_rows())
@@ -322,6 +365,7 @@ def _manifest(spec: JobSpec, model_dir, record: Record, rows_in: int, rows_out: 
             "onnx_sha256": spec.model_sha256,
             "embedding_dim": meta.embedding_dim,
             "normalized": spec.normalize,
+            "inference_precision": spec.inference_precision,  # as asked; see JobSpec
         },
         "inputs": spec.inputs,
         "files": record.files,  # each input file's size and mtime_ns when it was read
