@@ -25,7 +25,7 @@ from diffcse_runtime.cli_errors import friendly_errors
 from diffcse_runtime.encoder import Encoder, TruncationTally
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.model_dir import load_metadata
-from diffcse_runtime.openvino_backend import BACKENDS, INFERENCE_PRECISIONS
+from diffcse_runtime.openvino_backend import BACKENDS, INFERENCE_PRECISIONS, check_backend
 from diffcse_runtime.parallel import EncoderPool
 from diffcse_runtime.textio import ERROR_MODES, iter_lines
 
@@ -53,10 +53,29 @@ threads_option = click.option(
     default=None,
     help="onnxruntime intra-op threads per process (default or 0: the cores, shared out).",
 )
+
+
+def _check_engine(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse a --runtime / --inference-precision pair no engine runs (onnxruntime + bf16)
+    as a usage error before any work starts. Each option
+    checks once the other is known: click processes them in command-line order."""
+    other = "inference_precision" if param.name == "runtime" else "runtime"
+    if other in ctx.params:
+        pair = {param.name: value, other: ctx.params[other]}
+        try:
+            check_backend(pair["runtime"], pair["inference_precision"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+        except DiffcseError:  # openvino not installed: the command says so, as the Encoder
+            pass
+    return value
+
+
 runtime_option = click.option(
     "--runtime",
     "runtime",
     type=click.Choice(BACKENDS),
+    callback=_check_engine,
     default="auto",
     show_default=True,
     help='Inference engine: onnxruntime, openvino (pip install "diffcse[openvino]"), or auto '
@@ -65,6 +84,7 @@ runtime_option = click.option(
 precision_option = click.option(
     "--inference-precision",
     type=click.Choice(INFERENCE_PRECISIONS),
+    callback=_check_engine,
     default="f32",
     show_default=True,
     help="OpenVINO's float math: f32 (what export validated), auto (bf16 where the CPU has "
