@@ -169,7 +169,11 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it_and_the_gate_passed_it
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     meta = load_metadata(folder)
-    assert meta.validation["openvino"]["bf16"]["passed"] is True  # export measured it
+    gate = meta.validation["openvino"]["bf16"]
+    if _bf16_cpu():
+        assert gate["passed"] is True  # export measured it
+    else:  # export could not measure it here, and says so
+        assert gate == {"skipped": "this CPU has no AVX512-BF16 or AMX", "passed": None}
     expected = "bf16" if _bf16_cpu() else "f32"
     assert Encoder(folder, backend="openvino").inference_precision == "f32"  # the default
 
@@ -177,7 +181,10 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it_and_the_gate_passed_it
         return Encoder(path, backend="openvino", inference_precision="auto")
 
     assert auto(folder).inference_precision == expected
-    meta.validation["openvino"]["bf16"].update(passed=False, failures=["min cosine 0.9 < 0.999"])
+    gate.update(passed=True, failures=[])  # a gate passed elsewhere: the CPU still decides
+    write_metadata(folder, meta)
+    assert auto(folder).inference_precision == expected
+    gate.update(passed=False, failures=["min cosine 0.9 < 0.999"])
     write_metadata(folder, meta)
     assert auto(folder).inference_precision == "f32"
     del meta.validation["openvino"]  # exported without openvino: bf16 was never gated
@@ -195,3 +202,33 @@ def test_ray_text_embedder_passes_the_runtime_choice_through(tiny_model_dir, ort
         out = embedder(pa.table({"text": TEXTS[:4]}))
         rows = np.asarray(out.column("embedding").to_pylist(), dtype=np.float32)
         np.testing.assert_allclose(rows, ort_rows[:4], atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["runtime first", "precision first"])
+def test_every_command_refuses_onnxruntime_with_bf16_as_a_usage_error(
+    tiny_model_dir, tmp_path, order
+):
+    """The one pair the choices let through: one sentence naming the option that completed
+    it, exit 2, whichever comes first on the command line; no traceback, nothing written."""
+    from diffcse_runtime.cli import evaluate_cmd, search
+    from diffcse_runtime.serve.cli import serve
+
+    src = tmp_path / "in.txt"
+    src.write_text("a\n", encoding="utf-8")
+    pair = [["--runtime", "onnxruntime"], ["--inference-precision", "bf16"]]
+    pair = [*pair[0], *pair[1]] if order == "runtime first" else [*pair[1], *pair[0]]
+    model = ["-m", str(tiny_model_dir)]
+    commands = {
+        "embed": (embed, [str(src), *model, "-o", str(tmp_path / "o.npy")]),
+        "eval": (evaluate_cmd, [*model, "--data", str(tmp_path)]),
+        "search": (search, [*model, "--index", str(tmp_path / "idx"), "--build", str(src)]),
+        "serve": (serve, [*model, "--port", "0"]),
+    }
+    named = "--inference-precision" if order == "runtime first" else "--runtime"
+    for name, (command, args) in commands.items():
+        result = run(command, [*args, *pair])
+        assert result.exit_code == 2, (name, result.output)
+        assert f"Invalid value for '{named}'" in result.output, (name, result.output)
+        assert "onnxruntime's CPU kernels run float32" in result.output, name
+        assert "Traceback" not in result.output, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
