@@ -27,7 +27,7 @@ from diffcse_runtime import sts
 from diffcse_runtime.errors import DiffcseError
 from diffcse_train import checkpoint, distributed
 from diffcse_train.checkpoint import TrainState
-from diffcse_train.config import TrainConfig, validate
+from diffcse_train.config import TrainConfig, objective_name, validate
 from diffcse_train.data import Collator, epoch_order
 from diffcse_train.evaluation import TASK_KEYS, find_eval_data, make_encode_fn, present_eval_tasks
 from diffcse_train.generator import ensure_generator
@@ -312,15 +312,9 @@ class Trainer:
         if m.generator is not None:
             parts.append(f"frozen generator {cfg.generator_name_or_path}")
         log.info("model: %s", ", ".join(parts))
-        mode = (
-            f"{self._augmentation()} x lambda {cfg.lambda_weight}"
-            if cfg.uses_discriminator
-            else "SimCSE (lambda 0)"
-        )
-        if self.objective == "supervised":
-            mode = (
-                f"supervised SimCSE{' + RTD on sent0, ' + mode if cfg.uses_discriminator else ''}"
-            )
+        mode = objective_name(cfg, self.objective)  # the table's and the card's name
+        if cfg.uses_discriminator:
+            mode += f" (lambda {cfg.lambda_weight})"
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
         log.info(
             "data: %d %s from %s; %d steps/epoch, %d steps; objective %s; %s %s",
