@@ -161,7 +161,15 @@ def encode_section() -> str:
     data = load("encode.json")
     if not encode_is_paired(data):
         return encode_tables("encode.json", 1) + "\n\n" + encode_tables("encode_2threads.json", 2)
-    return paired_encode_tables(data, "encode.json")
+    parts = [paired_encode_tables(data, "encode.json")]
+    for name, cpu in OTHER_ENCODE_CPUS:  # int8 and bf16 speed hang on the vector extensions
+        if (RESULTS / name).exists():
+            parts += [f"**The same benchmark on {cpu}** (`--out benchmarks/results/{name}`):"]
+            parts += [paired_encode_tables(load(name), name)]
+    return "\n\n".join(parts)
+
+
+OTHER_ENCODE_CPUS = [("encode_avx2.json", "an AVX2-only CPU (no VNNI, no BF16)")]
 
 
 def _cell(row: dict, baseline: bool) -> str:
