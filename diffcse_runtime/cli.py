@@ -79,7 +79,8 @@ runtime_option = click.option(
     default="auto",
     show_default=True,
     help='Inference engine: onnxruntime, openvino (pip install "diffcse[openvino]"), or auto '
-    "(openvino when installed and the model runs on the CPU).",
+    "(openvino when installed, the model runs on the CPU and the CPU has VNNI, AVX512-BF16 "
+    "or AMX; onnxruntime otherwise).",
 )
 precision_option = click.option(
     "--inference-precision",

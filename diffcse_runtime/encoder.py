@@ -109,7 +109,8 @@ class Encoder:
         dimensions (renormalised when unit-length), as sentence-transformers' does.
 
         `backend`: "onnxruntime", "openvino" (extra `diffcse[openvino]`) or "auto" (OpenVINO
-        when installed and the model would run on the CPU; see `openvino_backend`); the
+        when installed, the model would run on the CPU and the CPU has VNNI, AVX512-BF16 or
+        AMX, where it beat onnxruntime; see `openvino_backend.cpu_favours_openvino`); the
         one chosen is `self.backend`. `inference_precision` (OpenVINO only): "f32" (the
         default: the numbers the export gate validated), "auto" (bf16 where the CPU has
         AVX512-BF16 or AMX and the export's gate passed this model's OpenVINO bf16 leg, else

@@ -30,6 +30,7 @@ is; the server runs batches from several threads, so each thread gets its own re
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import threading
 from collections.abc import Mapping, Sequence
@@ -44,9 +45,11 @@ from diffcse_runtime.model_dir import OUTPUT_NAME
 
 BACKENDS = ("auto", "onnxruntime", "openvino")
 INFERENCE_PRECISIONS = ("auto", "f32", "bf16")
-# backend="auto" on a CPU takes OpenVINO when it is installed. Flip this if the benchmarks
-# (benchmarks/encode.py) find onnxruntime faster for the shipped variants on the target CPUs.
+# backend="auto" on a CPU takes OpenVINO when it is installed and the CPU has one of these
+# (the int8 dot-product and bf16 instructions OpenVINO's kernels are built around); see
+# `cpu_favours_openvino`. Set False to keep onnxruntime everywhere.
 AUTO_PREFERS_OPENVINO = True
+OPENVINO_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16"})
 INSTALL_HINT = 'pip install "diffcse[openvino]"'
 _OV_PRECISION = {"f32": "f32", "bf16": "bf16"}
 CONTRACT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -58,6 +61,36 @@ def openvino_available() -> bool:
         return importlib.util.find_spec("openvino") is not None
     except (ImportError, ValueError):  # a broken or half-removed install
         return False
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (`/proc/cpuinfo`); elsewhere the few
+    numpy reports, under the same names. Empty when neither says."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        return frozenset()
+    names = {"AVX512VNNI": "avx512_vnni", "AVX512BF16": "avx512_bf16"}
+    return frozenset(linux for key, linux in names.items() if features.get(key))
+
+
+def cpu_favours_openvino() -> bool:
+    """The CPU has VNNI, AVX512-BF16 or AMX, where OpenVINO beat onnxruntime on batches.
+
+    Measured with `benchmarks/encode.py` on all-MiniLM-L6-v2's int8 directory: on an
+    AVX512-VNNI/BF16 CPU OpenVINO ran batches of 32 1.1-1.7x faster than onnxruntime; on an
+    AVX2-only CPU it ran 0.3-0.8x onnxruntime's speed in every cell (its int8 was no faster
+    than its own f32 there), so "auto" keeps onnxruntime on such CPUs.
+    """
+    return bool(cpu_flags() & OPENVINO_CPU_FLAGS)
 
 
 def check_backend(backend: str, inference_precision: str, streams: int = 1) -> None:
@@ -85,7 +118,9 @@ def resolve_backend(
     backend: str, inference_precision: str, providers: Sequence[str], explicit: bool = False
 ) -> str:
     """The backend that runs: as asked, or for "auto" OpenVINO when it is installed (and
-    preferred) and onnxruntime would run on the CPU; onnxruntime otherwise (CUDA first).
+    preferred), onnxruntime would run on the CPU and the CPU has the instructions OpenVINO
+    pays off on (`cpu_favours_openvino`; bf16 asked for outright also goes to OpenVINO,
+    which says in one sentence if the CPU lacks it); onnxruntime otherwise (CUDA first).
 
     Providers the caller listed (`explicit`) are onnxruntime's words, so "auto" keeps
     onnxruntime for them. "auto" with `inference_precision="bf16"` needs OpenVINO, so it is
@@ -95,7 +130,8 @@ def resolve_backend(
     if backend != "auto":
         return backend
     on_cpu = providers[0] == "CPUExecutionProvider"
-    if on_cpu and not explicit and openvino_available() and AUTO_PREFERS_OPENVINO:
+    wanted = cpu_favours_openvino() or inference_precision == "bf16"
+    if on_cpu and not explicit and wanted and openvino_available() and AUTO_PREFERS_OPENVINO:
         return "openvino"
     if inference_precision == "bf16":
         raise DiffcseError(

@@ -92,14 +92,37 @@ def test_threads_and_streams_are_pinned_in_the_compiled_model(tiny_model_dir, th
     assert enc.session.compiled.get_property("ENABLE_CPU_PINNING") is False
 
 
-def test_auto_takes_openvino_on_the_cpu_and_onnxruntime_for_explicit_providers(
-    tiny_model_dir, monkeypatch
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, "openvino"),
+        ({"avx2", "avx_vnni"}, "openvino"),
+        ({"avx2", "avx512f", "amx_int8", "amx_bf16"}, "openvino"),
+        ({"avx2", "fma"}, "onnxruntime"),  # where OpenVINO measured 0.3-0.8x onnxruntime
+        (set(), "onnxruntime"),
+    ],
+)
+def test_auto_takes_openvino_on_cpus_it_pays_on_and_onnxruntime_for_explicit_providers(
+    tiny_model_dir, monkeypatch, flags, expected
 ):
-    assert Encoder(tiny_model_dir).backend == "openvino"
+    monkeypatch.setattr(ovb, "cpu_flags", lambda: frozenset(flags))
+    assert Encoder(tiny_model_dir).backend == expected
     explicit = Encoder(tiny_model_dir, providers=["CPUExecutionProvider"])
     assert explicit.backend == "onnxruntime" and explicit.inference_precision is None
+    if expected == "onnxruntime" and _bf16_cpu():  # bf16 asked for outright: OpenVINO
+        assert Encoder(tiny_model_dir, inference_precision="bf16").backend == "openvino"
+    elif expected == "onnxruntime":  # ... which refuses it on a CPU without bf16
+        with pytest.raises(DiffcseError, match="not available on this CPU"):
+            Encoder(tiny_model_dir, inference_precision="bf16")
     monkeypatch.setattr(ovb, "AUTO_PREFERS_OPENVINO", False)
     assert Encoder(tiny_model_dir).backend == "onnxruntime"
+
+
+def test_cpu_flags_are_this_machines():
+    flags = ovb.cpu_flags()
+    with open("/proc/cpuinfo") as fh:
+        line = next(line for line in fh if line.startswith("flags"))
+    assert flags == frozenset(line.split(":", 1)[1].split()) and "sse2" in flags
 
 
 def test_auto_without_openvino_is_onnxruntime_and_openvino_asked_names_the_extra(
