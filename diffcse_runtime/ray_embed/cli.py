@@ -15,7 +15,7 @@ from diffcse_runtime.cli import precision_option, runtime_option
 from diffcse_runtime.cli_errors import friendly_errors
 from diffcse_runtime.errors import DiffcseError
 from diffcse_runtime.model_dir import load_metadata
-from diffcse_runtime.openvino_backend import resolve_backend
+from diffcse_runtime.openvino_backend import FLOAT32_VARIANTS, resolve_backend
 from diffcse_runtime.ray_embed import FORMATS, watchdog
 from diffcse_runtime.signals import signals_deferred, sigterm_as_interrupt
 from diffcse_runtime.textio import ERROR_MODES
@@ -190,7 +190,7 @@ def main(
     from diffcse_runtime.ray_embed.job import JobSpec
 
     meta = load_metadata(model)  # a broken model folder fails here, before Ray starts
-    check_runtime(runtime, inference_precision)  # so does an engine this install lacks
+    engine, precision = job_engine(model, runtime, inference_precision)  # and a missing engine
     check_output_folder(output_dir, inputs)  # so does a folder that is not this job's
     spec = JobSpec(
         inputs=list(inputs),
@@ -202,7 +202,8 @@ def main(
         normalize=normalize,
         keep_text=keep_text,
         errors=errors,
-        inference_precision=spec_precision(runtime, inference_precision),
+        inference_precision=precision,
+        engine=engine if meta.variant not in FLOAT32_VARIANTS else "any",
     )
     owns_ray = not ray.is_initialized()  # a caller's (or a test's) running Ray is reused
     guard = None
@@ -217,7 +218,7 @@ def main(
                 guard = watchdog.start()  # even a SIGKILL of ours ends the local Ray
                 start_local_ray(num_cpus or os.cpu_count() or 1)
         with sigterm_as_interrupt():
-            result = _run(spec, model, output_dir, actors, threads, batch_size, runtime, verbose)
+            result = _run(spec, model, output_dir, actors, threads, batch_size, engine, verbose)
     finally:
         if owns_ray and ray.is_initialized():
             ray.shutdown()
@@ -233,20 +234,26 @@ def main(
         raise DiffcseError(f"{result.manifest}: {result.rows_in - result.rows_out} rows missing")
 
 
-def check_runtime(runtime: str, inference_precision: str) -> None:
-    """Refuse, before Ray starts, what every CPU actor's Encoder would refuse: the check is
-    `Encoder`'s own (`resolve_backend`), so `--runtime openvino` without the openvino package
-    is the sentence diffcse-embed gives. The actors run it again with their own install,
-    which on a cluster may differ from this machine's. (The options' own check has
-    already refused onnxruntime + bf16.)"""
-    resolve_backend(runtime, inference_precision, ["CPUExecutionProvider"])
+def job_engine(model: Path, runtime: str, inference_precision: str) -> tuple[str, str]:
+    """The one engine and precision every actor of the job runs, decided here, before Ray
+    starts: "auto" picks by the CPU (`resolve_backend`) and the precision "auto" by the CPU
+    and the export's bf16 gate, so on a cluster of mixed CPUs each actor would otherwise
+    choose its own, and one job would hold vectors of two kinds (an int8 directory's
+    vectors on onnxruntime and on OpenVINO: min cosine 0.992 on STS-B dev; bf16 vs f32:
+    0.995). An actor whose node cannot run the choice stops the job with one sentence.
 
+    The check is `Encoder`'s own, so `--runtime openvino` without the openvino package is
+    the sentence diffcse-embed gives. onnxruntime computes in float32 whatever is asked, so
+    a job there records "f32"."""
+    engine = resolve_backend(runtime, inference_precision, ["CPUExecutionProvider"])
+    if engine == "onnxruntime":
+        return engine, "f32"
+    if inference_precision == "auto":  # what this machine's Encoder would take
+        from diffcse_runtime.encoder import Encoder
 
-def spec_precision(runtime: str, inference_precision: str) -> str:
-    """The precision the job record keeps: onnxruntime always computes in float32 (its
-    precision setting is OpenVINO's only), so a job run there records "f32", and a rerun
-    may switch to `--runtime openvino` at f32 without being refused as another job."""
-    return "f32" if runtime == "onnxruntime" else inference_precision
+        enc = Encoder(model, backend=engine, inference_precision="auto", intra_op_threads=1)
+        inference_precision = enc.inference_precision or "f32"
+    return engine, inference_precision
 
 
 def _run(

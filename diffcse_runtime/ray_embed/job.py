@@ -66,12 +66,13 @@ class JobSpec:
     """What decides the output: a rerun with a different spec would mix two jobs, so it is
     refused ("holds a different job (changed: ...)").
 
-    `inference_precision` is here because it changes the vectors: bf16 moves them (min
-    cosine ~0.995 to f32), so a rerun at another precision would leave parts of two kinds.
-    What is kept is the precision asked for: "auto" picks bf16 or f32 per actor (by its
-    CPU), so it is one job whatever each node chose. The engine (`run_job`'s `backend`) is
-    not here, as the actors' threads and batch size are not: onnxruntime and OpenVINO at f32
-    agree to ~1e-6, so a rerun may switch engines and keep the finished parts.
+    `inference_precision` and `engine` are here because they change the vectors, so a
+    rerun with another would leave parts of two kinds: bf16 moves them (min cosine ~0.995
+    to f32), and an int8 graph's vectors differ between onnxruntime and OpenVINO (min
+    cosine 0.992). Both are the concrete choice the command made for every actor ("auto"
+    resolved once, see `cli.job_engine`). A float32 graph gives the same vectors on both
+    engines (~1e-6), so its `engine` is "any": a rerun may switch engines and keep the
+    finished parts. The actors' threads and batch size are not here either.
     """
 
     inputs: list[str]
@@ -84,10 +85,11 @@ class JobSpec:
     keep_text: bool = False
     errors: str = "strict"
     inference_precision: str = "f32"
+    engine: str = "any"
 
 
 # spec keys added after records were first written, with the value those jobs ran with
-SPEC_ADDED = {"inference_precision": "f32"}
+SPEC_ADDED = {"inference_precision": "f32", "engine": "any"}
 
 
 @dataclass
@@ -290,9 +292,9 @@ def run_job(
     Ray 2.60 deprecates overriding through `map_batches`. An exception raised by our code
     (a malformed line) is not retried: it fails the job with its message.
 
-    `backend`: each actor's `Encoder` engine ("auto", "onnxruntime", "openvino"); its
-    precision is `spec.inference_precision` (see JobSpec for why one is in the spec and the
-    other is not).
+    `backend`: each actor's `Encoder` engine ("auto", "onnxruntime", "openvino"; the
+    command passes the one it resolved, as `spec.engine` records for an int8 graph); its
+    precision is `spec.inference_precision` (see JobSpec).
     """
     started = time.perf_counter()
     out_fs, out_path = resolve_fs(output_dir)
@@ -365,7 +367,8 @@ def _manifest(spec: JobSpec, model_dir, record: Record, rows_in: int, rows_out: 
             "onnx_sha256": spec.model_sha256,
             "embedding_dim": meta.embedding_dim,
             "normalized": spec.normalize,
-            "inference_precision": spec.inference_precision,  # as asked; see JobSpec
+            "inference_precision": spec.inference_precision,  # as resolved; see JobSpec
+            "engine": spec.engine,
         },
         "inputs": spec.inputs,
         "files": record.files,  # each input file's size and mtime_ns when it was read

@@ -1,13 +1,15 @@
 """diffcse-embed-ray's --runtime and --inference-precision (the options of diffcse-embed).
 
 The engine reaches every actor's Encoder (each part records the one that wrote it), f32 on
-OpenVINO gives onnxruntime's vectors, and a rerun may switch engines but not precisions
-(JobSpec says why). Bad choices are refused before Ray starts, in diffcse-embed's words.
+OpenVINO gives onnxruntime's vectors, and a rerun may switch engines on a float32 graph but
+not on an int8 one, nor precisions (JobSpec says why). Bad choices are refused before Ray
+starts, in diffcse-embed's words.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -60,10 +62,43 @@ def test_runtime_openvino_matches_onnxruntime_and_a_rerun_may_switch_engines(
     assert "parts written 1, already done 2" in res.output
     engines = [pq.read_schema(p).metadata[b"diffcse.backend"] for p in parts]
     assert engines == [b"openvino", b"onnxruntime", b"openvino"]
-    # another precision gives other vectors: another job, refused by name
-    res = CliRunner().invoke(embed_ray, [*base, "--inference-precision", "auto"])
+    # another precision gives other vectors: another job, refused by name (on any CPU:
+    # the refusal comes before an actor would find out whether this one has bf16)
+    res = CliRunner().invoke(
+        embed_ray, [*base, "--runtime", "openvino", "--inference-precision", "bf16"]
+    )
     assert res.exit_code == 1, res.output
     assert f"{out}: holds a different job (changed: inference_precision)" in res.output
+
+
+@pytest.mark.slow  # a local Ray and an actor
+@pytest.mark.usefixtures("local_ray", "deadline")
+def test_an_int8_job_keeps_one_engine_and_auto_is_decided_once(tiny_model_dir, tmp_path):
+    """An int8 graph's vectors differ between the engines, so its job records the engine
+    the command resolved ("auto" included) and a rerun on the other one is refused."""
+    pytest.importorskip("openvino")
+    from diffcse_runtime.model_dir import load_metadata, write_metadata
+    from diffcse_runtime.openvino_backend import resolve_backend
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    meta = load_metadata(model)
+    meta.variant = "int8"  # what export writes for a quantized graph
+    write_metadata(model, meta)
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(sentences(20, seed=4)) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    base = [str(src), str(out), "-m", str(model), "--actors", "1"]
+    res = CliRunner().invoke(embed_ray, base)
+    assert res.exit_code == 0, res.output
+    engine = resolve_backend("auto", "f32", ["CPUExecutionProvider"])  # this CPU's choice
+    assert json.loads((out / JOB_FILE).read_text())["spec"]["engine"] == engine
+    other = "onnxruntime" if engine == "openvino" else "openvino"
+    res = CliRunner().invoke(embed_ray, [*base, "--runtime", other])
+    assert res.exit_code == 1, res.output
+    assert f"{out}: holds a different job (changed: engine)" in res.output
+    res = CliRunner().invoke(embed_ray, [*base, "--runtime", engine])
+    assert res.exit_code == 0 and "parts written 0, already done 1" in res.output, res.output
 
 
 @pytest.mark.slow  # a local Ray and an actor
