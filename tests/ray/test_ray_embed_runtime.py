@@ -52,7 +52,7 @@ def test_runtime_openvino_matches_onnxruntime_and_a_rerun_may_switch_engines(
     assert cos.min() >= 0.9999, cos.min()
 
     # a record written before the option existed, rerun on the other engine: the same job,
-    # so only the missing part is embedded, by onnxruntime (which "auto" would not pick here)
+    # so only the missing part is embedded, by the engine asked for
     record = json.loads((out / JOB_FILE).read_text())
     del record["spec"]["inference_precision"]
     (out / JOB_FILE).write_text(json.dumps(record))
