@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,12 +336,19 @@ def run_job(
                 done[int(row["shard"])] = int(row["rows"])
                 if progress:
                     progress(len(done), len(shards))
+        except BaseException as exc:
+            # a SIGTERM (or an error) raised inside Ray Data's iterator: the traceback's
+            # frames hold its executor, which the caller's ray.shutdown() would outlive and
+            # whose __del__ then prints Ray tracebacks; freed here, it stops while Ray is up
+            traceback.clear_frames(exc.__traceback__)
+            raise
         finally:
             # stop Ray Data's executor now, also on an error or a SIGTERM: left to garbage
             # collection it stops at interpreter exit, after Ray is gone, with tracebacks
             close = getattr(rows, "close", None)
             if close is not None:
                 close()
+            del rows
     rows_in = sum(s.rows for s in shards)
     check_inputs_unchanged(record)
     manifest = _manifest(spec, model_dir, record, rows_in, rows_out)
