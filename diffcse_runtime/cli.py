@@ -57,8 +57,8 @@ threads_option = click.option(
 
 def _check_engine(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """Refuse a --runtime / --inference-precision pair no engine runs (onnxruntime + bf16)
-    as a usage error before any work starts. Each option
-    checks once the other is known: click processes them in command-line order."""
+    as a usage error before any work starts. Each option checks once the other is known:
+    click processes them in command-line order."""
     other = "inference_precision" if param.name == "runtime" else "runtime"
     if other in ctx.params:
         pair = {param.name: value, other: ctx.params[other]}

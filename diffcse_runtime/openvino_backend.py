@@ -145,6 +145,20 @@ def resolve_backend(
     return "onnxruntime"
 
 
+def resolve_precision(inference_precision: str, bf16_allowed: bool, core: Any = None) -> str:
+    """The precision OpenVINO runs for `inference_precision`: "auto" is bf16 where the CPU
+    has it (OpenVINO's own capability list) and `bf16_allowed` (the export's gate passed
+    it), f32 otherwise; "f32" and "bf16" are as asked. `core`: an `openvino.Core` to reuse."""
+    if inference_precision != "auto":
+        return inference_precision
+    if core is None:
+        import openvino as ov  # the optional extra: imported only when chosen
+
+        core = ov.Core()
+    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "bf16" if bf16_allowed and "BF16" in caps else "f32"
+
+
 def _gate_record(validation: Mapping[str, Any], precision: str) -> Mapping[str, Any] | None:
     """The export gate's record of this model's OpenVINO `precision` leg, if it ran one."""
     record = validation.get("openvino")
@@ -197,9 +211,7 @@ class OpenVINOSession:
         import openvino as ov  # the optional extra: imported only when chosen
 
         core = ov.Core()
-        if inference_precision == "auto":
-            caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-            inference_precision = "bf16" if bf16_allowed and "BF16" in caps else "f32"
+        inference_precision = resolve_precision(inference_precision, bf16_allowed, core)
         config: dict[str, Any] = {
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": streams,

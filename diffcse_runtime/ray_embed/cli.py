@@ -14,8 +14,13 @@ from diffcse_runtime.bounds import Bound, option_type
 from diffcse_runtime.cli import precision_option, runtime_option
 from diffcse_runtime.cli_errors import friendly_errors
 from diffcse_runtime.errors import DiffcseError
-from diffcse_runtime.model_dir import load_metadata
-from diffcse_runtime.openvino_backend import FLOAT32_VARIANTS, resolve_backend
+from diffcse_runtime.model_dir import ModelMeta, load_metadata
+from diffcse_runtime.openvino_backend import (
+    FLOAT32_VARIANTS,
+    bf16_validated,
+    resolve_backend,
+    resolve_precision,
+)
 from diffcse_runtime.ray_embed import FORMATS, watchdog
 from diffcse_runtime.signals import signals_deferred, sigterm_as_interrupt
 from diffcse_runtime.textio import ERROR_MODES
@@ -190,7 +195,7 @@ def main(
     from diffcse_runtime.ray_embed.job import JobSpec
 
     meta = load_metadata(model)  # a broken model folder fails here, before Ray starts
-    engine, precision = job_engine(model, runtime, inference_precision)  # and a missing engine
+    engine, precision = job_engine(meta, runtime, inference_precision)  # and a missing engine
     check_output_folder(output_dir, inputs)  # so does a folder that is not this job's
     spec = JobSpec(
         inputs=list(inputs),
@@ -234,7 +239,7 @@ def main(
         raise DiffcseError(f"{result.manifest}: {result.rows_in - result.rows_out} rows missing")
 
 
-def job_engine(model: Path, runtime: str, inference_precision: str) -> tuple[str, str]:
+def job_engine(meta: ModelMeta, runtime: str, inference_precision: str) -> tuple[str, str]:
     """The one engine and precision every actor of the job runs, decided here, before Ray
     starts: "auto" picks by the CPU (`resolve_backend`) and the precision "auto" by the CPU
     and the export's bf16 gate, so on a cluster of mixed CPUs each actor would otherwise
@@ -248,16 +253,12 @@ def job_engine(model: Path, runtime: str, inference_precision: str) -> tuple[str
     engine = resolve_backend(runtime, inference_precision, ["CPUExecutionProvider"])
     if engine == "onnxruntime":
         return engine, "f32"
-    if inference_precision == "auto":  # what this machine's Encoder would take
-        from diffcse_runtime.encoder import Encoder
-
-        enc = Encoder(model, backend=engine, inference_precision="auto", intra_op_threads=1)
-        inference_precision = enc.inference_precision or "f32"
-    return engine, inference_precision
+    allowed = bf16_validated(meta.validation)  # what this machine's Encoder would take
+    return engine, resolve_precision(inference_precision, allowed)
 
 
 def _run(
-    spec, model: Path, output_dir: str, actors, threads: int, batch_size: int, runtime, verbose
+    spec, model: Path, output_dir: str, actors, threads: int, batch_size: int, engine, verbose
 ):
     from diffcse_runtime.ray_embed.job import run_job
 
@@ -272,7 +273,7 @@ def _run(
         cpus_per_actor=threads,
         threads=threads,
         batch_size=batch_size,
-        backend=runtime,
+        backend=engine,
         progress=_progress,
         notify=lambda note: click.echo(f"diffcse-embed-ray: {note}", err=True),
     )

@@ -57,7 +57,7 @@ log = logging.getLogger("diffcse_runtime.ray_embed")
 MANIFEST_FORMAT = "diffcse-embed-ray/2"
 PART_DIGEST_KEY = b"diffcse.input_sha256"  # Parquet metadata: the bytes a part came from
 # Parquet metadata: the engine and float math of the actor that wrote the part, as it ran
-# (precision "auto" is bf16 or f32 by each node's CPU; onnxruntime has no such setting)
+# (onnxruntime has no precision setting, so its parts carry no precision key)
 PART_BACKEND_KEY = b"diffcse.backend"
 PART_PRECISION_KEY = b"diffcse.inference_precision"
 
