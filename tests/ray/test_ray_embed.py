@@ -413,14 +413,14 @@ def _descendants(root: int) -> set[tuple[int, bytes]]:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", "rb") as fh:
             fields = fh.read().rsplit(b")", 1)[1].split()
             table[int(pid)] = (int(fields[1]), fields[19])
-    tree, grew = set(), True
-    while grew:
+    pids, grew = {root}, True
+    while grew:  # down the tree, one generation per pass
         grew = False
-        for pid, (ppid, start) in table.items():
-            if (ppid == root or ppid in {p for p, _ in tree}) and (pid, start) not in tree:
-                tree.add((pid, start))
+        for pid, (ppid, _) in table.items():
+            if ppid in pids and pid not in pids:
+                pids.add(pid)
                 grew = True
-    return tree
+    return {(pid, table[pid][1]) for pid in pids - {root}}
 
 
 def _alive(tree: set[tuple[int, bytes]]) -> list[int]:
